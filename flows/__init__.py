@@ -1,0 +1,1 @@
+"""Prefect flows: the DAG (``distill``) and its deployments. Orchestration only."""

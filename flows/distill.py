@@ -1,0 +1,93 @@
+"""The ``distill`` flow: the pipeline's stages as cached Prefect tasks.
+
+Each stage is one task run whose cache key is the stage fingerprint (plus the project root), with
+results persisted under ``<root>/.kdflow/prefect``. A stage whose output folder is missing or
+altered is refreshed instead of handing downstream a stale manifest.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.context import TaskRunContext
+from prefect.filesystems import LocalFileSystem
+from prefect.runtime import flow_run
+
+from kdflow.lineage import open_tracker
+from schemas.manifest import Manifest
+from schemas.params import PipelineParams, load_params
+from tasks.common import STAGE_ORDER, STAGES, artifact_root, check_output, execute_stage, fingerprint
+
+log = logging.getLogger(__name__)
+
+
+def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """Cache key of a stage task: its fingerprint, scoped to the project root."""
+    scope = hashlib.sha256(str(parameters["root"]).encode()).hexdigest()[:16]
+    return f"kdflow-{parameters['stage']}-{parameters['fp']}-{scope}"
+
+
+@task(persist_result=True, cache_key_fn=stage_cache_key, cache_expiration=None)
+def run_stage(stage: str, fp: str, pp: PipelineParams, root: str, tracker: Any = None, resume: bool = False) -> Manifest:
+    """Run one stage (the same code path as ``kdflow stage <name>``)."""
+    logger = get_run_logger()
+
+    def progress(label: str, row: dict[str, float]) -> None:
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
+        logger.info("%s epoch %d: %s", label, int(row.get("epoch", 0)), shown)
+
+    manifest, executed = execute_stage(stage, pp, Path(root), tracker=tracker, resume=resume, progress=progress)
+    if manifest.fingerprint != fp:
+        raise RuntimeError(f"{stage}: fingerprint changed while running ({manifest.fingerprint} != {fp})")
+    logger.info("%s: %s in %.1fs", stage, "done" if executed else "up to date", manifest.seconds)
+    return manifest
+
+
+def run_pipeline(pp: PipelineParams, root: Path, *, tracker: Any = None, resume: bool = False) -> dict[str, dict]:
+    """Run every stage in order inside the current flow; returns per-stage status and manifest."""
+    root = Path(root).resolve()
+    storage = LocalFileSystem(basepath=str(root / ".kdflow" / "prefect"))
+    base = artifact_root(root, pp.name)
+    done: dict[str, Manifest] = {}
+    status: dict[str, dict] = {}
+    for stage in STAGE_ORDER:
+        fp = fingerprint(stage, pp, {u: done[u].fingerprint for u in STAGES[stage].upstream})
+        stale = check_output(base / stage, fp)
+        options = run_stage.with_options(name=stage, task_run_name=stage, result_storage=storage, refresh_cache=stale is not None)
+        state = options(stage, fp, pp, str(root), tracker, resume, return_state=True)
+        done[stage] = state.result()
+        cached = state.name == "Cached"
+        if cached and tracker is not None:
+            tracker.record_cached(stage, done[stage])
+        status[stage] = {"state": state.name, "cached": cached, "manifest": done[stage]}
+    return status
+
+
+@flow(name="distill", log_prints=True)
+def distill(params_file: str = "params.yaml", overrides: list[str] | None = None, root: str = ".", resume: bool = False) -> dict:
+    """Distill a teacher into a student as declared in ``params_file`` (relative to ``root``)."""
+    root_path = Path(root).resolve()
+    path = Path(params_file)
+    pp = load_params(path if path.is_absolute() else root_path / path, overrides or [])
+    t = pp.tracking
+    tracker = open_tracker(enabled=t.enabled, uri=t.uri, experiment=t.experiment, required=t.required, root=root_path, pipeline=pp.name)
+    tracker.start_pipeline(pp.name, pp.model_dump(mode="json"), tags={"prefect.flow_run_id": str(flow_run.get_id() or "")})
+    try:
+        status = run_pipeline(pp, root_path, tracker=tracker, resume=resume)
+    except BaseException:
+        tracker.end_pipeline("FAILED")
+        raise
+    metrics = status["evaluate"]["manifest"].metrics
+    if hasattr(tracker, "log_pipeline_metrics"):
+        tracker.log_pipeline_metrics(metrics)
+    tracker.end_pipeline("FINISHED")
+    return {
+        "pipeline": pp.name,
+        "stages": {s: {"state": v["state"], "cached": v["cached"], "seconds": v["manifest"].seconds} for s, v in status.items()},
+        "metrics_file": str(artifact_root(root_path, pp.name) / "evaluate" / "metrics.json"),
+        "mlflow_run": tracker.run_url(),
+        "tracking_unavailable": getattr(tracker, "unavailable", None),
+    }

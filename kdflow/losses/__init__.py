@@ -1,0 +1,108 @@
+"""Registry of distillation losses, one method per file (like mdistiller's ``KD.py``).
+
+A loss is built by name, ``create_loss("kd", temperature=4.0)``, and called as
+``loss(student_logits, batch)``. It returns a dict of named scalar terms whose
+``"loss"`` entry is the total to backpropagate. ``needs`` names the batch keys it reads:
+
+- ``"y"``: int64 labels ``[B]``;
+- ``"teacher_logits"``: dense teacher logits ``[B, C]`` (any float dtype);
+- ``"teacher_logprobs"``, ``"teacher_indices"``, ``"teacher_tail"``: a top-k cache
+  (``[B, k]`` log-probabilities at the capture temperature, ``[B, k]`` class indices,
+  ``[B]`` probability mass outside the top-k);
+- ``"weight"`` (optional): per-sample weights ``[B]``; terms become weighted means.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from kdflow.errors import DataError, ParamsError
+from kdflow.registry import Registry
+
+
+class Loss(Protocol):
+    """What every registered loss looks like once built."""
+
+    needs: tuple[str, ...]
+
+    def __call__(
+        self, student_logits: Tensor, batch: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]: ...
+
+
+LOSSES: Registry[type[Loss]] = Registry("loss")
+
+
+def create_loss(name: str, **kwargs: float) -> Loss:
+    """Builds the loss registered under ``name`` with its keyword arguments."""
+    cls = LOSSES.get(name)
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # unknown or missing keyword
+        raise ParamsError([f"loss {name!r}: {err}"], source="loss") from None
+
+
+def check_args(name: str, temperature: float | None = None, alpha: float | None = None) -> None:
+    """Raises ``ParamsError`` for a non-positive temperature or an alpha outside [0, 1]."""
+    problems = []
+    if temperature is not None and not temperature > 0:
+        problems.append(f"{name}.temperature: must be > 0 (got {temperature})")
+    if alpha is not None and not 0.0 <= alpha <= 1.0:
+        problems.append(f"{name}.alpha: must be in [0, 1] (got {alpha})")
+    if problems:
+        raise ParamsError(problems, source="loss")
+
+
+def check_batch(
+    name: str, needs: tuple[str, ...], student_logits: Tensor, batch: Mapping[str, Tensor]
+) -> None:
+    """Raises ``DataError`` when the batch lacks a key the loss needs or sizes disagree."""
+    missing = [k for k in needs if k not in batch]
+    if missing:
+        raise DataError(
+            f"loss {name!r} needs batch keys {list(needs)}; missing {missing} "
+            f"(got {sorted(batch)}). Check that the logit cache matches the loss."
+        )
+    if student_logits.dim() != 2:
+        shape = tuple(student_logits.shape)
+        raise DataError(f"loss {name!r}: student logits must be [B, C], got {shape}")
+    rows = student_logits.shape[0]
+    for key in (*needs, "weight"):
+        if key in batch and batch[key].shape[0] != rows:
+            raise DataError(
+                f"loss {name!r}: batch[{key!r}] has {batch[key].shape[0]} rows, "
+                f"student logits have {rows}"
+            )
+
+
+def weighted_mean(values: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+    """Mean of per-sample ``values`` [B], weighted by ``batch["weight"]`` when present."""
+    weight = batch.get("weight")
+    if weight is None:
+        return values.mean()
+    weight = weight.to(device=values.device, dtype=values.dtype)  # [B]
+    return (values * weight).sum() / weight.sum()
+
+
+def kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Per-row KL(p || q) = sum_i p_i (log p_i - log q_i), with 0 log 0 = 0.
+
+    Args:
+        log_p: target log-probabilities ``[B, K]`` (may hold ``-inf``).
+        log_q: model log-probabilities ``[B, K]``.
+
+    Returns:
+        ``[B]`` KL divergences.
+    """
+    p = log_p.exp()  # [B, K]
+    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))  # [B, K]
+    return terms.sum(-1)
+
+
+# Importing the method modules registers them.
+from kdflow.losses import ce, kd, topk_kd  # noqa: E402, F401
+
+__all__ = ["LOSSES", "Loss", "check_args", "check_batch", "create_loss", "kl_rows", "weighted_mean"]

@@ -1,0 +1,131 @@
+"""Plot data for ``dvc plots`` (JSON/CSV) and PNG pictures for reports.
+
+Figures are built with ``matplotlib.figure.Figure`` on an Agg canvas, never through
+``pyplot``, so no global figure state is created or leaked.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor
+
+
+def _ints(values: Tensor | Iterable[int]) -> list[int]:
+    if isinstance(values, Tensor):
+        return [int(v) for v in values.reshape(-1).tolist()]
+    return [int(v) for v in values]
+
+
+def _figure(width: float = 5.0, height: float = 4.0) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, format="png", metadata={"Software": None})  # no version stamp: stable bytes
+    return path
+
+
+def write_confusion_plot_data(
+    path: Path, labels: Tensor | Iterable[int], predictions: Tensor | Iterable[int]
+) -> Path:
+    """Writes ``[{"actual": int, "predicted": int}, ...]`` for DVC's ``confusion`` template."""
+    actual, predicted = _ints(labels), _ints(predictions)
+    if len(actual) != len(predicted):
+        raise ValueError(f"{len(actual)} labels but {len(predicted)} predictions")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"actual": a, "predicted": p} for a, p in zip(actual, predicted)]
+    path.write_text(json.dumps(rows, indent=1) + "\n")
+    return path
+
+
+def write_reliability_plot_data(path: Path, bins: list[dict]) -> Path:
+    """Writes a CSV with columns ``bin, confidence, accuracy, count``; empty bins are left out."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["bin", "confidence", "accuracy", "count"])
+        for i, b in enumerate(bins):
+            if b["count"] > 0:
+                writer.writerow([i, f"{b['confidence']:.6f}", f"{b['accuracy']:.6f}", b["count"]])
+    return path
+
+
+def plot_confusion_png(path: Path, cm: Tensor, title: str) -> Path:
+    """Heat map of a confusion matrix ``[C, C]`` (rows actual), counts written in small ones."""
+    counts = cm.detach().cpu().numpy()
+    n = counts.shape[0]
+    fig = _figure(max(4.0, 0.45 * n + 2), max(3.5, 0.45 * n + 1.5))
+    ax = fig.subplots()
+    image = ax.imshow(counts, cmap="Blues")
+    fig.colorbar(image, ax=ax)
+    ax.set(title=title, xlabel="predicted", ylabel="actual")
+    if n <= 20:
+        ax.set_xticks(range(n))
+        ax.set_yticks(range(n))
+        threshold = counts.max() / 2 if counts.size else 0
+        for i in range(n):
+            for j in range(n):
+                color = "white" if counts[i, j] > threshold else "black"
+                text = str(int(counts[i, j]))
+                ax.text(j, i, text, ha="center", va="center", fontsize=7, color=color)
+    return _save(fig, path)
+
+
+def plot_reliability_png(path: Path, bins_by_model: dict[str, list[dict]]) -> Path:
+    """Reliability diagram: accuracy against confidence per model, with the diagonal."""
+    fig = _figure()
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    for name, bins in bins_by_model.items():
+        full = [b for b in bins if b["count"] > 0]
+        conf, acc = [b["confidence"] for b in full], [b["accuracy"] for b in full]
+        ax.plot(conf, acc, marker="o", label=name)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title="reliability")
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_curves_png(
+    path: Path,
+    histories: dict[str, list[dict]],
+    keys: Sequence[str] = ("train_loss", "val_accuracy"),
+) -> Path:
+    """One panel per key; one line per run. x is each record's ``epoch`` (else its index)."""
+    fig = _figure(4.0 * max(1, len(keys)), 3.5)
+    axes = fig.subplots(1, max(1, len(keys)), squeeze=False)[0]
+    for ax, key in zip(axes, keys):
+        for name, history in histories.items():
+            rows = [
+                (r.get("epoch", i), r[key]) for i, r in enumerate(history) if r.get(key) is not None
+            ]
+            if rows:
+                ax.plot([x for x, _ in rows], [y for _, y in rows], marker=".", label=name)
+        ax.set(title=key, xlabel="epoch")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_compression_png(path: Path, points: list[dict]) -> Path:
+    """Accuracy against parameter count (log scale); each point labelled by ``name``."""
+    fig = _figure()
+    ax = fig.subplots()
+    for p in points:
+        ax.scatter([p["params"]], [p["accuracy"]])
+        xy = (p["params"], p["accuracy"])
+        ax.annotate(str(p["name"]), xy, textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set(xlabel="parameters", ylabel="accuracy", title="accuracy vs. size")
+    return _save(fig, path)

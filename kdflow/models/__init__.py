@@ -1,0 +1,59 @@
+"""Registry of model architectures, built by name like timm's ``create_model``.
+
+Every registered factory has the signature ``factory(input_shape, num_classes, **args)`` and
+returns an ``nn.Module`` with ``forward(x) -> logits [B, num_classes]`` and
+``features(x) -> [B, D]`` (penultimate features).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from kdflow.errors import ModelError
+from kdflow.registry import Registry
+
+MODELS: Registry = Registry("model")
+
+
+def create_model(name: str, input_shape: tuple[int, ...], num_classes: int, **kwargs: Any) -> nn.Module:
+    """Build the registered model ``name`` for inputs ``[B, *input_shape]``.
+
+    The constructor arguments are recorded in ``model.kdflow_spec`` so that
+    ``kdflow.models.io.save_model`` can write a pickle-free ``model.json``.
+
+    Raises:
+        UnknownNameError: ``name`` is not registered.
+        ModelError: the arguments or the input shape do not fit the architecture.
+    """
+    factory = MODELS.get(name)
+    if num_classes < 1:
+        raise ModelError(f"model {name!r}: num_classes must be >= 1 (got {num_classes})")
+    try:
+        model = factory(tuple(int(d) for d in input_shape), int(num_classes), **kwargs)
+    except TypeError as exc:  # unknown or missing constructor argument
+        raise ModelError(f"model {name!r}: bad arguments {sorted(kwargs)}: {exc}") from None
+    model.kdflow_spec = {
+        "arch": name,
+        "args": dict(kwargs),
+        "input_shape": [int(d) for d in input_shape],
+        "num_classes": int(num_classes),
+    }
+    return model
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (trainable or not)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes held by parameters and buffers."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# Registration side effects; imported last because they use MODELS.
+from kdflow.models import convnet, mlp, resnet  # noqa: E402,F401
+
+__all__ = ["MODELS", "count_params", "create_model", "model_bytes"]

@@ -1,0 +1,46 @@
+"""Teacher-selection strategies, registered by name.
+
+A strategy takes the candidate teachers and the data and returns one row per candidate
+(``teacher``, ``score`` and strategy-specific columns); higher scores rank first.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from kdflow.registry import Registry
+
+
+@dataclass
+class SelectionData:
+    """Tensors a strategy may use."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    num_classes: int
+    seed: int
+    device: torch.device
+
+
+class Strategy(Protocol):
+    def __call__(self, candidates: dict[str, nn.Module], data: SelectionData, **kwargs: Any) -> list[dict]: ...
+
+
+STRATEGIES: Registry[Strategy] = Registry("selection strategy")
+
+
+def rank(candidates: dict[str, nn.Module], data: SelectionData, strategy: str, **kwargs: Any) -> list[dict]:
+    """Score every candidate with ``strategy``; rows sorted best first with a ``rank`` column."""
+    rows = STRATEGIES.get(strategy)(candidates, data, **kwargs)
+    rows = sorted(rows, key=lambda r: (-r["score"], r["teacher"]))
+    for i, row in enumerate(rows, start=1):
+        row["rank"] = i
+    return rows
+
+
+from kdflow.select import probe, val_accuracy  # noqa: E402,F401  (register)

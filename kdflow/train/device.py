@@ -1,0 +1,78 @@
+"""Devices, mixed precision and seeding."""
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from kdflow.errors import KdflowError
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` picks cuda, then mps, then cpu; ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` are explicit.
+
+    Raises:
+        KdflowError: the name is unknown or the device is not available here.
+    """
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise KdflowError(f"device: unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise KdflowError(f"device: {name!r} requested but CUDA is not available; use auto or cpu")
+        if device.index is not None and device.index >= count:
+            raise KdflowError(f"device: {name!r} requested but only {count} CUDA device(s) are visible")
+        return device
+    if device.type == "mps":
+        if not _mps_available():
+            raise KdflowError(f"device: {name!r} requested but MPS is not available; use auto or cpu")
+        return device
+    raise KdflowError(f"device: unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; a no-op elsewhere (full float32 on CPU keeps runs deterministic)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int, *, deterministic: bool | None = None) -> None:
+    """Seed ``random``, numpy and torch.
+
+    Args:
+        seed: the run's seed.
+        deterministic: ask torch for deterministic kernels (warn-only). ``None`` means
+            "when CUDA is absent": CPU runs are exact, CUDA runs keep their fast kernels.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic if deterministic is not None else not torch.cuda.is_available():
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Put ``model`` in eval mode, restoring its previous mode on exit."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

@@ -1,0 +1,352 @@
+"""The training loop shared by teachers and students.
+
+AdamW with a per-epoch cosine schedule, validation accuracy per epoch, best-epoch restore,
+early stopping, and atomic per-epoch checkpoints that resume bit-identically on CPU: every
+epoch reseeds torch and the shuffling generator from ``(seed, epoch)``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdflow.errors import DataError, KdflowError
+from kdflow.train.device import autocast, eval_mode
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_VERSION = 1
+LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` did.
+
+    Attributes:
+        history: one row per epoch (``epoch`` counts from 1): ``train_loss``, ``train_<term>`` for
+            each other loss term, ``val_accuracy`` (with ``val``), ``lr``, ``seconds``.
+        best_epoch: the epoch whose weights the model holds on return (the last one without ``val``).
+        best_val_accuracy: validation accuracy of ``best_epoch``, or None without ``val``.
+        epochs_run: epochs completed in total, including those done before a resume.
+        resumed_from: the last completed epoch of the checkpoint resumed from, or None.
+        stopped_early: whether ``patience`` ended the run.
+    """
+
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_val_accuracy: float | None
+    epochs_run: int
+    resumed_from: int | None
+    stopped_early: bool
+
+
+@dataclass
+class _Progress:
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_state: dict[str, torch.Tensor] | None = None
+    best_epoch: int = 0
+    best_val_accuracy: float | None = None
+    stopped_early: bool = False
+
+
+def epoch_seeds(seed: int, epoch: int) -> tuple[int, int]:
+    """Two independent 63-bit seeds (torch global RNG, shuffling) derived from ``(seed, epoch)``."""
+    a, b = np.random.SeedSequence([seed % 2**64, epoch]).generate_state(2, dtype=np.uint64)
+    return int(a >> 1), int(b >> 1)
+
+
+def fit(
+    model: nn.Module,
+    train: dict[str, torch.Tensor],
+    loss_fn: LossFn,
+    *,
+    val: tuple[torch.Tensor, torch.Tensor] | None = None,
+    epochs: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    batch_size: int,
+    patience: int | None = None,
+    seed: int,
+    device: torch.device,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    fingerprint: str = "",
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Train ``model`` in place on ``train`` and return the history.
+
+    Args:
+        model: any module mapping ``x`` to logits ``[B, K]``.
+        train: tensors sharing the first axis ``N``: ``x``, int64 ``y``, and any per-sample
+            extras (teacher logits/indices, weights, ...); each batch slices all of them.
+        loss_fn: ``loss_fn(logits_fp32, batch)`` returning named terms, ``"loss"`` the total.
+        val: ``(x, y)`` for per-epoch accuracy, best-epoch restore and early stopping.
+        epochs: total epochs (a resumed run counts the checkpoint's epochs too).
+        lr: peak AdamW learning rate, cosine-annealed to 0 over ``epochs``.
+        weight_decay: AdamW decoupled weight decay.
+        batch_size: samples per optimiser step.
+        patience: stop after this many epochs without a better ``val`` accuracy.
+        seed: determines shuffling and every random op of each epoch.
+        device: where to train; inputs are moved per batch.
+        checkpoint_dir: write ``checkpoint.pt`` there atomically after every epoch.
+        resume: continue from ``checkpoint_dir``'s checkpoint when it matches this run.
+        fingerprint: identifies the run; a checkpoint with another fingerprint is ignored.
+        on_epoch: called with each history row, after the checkpoint is written.
+    """
+    n = _check_train(train, batch_size, epochs)
+    val = _check_val(val)
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    run_key = {"fingerprint": fingerprint, "epochs": epochs, "lr": lr, "weight_decay": weight_decay,
+               "batch_size": batch_size, "patience": patience, "seed": seed, "n": n}
+    path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
+    progress, start = _Progress(), 0
+    if path is not None and resume:
+        start = _resume(path, run_key, model, optimizer, scheduler, progress)
+    for epoch in range(start + 1, epochs + 1):
+        if progress.stopped_early:
+            break
+        row = _run_epoch(model, train, loss_fn, optimizer, n, batch_size, seed, epoch, device)
+        scheduler.step()
+        if val is not None:
+            row["val_accuracy"] = accuracy_of(model, *val, batch_size=max(batch_size, 512), device=device)
+        _track_best(progress, model, row, epoch, patience)
+        progress.history.append(row)
+        if path is not None:
+            _save_checkpoint(path, run_key, epoch, model, optimizer, scheduler, progress)
+        _log_epoch(row, epochs, progress.stopped_early)
+        if on_epoch is not None:
+            on_epoch(row)
+    if progress.best_state is not None:
+        model.load_state_dict(progress.best_state)
+    return FitResult(
+        history=progress.history,
+        best_epoch=progress.best_epoch,
+        best_val_accuracy=progress.best_val_accuracy,
+        epochs_run=len(progress.history),
+        resumed_from=start or None,
+        stopped_early=progress.stopped_early,
+    )
+
+
+def _check_train(train: dict[str, torch.Tensor], batch_size: int, epochs: int) -> int:
+    missing = [k for k in ("x", "y") if k not in train]
+    if missing:
+        raise DataError(f"training data: missing tensor(s) {missing} (have {sorted(train)})")
+    n = int(train["x"].shape[0])
+    bad = {k: int(v.shape[0]) for k, v in train.items() if v.shape[0] != n}
+    if bad:
+        raise DataError(f"training data: tensors must share the first axis N={n} of 'x' (got {bad})")
+    if n == 0:
+        raise DataError("training data: no samples")
+    if train["y"].dtype != torch.int64:
+        raise DataError(f"training data: 'y' must be int64 class indices (got {train['y'].dtype})")
+    if batch_size < 1 or epochs < 1:
+        raise KdflowError(f"fit: batch_size and epochs must be >= 1 (got {batch_size}, {epochs})")
+    return n
+
+
+def _check_val(val: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if val is not None and len(val[1]) == 0:
+        logger.warning("validation set is empty: no val accuracy, best-epoch restore or early stopping")
+        return None
+    return val
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _run_epoch(
+    model: nn.Module,
+    train: dict[str, torch.Tensor],
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    n: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """One pass over ``train`` in an order fixed by ``(seed, epoch)``; returns the history row."""
+    t0 = time.perf_counter()
+    torch_seed, shuffle_seed = epoch_seeds(seed, epoch)
+    torch.manual_seed(torch_seed)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed))
+    lr = float(optimizer.param_groups[0]["lr"])
+    model.train()
+    sums: dict[str, torch.Tensor] = {}
+    seen = 0
+    for i in range(0, n, batch_size):
+        idx = order[i : i + batch_size]
+        if len(idx) == 1 and n > 1:  # a lone sample breaks batch norm; it is seen in other epochs
+            continue
+        batch = {k: _to_device(v[idx], device) for k, v in train.items()}
+        terms = _step(model, batch, loss_fn, optimizer, device)
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().float() * len(idx)
+        seen += len(idx)
+    row = {"epoch": epoch, **{f"train_{k}": float(v) / seen for k, v in sums.items()}}
+    if not math.isfinite(row["train_loss"]):
+        raise KdflowError(f"training diverged at epoch {epoch}: loss is {row['train_loss']}; lower lr")
+    return {**row, "lr": lr, "seconds": time.perf_counter() - t0}
+
+
+def _step(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """Forward under autocast, loss in float32, backward, optimiser step."""
+    with autocast(device):
+        logits = model(batch["x"])  # [B, K]
+    terms = loss_fn(logits.float(), batch)
+    if "loss" not in terms:
+        raise KdflowError(f"loss function returned {sorted(terms)}; it must return a 'loss' total")
+    optimizer.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    optimizer.step()
+    return terms
+
+
+def _track_best(progress: _Progress, model: nn.Module, row: dict[str, float], epoch: int,
+                patience: int | None) -> None:
+    """Keep the weights of the best val accuracy (first epoch on ties); flag early stopping."""
+    acc = row.get("val_accuracy")
+    if acc is None:
+        progress.best_epoch = epoch
+        return
+    if progress.best_val_accuracy is None or acc > progress.best_val_accuracy:
+        progress.best_val_accuracy, progress.best_epoch = acc, epoch
+        progress.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    elif patience is not None and epoch - progress.best_epoch >= patience:
+        progress.stopped_early = True
+
+
+def _log_epoch(row: dict[str, float], epochs: int, stopped: bool) -> None:
+    terms = " ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("epoch", "lr", "seconds"))
+    logger.info("epoch %d/%d %s lr=%.3g (%.1fs)", row["epoch"], epochs, terms, row["lr"], row["seconds"])
+    if stopped:
+        logger.info("early stopping after epoch %d: no val improvement", row["epoch"])
+
+
+def _save_checkpoint(path: Path, run_key: dict[str, Any], epoch: int, model: nn.Module,
+                     optimizer: torch.optim.Optimizer, scheduler: Any, progress: _Progress) -> None:
+    """Write the checkpoint to a temporary sibling, fsync it, then rename it into place."""
+    state = {
+        "version": CHECKPOINT_VERSION,
+        "run_key": run_key,
+        "epoch": epoch,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "history": progress.history,
+        "best_state": progress.best_state,
+        "best_epoch": progress.best_epoch,
+        "best_val_accuracy": progress.best_val_accuracy,
+        "stopped_early": progress.stopped_early,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_checkpoint(path: Path, run_key: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if it is readable and belongs to this run, else None (logged)."""
+    if not path.is_file():
+        logger.info("no checkpoint at %s; starting fresh", path)
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+        logger.warning("checkpoint %s is unreadable (%s); starting fresh", path, exc)
+        return None
+    if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
+        logger.warning("checkpoint %s has an unknown format; starting fresh", path)
+        return None
+    theirs = ckpt.get("run_key", {})
+    if theirs != run_key:
+        diff = sorted(k for k in run_key if theirs.get(k) != run_key[k])
+        logger.warning("checkpoint %s is from another run (differs in %s); starting fresh", path, diff)
+        return None
+    return ckpt
+
+
+def _resume(path: Path, run_key: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: Any, progress: _Progress) -> int:
+    """Restore the training state from ``path``; returns the last completed epoch (0 if fresh)."""
+    ckpt = _read_checkpoint(path, run_key)
+    if ckpt is None:
+        return 0
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise KdflowError(f"checkpoint {path} does not fit this model ({exc}); delete it to start fresh") from None
+    scheduler.load_state_dict(ckpt["scheduler"])
+    progress.history = list(ckpt["history"])
+    progress.best_state = ckpt["best_state"]
+    progress.best_epoch = int(ckpt["best_epoch"])
+    progress.best_val_accuracy = ckpt["best_val_accuracy"]
+    progress.stopped_early = bool(ckpt["stopped_early"])
+    logger.info("resumed from %s after epoch %d", path, ckpt["epoch"])
+    return int(ckpt["epoch"])
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _batched(model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+             batch_size: int, device: torch.device | None) -> torch.Tensor:
+    """``fn`` over ``x`` in batches, in eval mode without autograd; float32 results on CPU."""
+    device = device if device is not None else _device_of(model)
+    model.to(device)
+    outs = []
+    with eval_mode(model), torch.inference_mode(), autocast(device):
+        for i in range(0, max(len(x), 1), batch_size):
+            outs.append(fn(x[i : i + batch_size].to(device)).float().cpu())
+    return torch.cat(outs)
+
+
+def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 512,
+            device: torch.device | None = None) -> torch.Tensor:
+    """Logits ``[N, K]`` (float32, CPU). ``device`` defaults to the model's; the model is moved there."""
+    return _batched(model, model, x, batch_size, device)
+
+
+def extract_features(model: nn.Module, x: torch.Tensor, *, batch_size: int = 512,
+                     device: torch.device | None = None) -> torch.Tensor:
+    """Penultimate features ``[N, D]`` from ``model.features`` (float32, CPU)."""
+    return _batched(model, model.features, x, batch_size, device)
+
+
+def accuracy_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 512,
+                device: torch.device | None = None) -> float:
+    """Top-1 accuracy of ``model`` on ``(x, y)``; NaN when empty."""
+    if len(y) == 0:
+        return float("nan")
+    logits = predict(model, x, batch_size=batch_size, device=device)
+    return float((logits.argmax(1) == y.cpu()).float().mean())

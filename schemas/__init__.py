@@ -1,0 +1,1 @@
+"""Contracts shared by every layer: params (pydantic), frames (pandera), manifests."""

@@ -1,0 +1,282 @@
+"""The declared pipeline: one pydantic model per ``params.yaml`` section.
+
+Every field has bounds and a description; unknown keys are errors (``extra="forbid"``).
+``load_params`` validates a whole file and raises ``ParamsError`` listing every problem with its
+key path, e.g. ``student.loss.temperature: must be > 0 (got -1)``.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kdflow.errors import ParamsError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(Section):
+    source: str = Field(
+        "sklearn:digits",
+        description="Data source: sklearn:digits, mnist1d, idx:<dir>, parquet:<file>.",
+        min_length=1,
+    )
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of non-test samples held out for validation.")
+    test_fraction: float = Field(
+        0.2, gt=0, lt=0.5, description="Share of samples held out for test (ignored when the source has its own test split)."
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Source-specific options (e.g. limit, label_column, num_samples)."
+    )
+
+
+class TrainParams(Section):
+    epochs: int = Field(30, ge=1, le=10_000, description="Maximum number of epochs.")
+    lr: float = Field(3e-3, gt=0, le=10, description="Peak learning rate (AdamW, cosine schedule).")
+    weight_decay: float = Field(1e-4, ge=0, le=1, description="AdamW weight decay.")
+    batch_size: int = Field(128, ge=1, le=1_000_000, description="Samples per optimisation step.")
+    patience: int | None = Field(
+        8, ge=1, le=10_000, description="Early stopping: epochs without a better validation accuracy (null: off)."
+    )
+
+
+class TeacherParams(Section):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Unique candidate name (folder name of its artifact).")
+    arch: str | None = Field(None, description="Registry architecture to train here (mlp, convnet, resnet, ...).")
+    args: dict[str, Any] = Field(default_factory=dict, description="Constructor arguments of the architecture.")
+    checkpoint: str | None = Field(
+        None,
+        description="Local folder with model.safetensors + model.json, or a local Hugging Face model folder, to load instead of training.",
+    )
+    train: TrainParams = Field(default_factory=TrainParams, description="Training budget when trained here.")
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> TeacherParams:
+        if (self.arch is None) == (self.checkpoint is None):
+            raise ValueError("give exactly one of 'arch' (train here) or 'checkpoint' (load)")
+        return self
+
+
+class ProbeParams(Section):
+    epochs: int = Field(3, ge=1, le=1000, description="Epochs of the short distillation trial per candidate.")
+    subset: float = Field(0.5, gt=0, le=1, description="Share of the training split used by the trial.")
+    temperature: float = Field(4.0, gt=0, le=100, description="KD temperature of the trial.")
+    alpha: float = Field(0.9, ge=0, le=1, description="KD weight of the trial.")
+
+
+class SelectParams(Section):
+    strategy: Literal["val_accuracy", "probe"] = Field(
+        "val_accuracy", description="How candidates are ranked: validation accuracy, or a short distillation trial (probe)."
+    )
+    probe: ProbeParams = Field(default_factory=ProbeParams, description="Settings of the probe strategy.")
+
+
+class CondenseParams(Section):
+    method: Literal["none", "random", "herding"] = Field(
+        "none", description="Condensation method applied to the training split."
+    )
+    ipc: int = Field(10, ge=1, le=1_000_000, description="Images (samples) per class kept by random/herding.")
+
+
+class LogitsParams(Section):
+    format: Literal["dense", "topk"] = Field("dense", description="Storage format of the teacher-logit cache.")
+    k: int = Field(5, ge=1, le=1_000_000, description="Number of classes kept per row by the topk format.")
+    dtype: Literal["float16", "bfloat16"] = Field("float16", description="Value dtype of the dense format.")
+    temperature: float = Field(1.0, gt=0, le=100, description="Capture temperature of topk log-probabilities.")
+    shard_rows: int = Field(50_000, ge=1, le=100_000_000, description="Maximum rows per cache shard.")
+    batch_size: int = Field(512, ge=1, le=1_000_000, description="Teacher inference batch size.")
+
+
+class LossParams(Section):
+    name: Literal["ce", "kd", "topk_kd"] = Field("kd", description="Distillation loss.")
+    temperature: float = Field(4.0, gt=0, le=100, description="Softmax temperature T (KD terms are scaled by T^2).")
+    alpha: float = Field(0.9, ge=0, le=1, description="Weight of the distillation term; 1 - alpha weighs cross-entropy.")
+
+
+class StudentParams(Section):
+    arch: str = Field("mlp", min_length=1, description="Registry architecture of the student.")
+    args: dict[str, Any] = Field(default_factory=dict, description="Constructor arguments of the student.")
+    loss: LossParams = Field(default_factory=LossParams, description="Training loss.")
+    train: TrainParams = Field(default_factory=TrainParams, description="Training budget.")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto (cuda, then mps, then cpu), cpu, cuda[:i], mps.")
+
+
+class EvaluateParams(Section):
+    latency_repeats: int = Field(20, ge=1, le=10_000, description="Timed repeats per latency measurement (median reported).")
+    latency_threads: int | None = Field(1, ge=1, le=1024, description="CPU threads during latency measurement (null: torch default).")
+    ece_bins: int = Field(15, ge=2, le=1000, description="Confidence bins of the expected calibration error.")
+
+
+class TrackingParams(Section):
+    enabled: bool = Field(True, description="Record runs in MLflow.")
+    uri: str | None = Field(None, description="Tracking URI; default MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the project.")
+    experiment: str = Field("kdflow", min_length=1, description="MLflow experiment name.")
+    required: bool = Field(True, description="Stop before any compute when the tracking store is unreachable.")
+
+
+class PipelineParams(Section):
+    name: str = Field("digits", pattern=r"^[A-Za-z0-9_.-]+$", description="Pipeline name: artifacts go to artifacts/<name>/.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of every random choice in the pipeline.")
+    data: DataParams = Field(default_factory=DataParams, description="Where the data comes from and how it is split.")
+    teachers: list[TeacherParams] = Field(..., min_length=1, description="Teacher candidates.")
+    select: SelectParams = Field(default_factory=SelectParams, description="Teacher selection.")
+    condense: CondenseParams = Field(default_factory=CondenseParams, description="Dataset condensation.")
+    logits: LogitsParams = Field(default_factory=LogitsParams, description="Teacher-logit cache.")
+    student: StudentParams = Field(default_factory=StudentParams, description="The student and how it is trained.")
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams, description="Evaluation settings.")
+    tracking: TrackingParams = Field(default_factory=TrackingParams, description="MLflow tracking.")
+
+    @field_validator("teachers")
+    @classmethod
+    def _unique_names(cls, teachers: list[TeacherParams]) -> list[TeacherParams]:
+        names = [t.name for t in teachers]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"teacher names must be unique; repeated: {dup}")
+        return teachers
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> PipelineParams:
+        problems = []
+        loss, fmt = self.student.loss.name, self.logits.format
+        if loss == "kd" and fmt != "dense":
+            problems.append("student.loss.name: 'kd' needs logits.format 'dense' (or use 'topk_kd')")
+        if loss == "topk_kd" and fmt != "topk":
+            problems.append("student.loss.name: 'topk_kd' needs logits.format 'topk'")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+# --- loading and error formatting -------------------------------------------------------------
+
+_BOUND_WORDS = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}", "less_than": "< {lt}", "less_than_equal": "<= {le}"}
+
+
+def _model_at(loc: tuple, root: type[BaseModel] = None) -> type[BaseModel] | None:
+    """The pydantic model class that holds the last key of ``loc`` (for did-you-mean)."""
+    model = root or PipelineParams
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        inner = getattr(ann, "__args__", None)
+        candidates = [ann, *(inner or ())]
+        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nxt is None:
+            return None
+        model = nxt
+    return model
+
+
+def _path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _num(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _describe(err: dict) -> str:
+    kind, ctx, got = err["type"], err.get("ctx") or {}, err.get("input")
+    if kind in _BOUND_WORDS:
+        bounds = {k: _num(v) for k, v in ctx.items()}
+        return f"must be {_BOUND_WORDS[kind].format(**bounds)} (got {_num(got)})"
+    if kind == "extra_forbidden":
+        model = _model_at(err["loc"])
+        key = str(err["loc"][-1])
+        close = difflib.get_close_matches(key, list(model.model_fields) if model else [], n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        allowed = f" (allowed: {', '.join(model.model_fields)})" if model and not close else ""
+        return f"unknown key{hint}{allowed}"
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')} (got {got!r})"
+    msg = err["msg"].removeprefix("Value error, ")
+    if kind == "value_error":
+        return msg
+    return f"{msg} (got {got!r})" if got is not None and not isinstance(got, dict | list) else msg
+
+
+def format_validation_error(exc: ValidationError) -> list[str]:
+    """One ``key.path: message`` line per problem."""
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if p not in ("function-after[_one_origin(), TeacherParams]",))
+        lines.append(f"{_path(loc)}: {_describe(err)}")
+    return lines
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a raw params dict."""
+    raw = dict(raw)
+    problems = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"override {item!r}: expected key.path=value")
+            continue
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            node[part] = dict(child) if isinstance(child, dict) else {}
+            node = node[part]
+        node[parts[-1]] = yaml.safe_load(value)
+    if problems:
+        raise ParamsError(problems, source="overrides")
+    return raw
+
+
+def parse_params(raw: Any, source: str = "params") -> PipelineParams:
+    """Validate a raw mapping; raises ``ParamsError`` listing every problem."""
+    if not isinstance(raw, dict):
+        raise ParamsError([f"(top level): expected a mapping of sections, got {type(raw).__name__}"], source)
+    try:
+        return PipelineParams.model_validate(raw)
+    except ValidationError as exc:
+        raise ParamsError(format_validation_error(exc), source) from None
+
+
+def read_params_file(path: Path) -> dict:
+    """Read YAML into a raw dict; a missing file or bad YAML is a ``ParamsError``."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError([f"file not found: {path}"], str(path))
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ParamsError([f"invalid YAML: {exc}"], str(path)) from None
+    return raw if raw is not None else {}
+
+
+def load_params(path: Path, overrides: list[str] | None = None) -> PipelineParams:
+    """Read, override and validate a pipeline file."""
+    raw = apply_overrides(read_params_file(path), overrides or [])
+    return parse_params(raw, str(path))
+
+
+def schema_keys(model: type[BaseModel] = PipelineParams, prefix: str = "") -> set[str]:
+    """Every dotted key path the schema defines (used to check dvc.yaml's params lists)."""
+    keys = set()
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        keys.add(path)
+        ann = field.annotation
+        candidates = [ann, *(getattr(ann, "__args__", None) or ())]
+        sub = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if sub is not None:
+            keys |= schema_keys(sub, path + ".")
+    return keys

@@ -1,0 +1,56 @@
+"""student: train the declared student from the condensed data and the cached teacher logits."""
+from __future__ import annotations
+
+import json
+import shutil
+
+from kdflow.cache import CacheReader
+from kdflow.data.dataset import load_dataset
+from kdflow.errors import KdflowError
+from kdflow.losses import create_loss
+from kdflow.models import count_params, create_model
+from kdflow.models.io import save_model
+from kdflow.train.device import resolve_device, seed_everything
+from kdflow.train.loop import fit
+from schemas.manifest import Manifest
+from schemas.params import LossParams, StudentParams
+from tasks.common import StageContext
+
+
+def loss_kwargs(loss: LossParams, capture_temperature: float) -> dict:
+    if loss.name == "ce":
+        return {}
+    kwargs = {"temperature": loss.temperature, "alpha": loss.alpha}
+    if loss.name == "topk_kd":
+        kwargs["capture_temperature"] = capture_temperature
+    return kwargs
+
+
+def run(params: StudentParams, ctx: StageContext) -> Manifest:
+    train = load_dataset(ctx.input("condense"))
+    val = load_dataset(ctx.input("prepare")).split("val")
+    cache_info = ctx.upstream["logits"].info["cache"]
+    reader = CacheReader(ctx.input("logits"), cache_info)
+    reader.verify()
+    batch = {"x": train.features, "y": train.labels, **reader.load_all()}
+    loss = create_loss(params.loss.name, **loss_kwargs(params.loss, cache_info["capture_temperature"]))
+    missing = [k for k in loss.needs if k not in batch]
+    if missing:
+        raise KdflowError(f"student.loss.name: {params.loss.name!r} needs {missing} but the cache provides {sorted(batch)}")
+    seed_everything(ctx.seed)
+    model = create_model(params.arch, train.input_shape, train.num_classes, **params.args)
+    t = params.train
+    report = (lambda row: ctx.progress("student", row)) if ctx.progress else None
+    result = fit(
+        model, batch, loss, val=(val.features, val.labels), epochs=t.epochs, lr=t.lr,
+        weight_decay=t.weight_decay, batch_size=t.batch_size, patience=t.patience, seed=ctx.seed,
+        device=resolve_device(params.device), checkpoint_dir=ctx.work, resume=ctx.resume,
+        fingerprint=ctx.fingerprint, on_epoch=report,
+    )
+    save_model(model, ctx.out)
+    (ctx.out / "history.json").write_text(json.dumps(result.history, indent=1) + "\n")
+    metrics = {"best_val_accuracy": result.best_val_accuracy or 0.0, "epochs_run": result.epochs_run, "params": count_params(model)}
+    info = {"best_epoch": result.best_epoch, "resumed_from": result.resumed_from, "stopped_early": result.stopped_early}
+    manifest = ctx.manifest(metrics=metrics, info=info)
+    shutil.rmtree(ctx.work, ignore_errors=True)  # the checkpoint served its purpose
+    return manifest

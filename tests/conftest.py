@@ -1,0 +1,60 @@
+"""Shared fixtures: telemetry off, paths to the project and to ../shared/data, tiny pipelines."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+for _k, _v in {
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data() -> Path:
+    """``$KDFLOW_SHARED_DATA`` or ``<repo>/../shared/data``."""
+    return Path(os.environ.get("KDFLOW_SHARED_DATA", REPO.parent / "shared" / "data")).resolve()
+
+
+@pytest.fixture
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture
+def mnist_dir() -> Path:
+    path = shared_data() / "mnist-t10k"
+    if not (path / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"MNIST IDX files not found under {path}")
+    return path
+
+
+def tiny_params(name: str = "tiny", **sections: dict) -> dict:
+    """A raw pipeline dict with tiny budgets on digits (seconds to run)."""
+    fast = {"epochs": 3, "lr": 0.01, "batch_size": 128, "patience": None}
+    raw = {
+        "name": name,
+        "seed": 0,
+        "data": {"source": "sklearn:digits"},
+        "teachers": [
+            {"name": "conv", "arch": "tiny_convnet", "train": fast},
+            {"name": "mlp", "arch": "mlp", "args": {"hidden": [64]}, "train": fast},
+        ],
+        "select": {"strategy": "val_accuracy"},
+        "condense": {"method": "none"},
+        "logits": {"format": "dense"},
+        "student": {"arch": "tiny_mlp", "loss": {"name": "kd"}, "train": fast, "device": "cpu"},
+        "evaluate": {"latency_repeats": 2},
+        "tracking": {"enabled": False},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw[key], **value} if isinstance(raw.get(key), dict) else value
+    return raw
