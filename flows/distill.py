@@ -13,7 +13,6 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.context import TaskRunContext
-from prefect.filesystems import LocalFileSystem
 from prefect.runtime import flow_run
 
 from kdflow.lineage import open_tracker
@@ -49,7 +48,7 @@ def run_stage(stage: str, fp: str, pp: PipelineParams, root: str, tracker: Any =
 def run_pipeline(pp: PipelineParams, root: Path, *, tracker: Any = None, resume: bool = False) -> dict[str, dict]:
     """Run every stage in order inside the current flow; returns per-stage status and manifest."""
     root = Path(root).resolve()
-    storage = LocalFileSystem(basepath=str(root / ".kdflow" / "prefect"))
+    storage = root / ".kdflow" / "prefect"  # a Path: Prefect stores results there (no block needed)
     base = artifact_root(root, pp.name)
     done: dict[str, Manifest] = {}
     status: dict[str, dict] = {}

@@ -26,7 +26,7 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Overri
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 
 
-def _setup_logging(debug: bool) -> None:
+def _setup_logging(debug: bool, in_flow: bool = False) -> None:
     level = logging.DEBUG if debug else logging.INFO
     if sys.stderr.isatty():
         handler: logging.Handler = RichHandler(console=console, show_path=False, rich_tracebacks=debug)
@@ -36,6 +36,8 @@ def _setup_logging(debug: bool) -> None:
     logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
     for name in ("kdflow", "tasks", "flows"):
         logging.getLogger(name).setLevel(level)
+    if in_flow and not debug:  # Prefect's task logger reports training progress instead
+        logging.getLogger("kdflow.train.loop").setLevel(logging.WARNING)
 
 
 def _fail(exc: BaseException, debug: bool) -> None:
@@ -81,7 +83,7 @@ def stage(
             raise KdflowError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
         pp = _load(config, set_)
         tracker = _tracker(pp)
-        manifest, executed = execute_stage(name, pp, Path.cwd(), tracker=tracker, resume=resume, force=force, progress=_progress)
+        manifest, executed = execute_stage(name, pp, Path.cwd(), tracker=tracker, resume=resume, force=force)
     except (KdflowError, OSError) as exc:
         _fail(exc, debug)
     verb = "done" if executed else "up to date"
@@ -98,7 +100,7 @@ def run(
     debug: DebugOpt = False,
 ) -> None:
     """Run the whole pipeline as a Prefect flow (ephemeral Prefect when no server is configured)."""
-    _setup_logging(debug)
+    _setup_logging(debug, in_flow=True)
     started = time.perf_counter()
     try:
         pp = _load(config, set_)
@@ -129,11 +131,6 @@ def _tracker_precheck(pp) -> None:
 
     if pp.tracking.enabled and pp.tracking.required:
         check_reachable(resolve_tracking_uri(pp.tracking.uri, Path.cwd()))
-
-
-def _progress(label: str, row: dict[str, float]) -> None:
-    shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
-    logging.getLogger("kdflow.progress").info("%s epoch %d: %s", label, int(row.get("epoch", 0)), shown)
 
 
 def _print_stages(stages: dict[str, dict], wall: float) -> None:

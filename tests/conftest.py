@@ -58,3 +58,21 @@ def tiny_params(name: str = "tiny", **sections: dict) -> dict:
     for key, value in sections.items():
         raw[key] = {**raw[key], **value} if isinstance(raw.get(key), dict) else value
     return raw
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server (SQLite) for the whole test session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+def write_params(root: Path, raw: dict, name: str = "params.yaml") -> Path:
+    import yaml
+
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / name
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path

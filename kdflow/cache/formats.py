@@ -26,15 +26,17 @@ FORMATS: Registry[Encoder] = Registry("cache format")
 
 
 def value_dtype(name: str) -> torch.dtype:
-    """The torch dtype of stored values for ``name`` (``float16``/``fp16``/``bfloat16``/``bf16``)."""
+    """The torch dtype of stored values: ``float16``/``fp16`` or ``bfloat16``/``bf16``."""
     try:
         return VALUE_DTYPES[name]
     except KeyError:
-        raise ValueError(f"cache dtype must be one of {sorted(VALUE_DTYPES)}, got {name!r}") from None
+        raise ValueError(
+            f"cache dtype must be one of {sorted(VALUE_DTYPES)}, got {name!r}"
+        ) from None
 
 
 def narrowest_uint(num_classes: int) -> torch.dtype:
-    """The smallest unsigned integer dtype (uint8/16/32) that holds class index ``num_classes - 1``."""
+    """The smallest unsigned dtype (uint8/16/32) that holds class index ``num_classes - 1``."""
     for dtype, bits in ((torch.uint8, 8), (torch.uint16, 16), (torch.uint32, 32)):
         if num_classes - 1 < 2**bits:
             return dtype
@@ -45,7 +47,9 @@ def _check_finite(logits: torch.Tensor) -> None:
     bad = ~torch.isfinite(logits).all(dim=-1)
     if bad.any():
         rows = bad.nonzero().flatten()[:5].tolist()
-        raise DataError(f"teacher logits have NaN/inf in {int(bad.sum())} row(s) of the batch: {rows}")
+        raise DataError(
+            f"teacher logits have NaN/inf in {int(bad.sum())} row(s) of the batch: {rows}"
+        )
 
 
 @FORMATS.register("dense")
@@ -55,7 +59,8 @@ def _encode_dense(
     values = logits.to(dtype)  # [B, C]
     if not torch.isfinite(values).all():
         raise DataError(
-            f"teacher logits overflow {dtype} (max |logit| {logits.abs().max():.3g}); use dtype bf16"
+            f"teacher logits overflow {dtype} (max |logit| {logits.abs().max():.3g}); "
+            "use dtype bf16"
         )
     return {"values": values.contiguous()}
 

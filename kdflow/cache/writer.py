@@ -122,7 +122,9 @@ def write_cache(
         "num_rows": num_rows,
         "num_classes": num_classes,
         "capture_temperature": float(capture_temperature),
-        "index_dtype": str(narrowest_uint(num_classes)).removeprefix("torch.") if format == "topk" else None,
+        "index_dtype": (
+            str(narrowest_uint(num_classes)).removeprefix("torch.") if format == "topk" else None
+        ),
         "shards": shards,
         "bytes_total": bytes_total,
         "bytes_per_sample": bytes_total / num_rows if num_rows else 0.0,

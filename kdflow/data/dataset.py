@@ -133,7 +133,7 @@ def load_dataset(directory: Path) -> Dataset:
         extras={k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")},
         meta=meta.get("meta", {}),
     )
-    if not torch.equal(torch.as_tensor(frame["label"].to_numpy()), ds.labels):
+    if not torch.equal(torch.as_tensor(frame["label"].to_numpy(writable=True)), ds.labels):
         from kdflow.errors import DataError
 
         raise DataError(f"{directory}: labels in {SAMPLES_FILE} and {TENSORS_FILE} disagree")

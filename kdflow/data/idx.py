@@ -61,8 +61,8 @@ def read_idx(path: Path, limit: int | None = None) -> np.ndarray:
             magic = _read_exact(fh, 4, path, "magic number")
             if magic[:2] != b"\x00\x00" or magic[2] not in DTYPES or magic[3] == 0:
                 raise DataError(
-                    f"{path}: not an IDX file (magic number {magic.hex()}; expected 0000<dtype><ndim> "
-                    f"with dtype code in {[hex(c) for c in DTYPES]})"
+                    f"{path}: not an IDX file (magic number {magic.hex()}; expected "
+                    f"0000<dtype><ndim> with dtype code in {[hex(c) for c in DTYPES]})"
                 )
             dtype, ndim = DTYPES[magic[2]], magic[3]
             dims = [int(d) for d in np.frombuffer(_read_exact(fh, 4 * ndim, path, "dims"), ">u4")]
@@ -72,7 +72,9 @@ def read_idx(path: Path, limit: int | None = None) -> np.ndarray:
             if limit is None and fh.read(1):
                 raise DataError(f"{path}: IDX file has trailing bytes after shape {dims}")
     except (OSError, EOFError, zlib.error) as err:
-        raise DataError(f"{path}: cannot read IDX file ({err}); is the gzip file complete?") from None
+        raise DataError(
+            f"{path}: cannot read IDX file ({err}); is the gzip file complete?"
+        ) from None
     arr = np.frombuffer(data, dtype=dtype).reshape([rows, *dims[1:]])
     return arr.astype(dtype.newbyteorder("="))
 

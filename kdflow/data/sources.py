@@ -5,6 +5,7 @@ A source loader turns ``(argument, seed, options)`` into a ``RawSource`` (numpy 
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import random
 from collections.abc import Callable, Iterable
@@ -12,14 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandera.polars as pa
 import polars as pl
 import torch
 
 from kdflow.data.dataset import Dataset
+from kdflow.data.idx import read_idx
 from kdflow.data.split import stratified_split
 from kdflow.errors import DataError, ParamsError, UnknownNameError
 from kdflow.registry import Registry
-from schemas.frames import MAX_SHOWN
+from schemas.frames import MAX_SHOWN, format_failures
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +58,16 @@ SOURCES: Registry[Loader] = Registry("data source")
 
 
 def _check_options(scheme: str, options: dict, allowed: Iterable[str]) -> None:
-    import difflib
-
+    """Raise ``ParamsError`` for option keys the source does not know (with did-you-mean)."""
     allowed = sorted(allowed)
     problems = []
     for key in options:
         if key not in allowed:
             close = difflib.get_close_matches(key, allowed, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            problems.append(f"options.{key}: unknown option for source {scheme!r}{hint} (known: {allowed})")
+            problems.append(
+                f"options.{key}: unknown option for source {scheme!r}{hint} (known: {allowed})"
+            )
     if problems:
         raise ParamsError(problems, source=f"data source {scheme!r}")
 
@@ -104,6 +108,8 @@ def load_source(
         raw.labels, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
         fixed_test=raw.fixed_test,
     )
+    meta = {"source": spec, "options": options, "seed": seed, "val_fraction": val_fraction,
+            "test_fraction": test_fraction, **raw.meta}
     ds = Dataset(
         features=torch.from_numpy(np.ascontiguousarray(raw.features, dtype=np.float32)),
         labels=torch.from_numpy(np.asarray(raw.labels, dtype=np.int64)),
@@ -111,8 +117,7 @@ def load_source(
         splits=splits,
         num_classes=raw.num_classes,
         modality=raw.modality,
-        meta={"source": spec, "options": options, "seed": seed, "val_fraction": val_fraction,
-              "test_fraction": test_fraction, **raw.meta},
+        meta=meta,
     )
     ds.validate(where=spec)
     log.info("loaded %s: %d samples, input shape %s, %d classes", spec, len(ds), ds.input_shape,
@@ -131,7 +136,8 @@ def _digits() -> RawSource:
 
     bunch = load_digits()
     images = (bunch.images.astype(np.float32) / 16.0)[:, None]  # [N, 1, 8, 8]
-    return RawSource(images, bunch.target.astype(np.int64), _ids("digits", len(images)), 10, "image")
+    labels = bunch.target.astype(np.int64)
+    return RawSource(images, labels, _ids("digits", len(images)), 10, "image")
 
 
 def _sklearn_tabular(name: str) -> Callable[[], RawSource]:
@@ -192,46 +198,54 @@ def _mnist1d(arg: str, *, seed: int, options: dict) -> RawSource:
 
 
 def _find(directory: Path, prefix: str, kind: str) -> Path | None:
+    dims = 3 if kind == "images" else 1
     for sep in ("-", "."):
         for suffix in (".gz", ""):
-            path = directory / f"{prefix}-{kind}{sep}idx{3 if kind == 'images' else 1}-ubyte{suffix}"
+            path = directory / f"{prefix}-{kind}{sep}idx{dims}-ubyte{suffix}"
             if path.is_file():
                 return path
     return None
 
 
-def _read_pair(directory: Path, prefix: str, limit: int | None) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
-    from kdflow.data.idx import read_idx
-
+def _read_pair(
+    directory: Path, prefix: str, limit: int | None
+) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+    """Images ``[N, H, W]`` uint8, labels ``[N]`` int64 and file names, or None if absent."""
     images, labels = _find(directory, prefix, "images"), _find(directory, prefix, "labels")
     if images is None and labels is None:
         return None
     if images is None or labels is None:
         have, kind = (images or labels), ("labels" if labels is None else "images")
-        raise DataError(f"{directory}: found {have.name} but no {prefix}-{kind} IDX file next to it")
+        raise DataError(
+            f"{directory}: found {have.name} but no {prefix}-{kind} IDX file next to it"
+        )
     x, y = read_idx(images, limit), read_idx(labels, limit)
     if x.ndim != 3 or x.dtype != np.uint8:
         raise DataError(f"{images}: expected uint8 images [N, H, W], got {x.dtype} {list(x.shape)}")
     if y.ndim != 1 or y.dtype.kind not in "iu":
         raise DataError(f"{labels}: expected integer labels [N], got {y.dtype} {list(y.shape)}")
     if len(x) != len(y):
-        raise DataError(f"{directory}: {images.name} has {len(x)} images but {labels.name} has {len(y)} labels")
+        raise DataError(
+            f"{directory}: {images.name} has {len(x)} images but {labels.name} has {len(y)} labels"
+        )
     return x, y.astype(np.int64), [images.name, labels.name]
 
 
 @SOURCES.register("idx")
 def _idx(arg: str, *, seed: int, options: dict) -> RawSource:
-    """MNIST-format IDX files in a directory; ``t10k`` is the fixed test split when ``train`` exists.
+    """MNIST-format IDX files in a directory; ``t10k`` is the fixed test split beside ``train``.
 
-    Options: ``limit`` (first samples of each file pair), ``num_classes``.
+    Options: ``limit`` (the first samples of each file pair), ``num_classes``.
     """
     _check_options("idx", options, ["limit", "num_classes"])
+    limit = options.get("limit")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ParamsError([f"options.limit: must be a positive integer (got {limit!r})"])
     if not arg:
-        raise DataError(f"idx source needs a directory, e.g. idx:data/mnist (specs: {SPEC_EXAMPLES})")
+        raise DataError(f"the idx source needs a directory, e.g. idx:data/mnist ({SPEC_EXAMPLES})")
     directory = Path(arg).expanduser()
     if not directory.is_dir():
         raise DataError(f"{directory}: IDX directory not found (cwd {Path.cwd()})")
-    limit = options.get("limit")
     pairs = {p: _read_pair(directory, p, limit) for p in ("train", "t10k")}
     pairs = {p: v for p, v in pairs.items() if v is not None}
     if not pairs:
@@ -248,7 +262,7 @@ def _idx(arg: str, *, seed: int, options: dict) -> RawSource:
     ids = [i for p, v in pairs.items() for i in _ids(p, len(v[1]))]
     fixed_test = None
     if len(pairs) == 2:
-        fixed_test = np.concatenate([np.zeros(len(pairs["train"][1]), bool), np.ones(len(pairs["t10k"][1]), bool)])
+        fixed_test = np.array([i.startswith("t10k") for i in ids])
     num_classes = int(options.get("num_classes") or y.max() + 1)
     files = [f for v in pairs.values() for f in v[2]]
     return RawSource(x, y, ids, num_classes, "image", fixed_test,
@@ -258,9 +272,57 @@ def _idx(arg: str, *, seed: int, options: dict) -> RawSource:
 # --- parquet ---------------------------------------------------------------------------------
 
 
-def _show(frame: pl.DataFrame, rows: pl.Series | list[int], cols: list[str]) -> str:
+def _show(frame: pl.DataFrame, rows: Iterable[int], cols: list[str]) -> str:
+    """Row numbers and a small table of the offending rows."""
     rows = list(rows)[:MAX_SHOWN]
-    return f"rows {rows}\n" + str(frame.with_row_index("#")[rows].select(["#", *dict.fromkeys(cols)]))
+    table = frame.with_row_index("#")[rows].select(["#", *dict.fromkeys(cols)])
+    return f"rows {rows}\n{table}"
+
+
+def _check_label_dtype(
+    frame: pl.DataFrame, label_col: str, context: list[str]
+) -> tuple[pl.DataFrame, str | None]:
+    """Integer labels pass; integral floats are cast to Int64 (NaN becomes null)."""
+    dtype = frame[label_col].dtype
+    if dtype.is_integer():
+        return frame, None
+    first = range(min(frame.height, MAX_SHOWN))
+    if not dtype.is_float():
+        return frame, (
+            f"column {label_col!r} must hold integer class indices 0..C-1, got dtype {dtype}; "
+            + _show(frame, first, context)
+        )
+    frame = frame.with_columns(pl.col(label_col).fill_nan(None))
+    frac = frame.with_row_index("#").filter(pl.col(label_col) != pl.col(label_col).round(0))
+    if frac.height:
+        return frame, (
+            f"column {label_col!r} must hold integer class indices, found {frac.height} "
+            f"non-integer value(s) {frac[label_col].to_list()[:MAX_SHOWN]}; "
+            + _show(frame, frac["#"], context)
+        )
+    return frame.with_columns(pl.col(label_col).cast(pl.Int64)), None
+
+
+def _column_schema(
+    frame: pl.DataFrame, label_col: str | None, id_col: str, features: list[str], num_classes: int
+) -> pa.DataFrameSchema:
+    """pandera schema of the well-typed columns (``label_col`` None: label not checked)."""
+    finite = pa.Check(
+        lambda d: d.lazyframe.select(pl.col(d.key).is_finite().fill_null(False)),
+        name="finite", error="no NaN, inf or null", ignore_na=False,
+    )
+    columns = {
+        c: pa.Column(nullable=True, checks=finite) if frame[c].dtype.is_float()
+        else pa.Column(nullable=False)
+        for c in features
+    }
+    if label_col is not None:
+        columns[label_col] = pa.Column(
+            nullable=False, checks=pa.Check.in_range(0, max(num_classes - 1, 0))
+        )
+    if id_col in frame.columns:
+        columns[id_col] = pa.Column(nullable=False, unique=True)
+    return pa.DataFrameSchema(columns, strict=False, coerce=False)
 
 
 def validate_table(
@@ -272,15 +334,11 @@ def validate_table(
     columns without NaN/inf/null.
 
     Returns:
-        The frame (float labels with integral values cast to Int64), the feature columns and C.
+        The frame (integral float labels cast to Int64), the feature columns and C.
 
     Raises:
-        DataError: every problem, each naming its column and showing offending rows.
+        DataError: listing every problem, each naming its column and showing offending rows.
     """
-    import pandera.polars as pa
-
-    from schemas.frames import format_failures
-
     if label_col not in frame.columns:
         raise DataError(
             f"{where}: no label column {label_col!r} (columns: {frame.columns}); "
@@ -288,59 +346,29 @@ def validate_table(
         )
     context = [c for c in (id_col, label_col) if c in frame.columns]
     features = [c for c in frame.columns if c not in (label_col, id_col)]
-    problems: list[str] = []
-    if frame.height == 0:
-        problems.append("the table has no rows")
+    problems = [] if frame.height else ["the table has no rows"]
     if not features:
         problems.append(f"no feature columns besides {context}")
-    label = frame[label_col]
-    label_ok = label.dtype.is_integer()
-    if label.dtype.is_float():
-        frame = frame.with_columns(pl.col(label_col).fill_nan(None))
-        frac = frame.with_row_index("#").filter(pl.col(label_col) != pl.col(label_col).round(0))
-        if frac.height:
+    frame, label_problem = _check_label_dtype(frame, label_col, context)
+    problems += [label_problem] if label_problem else []
+    numeric = [c for c in features if frame[c].dtype.is_numeric() or frame[c].dtype == pl.Boolean]
+    for c in features:
+        if c not in numeric:
             problems.append(
-                f"column {label_col!r} must hold integer class indices, found {frac.height} "
-                f"non-integer value(s) {frac[label_col].to_list()[:MAX_SHOWN]}; "
-                + _show(frame, frac["#"], [*context])
+                f"column {c!r} is not numeric (dtype {frame[c].dtype}); feature columns must be "
+                "numeric: encode or drop it, or name it in options.id_column/label_column; "
+                + _show(frame, range(min(frame.height, MAX_SHOWN)), [*context, c])
             )
-        else:
-            frame = frame.with_columns(pl.col(label_col).cast(pl.Int64))
-            label_ok = True
-    elif not label_ok:
-        problems.append(
-            f"column {label_col!r} must hold integer class indices 0..C-1, got dtype {label.dtype}; "
-            + _show(frame, range(min(frame.height, MAX_SHOWN)), context)
-        )
-    bad_types = [c for c in features if not (frame[c].dtype.is_numeric() or frame[c].dtype == pl.Boolean)]
-    for c in bad_types:
-        problems.append(
-            f"column {c!r} is not numeric (dtype {frame[c].dtype}); feature columns must be numeric: "
-            f"encode or drop it, or set options.id_column/label_column; "
-            + _show(frame, range(min(frame.height, MAX_SHOWN)), [*context, c])
-        )
-    if label_ok and num_classes is None:
+    if label_problem is None and num_classes is None:
         top = frame[label_col].max()
         num_classes = int(top) + 1 if top is not None else 0
     num_classes = int(num_classes or 0)
-    if label_ok and num_classes < 2:
+    if label_problem is None and num_classes < 2:
         problems.append(f"column {label_col!r} has {num_classes} class(es); need at least 2")
-    finite = pa.Check(
-        lambda d: d.lazyframe.select(pl.col(d.key).is_finite().fill_null(False)),
-        name="finite", error="no NaN, inf or null", ignore_na=False,
-    )
-    columns = {c: pa.Column(nullable=True, checks=finite) for c in features
-               if c not in bad_types and frame[c].dtype.is_float()}
-    columns.update({c: pa.Column(nullable=False) for c in features
-                    if c not in bad_types and not frame[c].dtype.is_float()})
-    if label_ok:
-        columns[label_col] = pa.Column(
-            nullable=False, checks=pa.Check.in_range(0, max(num_classes - 1, 0))
-        )
-    if id_col in frame.columns:
-        columns[id_col] = pa.Column(nullable=False, unique=True)
+    checked_label = label_col if label_problem is None else None
+    schema = _column_schema(frame, checked_label, id_col, numeric, num_classes)
     try:
-        pa.DataFrameSchema(columns, strict=False, coerce=False).validate(frame, lazy=True)
+        schema.validate(frame, lazy=True)
     except pa.errors.SchemaErrors as err:
         problems.extend(format_failures(err, frame, context))
     if problems:

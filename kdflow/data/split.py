@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from kdflow.errors import DataError
 
@@ -14,7 +13,9 @@ log = logging.getLogger(__name__)
 def _split_off(
     index: np.ndarray, labels: np.ndarray, fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``index`` into (kept, taken) with ``fraction`` taken, stratified by ``labels[index]``."""
+    """Split ``index`` into (kept, taken), ``fraction`` taken, stratified by ``labels[index]``."""
+    from sklearn.model_selection import train_test_split  # heavy import, only when splitting
+
     if fraction <= 0 or len(index) == 0:
         return index, index[:0]
     try:
@@ -23,9 +24,10 @@ def _split_off(
         )
     except ValueError as err:
         counts = dict(zip(*np.unique(labels[index], return_counts=True)))
+        per_class = {int(k): int(v) for k, v in counts.items()}
         raise DataError(
-            f"column 'label': cannot split {len(index)} rows stratified with fraction {fraction:g}: "
-            f"{err} (samples per class: { {int(k): int(v) for k, v in counts.items()} }); "
+            f"column 'label': cannot split {len(index)} rows stratified with fraction "
+            f"{fraction:g}: {err} (samples per class: {per_class}); "
             "use more samples or smaller fractions"
         ) from None
     return np.sort(kept), np.sort(taken)
@@ -63,7 +65,9 @@ def stratified_split(
     if fixed_test is not None:
         fixed_test = np.asarray(fixed_test, dtype=bool)
         if fixed_test.shape != (n,):
-            raise ValueError(f"fixed_test must be a bool mask of shape ({n},), got {fixed_test.shape}")
+            raise ValueError(
+                f"fixed_test must be a bool mask of shape ({n},), got {fixed_test.shape}"
+            )
         out[fixed_test] = "test"
         rest = index[~fixed_test]
         _, val = _split_off(rest, labels, val_fraction, seed)

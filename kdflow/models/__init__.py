@@ -16,7 +16,9 @@ from kdflow.registry import Registry
 MODELS: Registry = Registry("model")
 
 
-def create_model(name: str, input_shape: tuple[int, ...], num_classes: int, **kwargs: Any) -> nn.Module:
+def create_model(
+    name: str, input_shape: tuple[int, ...], num_classes: int, **kwargs: Any
+) -> nn.Module:
     """Build the registered model ``name`` for inputs ``[B, *input_shape]``.
 
     The constructor arguments are recorded in ``model.kdflow_spec`` so that

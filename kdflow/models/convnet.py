@@ -8,7 +8,9 @@ from kdflow.errors import ModelError
 from kdflow.models import MODELS
 
 
-def conv_layers(input_shape: tuple[int, ...], arch: str) -> tuple[type, type, type, tuple[int, ...]]:
+def conv_layers(
+    input_shape: tuple[int, ...], arch: str
+) -> tuple[type, type, type, tuple[int, ...]]:
     """Conv, BatchNorm and MaxPool classes for ``input_shape``, and its normalised form.
 
     ``[C, L]`` gives 1-D layers, ``[C, H, W]`` 2-D layers; a flat ``[D]`` is treated as ``[1, D]``.
@@ -30,7 +32,7 @@ def as_conv_input(x: torch.Tensor, flat: bool) -> torch.Tensor:
 
 
 class ConvNet(nn.Module):
-    """[conv -> bn -> relu -> maxpool] * len(channels) -> global avg pool -> hidden -> classifier."""
+    """[conv -> bn -> relu -> maxpool] * len(channels) -> global avg pool -> hidden -> head."""
 
     def __init__(
         self,
@@ -45,13 +47,16 @@ class ConvNet(nn.Module):
         super().__init__()
         conv, norm, pool, shape = conv_layers(input_shape, "convnet")
         if not channels or kernel_size < 1 or hidden < 1:
-            raise ModelError(f"convnet: need channels, kernel_size >= 1 and hidden >= 1 (got {channels}, "
-                             f"{kernel_size}, {hidden})")
+            raise ModelError(
+                "convnet: need channels, kernel_size >= 1 and hidden >= 1 "
+                f"(got {channels}, {kernel_size}, {hidden})"
+            )
         self.flat = len(input_shape) == 1
         layers: list[nn.Module] = []
         width, size = shape[0], min(shape[1:])
         for c in channels:
-            layers.append(conv(width, c, kernel_size, padding=kernel_size // 2, bias=not batch_norm))
+            pad = kernel_size // 2
+            layers.append(conv(width, c, kernel_size, padding=pad, bias=not batch_norm))
             layers += [norm(c)] if batch_norm else []
             layers.append(nn.ReLU())
             if size >= 2:

@@ -49,9 +49,11 @@ def _from_pretrained(directory: Path) -> tuple[nn.Module, str]:
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
     try:
-        return AutoModelForImageClassification.from_pretrained(directory, local_files_only=True), "image"
+        model = AutoModelForImageClassification.from_pretrained(directory, local_files_only=True)
+        return model, "image"
     except ValueError:  # the config is not an image-classification architecture
-        return AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True), "sequence"
+        model = AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True)
+        return model, "sequence"
 
 
 def _input_shape(config: Any) -> list[int]:

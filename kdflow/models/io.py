@@ -30,7 +30,9 @@ def save_model(model: nn.Module, directory: Path) -> list[Path]:
     """
     spec = getattr(model, "kdflow_spec", None)
     if spec is None:
-        raise ModelError(f"cannot save {type(model).__name__}: no kdflow_spec (build it with create_model)")
+        raise ModelError(
+            f"cannot save {type(model).__name__}: no kdflow_spec (build it with create_model)"
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if isinstance(model, HFClassifier):
@@ -43,7 +45,9 @@ def save_model(model: nn.Module, directory: Path) -> list[Path]:
     try:
         text = json.dumps({**spec, "format": "kdflow"}, indent=2, sort_keys=True)
     except TypeError as exc:
-        raise ModelError(f"model arguments are not JSON-serialisable: {spec['args']} ({exc})") from None
+        raise ModelError(
+            f"model arguments are not JSON-serialisable: {spec['args']} ({exc})"
+        ) from None
     (directory / SPEC_FILE).write_text(text + "\n")
     return [*files, directory / SPEC_FILE]
 
@@ -81,9 +85,11 @@ def _read_spec(path: Path) -> dict:
         spec = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelError(f"{path}: unreadable model spec ({exc})") from None
-    missing = [k for k in ("arch", "input_shape", "num_classes") if not isinstance(spec, dict) or k not in spec]
+    required = ("arch", "input_shape", "num_classes")
+    missing = [k for k in required if not isinstance(spec, dict) or k not in spec]
     if missing or spec.get("format") != "kdflow":
-        raise ModelError(f"{path}: not a kdflow model spec (missing {missing or ['format: kdflow']})")
+        missing = missing or ["format: kdflow"]
+        raise ModelError(f"{path}: not a kdflow model spec (missing {missing})")
     return spec
 
 
@@ -93,7 +99,8 @@ def _load_kdflow(directory: Path) -> nn.Module:
     if spec["arch"] == "hf":
         return load_hf_classifier(directory)
     try:
-        model = create_model(spec["arch"], tuple(spec["input_shape"]), spec["num_classes"], **spec.get("args", {}))
+        shape, args = tuple(spec["input_shape"]), spec.get("args", {})
+        model = create_model(spec["arch"], shape, spec["num_classes"], **args)
     except (UnknownNameError, ModelError) as exc:
         raise ModelError(f"{spec_path}: {exc}") from None
     if not weights.is_file():
@@ -107,6 +114,7 @@ def _load_kdflow(directory: Path) -> nn.Module:
     except RuntimeError as exc:
         detail = str(exc).splitlines()[1:3]
         raise ModelError(
-            f"{weights}: weights do not match {spec_path} (arch {spec['arch']!r}): {' '.join(detail).strip()}"
+            f"{weights}: weights do not match {spec_path} (arch {spec['arch']!r}): "
+            + " ".join(detail).strip()
         ) from None
     return model

@@ -13,7 +13,9 @@ from kdflow.models import MODELS
 class MLP(nn.Module):
     """Flatten -> [Linear -> ReLU -> Dropout] * len(hidden) -> Linear."""
 
-    def __init__(self, in_features: int, num_classes: int, hidden: list[int], dropout: float) -> None:
+    def __init__(
+        self, in_features: int, num_classes: int, hidden: list[int], dropout: float
+    ) -> None:
         super().__init__()
         if any(h < 1 for h in hidden):
             raise ModelError(f"mlp: hidden sizes must be >= 1 (got {hidden})")
@@ -35,10 +37,14 @@ class MLP(nn.Module):
 
 @MODELS.register("mlp")
 def mlp(
-    input_shape: tuple[int, ...], num_classes: int, hidden: list[int] | None = None, dropout: float = 0.0
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    hidden: list[int] | None = None,
+    dropout: float = 0.0,
 ) -> MLP:
     """An MLP on any input shape (flattened)."""
-    return MLP(math.prod(input_shape), num_classes, list(hidden if hidden is not None else [256, 128]), dropout)
+    sizes = list(hidden if hidden is not None else [256, 128])
+    return MLP(math.prod(input_shape), num_classes, sizes, dropout)
 
 
 @MODELS.register("tiny_mlp")

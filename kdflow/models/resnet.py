@@ -20,7 +20,8 @@ class BasicBlock(nn.Module):
         self.bn2 = norm(c_out)
         self.shortcut = nn.Identity()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(conv(c_in, c_out, 1, stride=stride, bias=False), norm(c_out))
+            proj = conv(c_in, c_out, 1, stride=stride, bias=False)
+            self.shortcut = nn.Sequential(proj, norm(c_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.bn1(self.conv1(x)))
@@ -30,13 +31,16 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """Stem conv, then one stage per width (stride 2 after the first while size >= 2), GAP, fc."""
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, widths: list[int], blocks: int) -> None:
+    def __init__(
+        self, input_shape: tuple[int, ...], num_classes: int, widths: list[int], blocks: int
+    ) -> None:
         super().__init__()
         conv, norm, _, shape = conv_layers(input_shape, "resnet")
         if not widths or blocks < 1:
             raise ModelError(f"resnet: need widths and blocks >= 1 (got {widths}, {blocks})")
         self.flat = len(input_shape) == 1
-        self.stem = nn.Sequential(conv(shape[0], widths[0], 3, padding=1, bias=False), norm(widths[0]), nn.ReLU())
+        stem = conv(shape[0], widths[0], 3, padding=1, bias=False)
+        self.stem = nn.Sequential(stem, norm(widths[0]), nn.ReLU())
         layers: list[nn.Module] = []
         width, size = widths[0], min(shape[1:])
         for i, w in enumerate(widths):
@@ -62,4 +66,5 @@ def resnet(
     input_shape: tuple[int, ...], num_classes: int, widths: list[int] | None = None, blocks: int = 1
 ) -> ResNet:
     """A small ResNet for images ``[C, H, W]`` or sequences ``[C, L]``."""
-    return ResNet(input_shape, num_classes, list(widths if widths is not None else [16, 32, 64]), blocks)
+    sizes = list(widths if widths is not None else [16, 32, 64])
+    return ResNet(input_shape, num_classes, sizes, blocks)

@@ -11,12 +11,18 @@ import torch
 from kdflow.errors import KdflowError
 
 
+_CHOICES = "use auto, cpu, cuda, cuda:N or mps"
+
+
 def _mps_available() -> bool:
     return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
 
 
 def resolve_device(name: str) -> torch.device:
-    """``"auto"`` picks cuda, then mps, then cpu; ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` are explicit.
+    """Turn a device name into a ``torch.device``.
+
+    ``"auto"`` picks cuda, then mps, then cpu; ``"cpu"``, ``"cuda"``, ``"cuda:N"`` and ``"mps"``
+    are explicit.
 
     Raises:
         KdflowError: the name is unknown or the device is not available here.
@@ -28,21 +34,21 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
-        raise KdflowError(f"device: unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+        raise KdflowError(f"device: unknown device {name!r}; {_CHOICES}") from None
     if device.type == "cpu":
         return device
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise KdflowError(f"device: {name!r} requested but CUDA is not available; use auto or cpu")
+            raise KdflowError(f"device: {name!r} requested but CUDA is not available; {_CHOICES}")
         if device.index is not None and device.index >= count:
-            raise KdflowError(f"device: {name!r} requested but only {count} CUDA device(s) are visible")
+            raise KdflowError(f"device: {name!r} requested but {count} CUDA device(s) are visible")
         return device
     if device.type == "mps":
         if not _mps_available():
-            raise KdflowError(f"device: {name!r} requested but MPS is not available; use auto or cpu")
+            raise KdflowError(f"device: {name!r} requested but MPS is not available; {_CHOICES}")
         return device
-    raise KdflowError(f"device: unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    raise KdflowError(f"device: unsupported device {name!r}; {_CHOICES}")
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:

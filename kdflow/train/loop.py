@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
+Pair = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
@@ -37,7 +38,7 @@ class FitResult:
     Attributes:
         history: one row per epoch (``epoch`` counts from 1): ``train_loss``, ``train_<term>`` for
             each other loss term, ``val_accuracy`` (with ``val``), ``lr``, ``seconds``.
-        best_epoch: the epoch whose weights the model holds on return (the last one without ``val``).
+        best_epoch: the epoch whose weights the model holds on return (the last without ``val``).
         best_val_accuracy: validation accuracy of ``best_epoch``, or None without ``val``.
         epochs_run: epochs completed in total, including those done before a resume.
         resumed_from: the last completed epoch of the checkpoint resumed from, or None.
@@ -122,7 +123,8 @@ def fit(
         row = _run_epoch(model, train, loss_fn, optimizer, n, batch_size, seed, epoch, device)
         scheduler.step()
         if val is not None:
-            row["val_accuracy"] = accuracy_of(model, *val, batch_size=max(batch_size, 512), device=device)
+            eval_bs = max(batch_size, 512)
+            row["val_accuracy"] = accuracy_of(model, *val, batch_size=eval_bs, device=device)
         _track_best(progress, model, row, epoch, patience)
         progress.history.append(row)
         if path is not None:
@@ -149,7 +151,7 @@ def _check_train(train: dict[str, torch.Tensor], batch_size: int, epochs: int) -
     n = int(train["x"].shape[0])
     bad = {k: int(v.shape[0]) for k, v in train.items() if v.shape[0] != n}
     if bad:
-        raise DataError(f"training data: tensors must share the first axis N={n} of 'x' (got {bad})")
+        raise DataError(f"training data: tensors must share the first axis N={n} of 'x' ({bad})")
     if n == 0:
         raise DataError("training data: no samples")
     if train["y"].dtype != torch.int64:
@@ -159,9 +161,9 @@ def _check_train(train: dict[str, torch.Tensor], batch_size: int, epochs: int) -
     return n
 
 
-def _check_val(val: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _check_val(val: Pair | None) -> Pair | None:
     if val is not None and len(val[1]) == 0:
-        logger.warning("validation set is empty: no val accuracy, best-epoch restore or early stopping")
+        logger.warning("empty validation set: no val accuracy, best-epoch restore or early stop")
         return None
     return val
 
@@ -203,7 +205,8 @@ def _run_epoch(
         seen += len(idx)
     row = {"epoch": epoch, **{f"train_{k}": float(v) / seen for k, v in sums.items()}}
     if not math.isfinite(row["train_loss"]):
-        raise KdflowError(f"training diverged at epoch {epoch}: loss is {row['train_loss']}; lower lr")
+        loss = row["train_loss"]
+        raise KdflowError(f"training diverged at epoch {epoch}: loss is {loss}; lower lr")
     return {**row, "lr": lr, "seconds": time.perf_counter() - t0}
 
 
@@ -242,7 +245,8 @@ def _track_best(progress: _Progress, model: nn.Module, row: dict[str, float], ep
 
 def _log_epoch(row: dict[str, float], epochs: int, stopped: bool) -> None:
     terms = " ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("epoch", "lr", "seconds"))
-    logger.info("epoch %d/%d %s lr=%.3g (%.1fs)", row["epoch"], epochs, terms, row["lr"], row["seconds"])
+    epoch, lr, seconds = row["epoch"], row["lr"], row["seconds"]
+    logger.info("epoch %d/%d %s lr=%.3g (%.1fs)", epoch, epochs, terms, lr, seconds)
     if stopped:
         logger.info("early stopping after epoch %d: no val improvement", row["epoch"])
 
@@ -288,7 +292,7 @@ def _read_checkpoint(path: Path, run_key: dict[str, Any]) -> dict[str, Any] | No
     theirs = ckpt.get("run_key", {})
     if theirs != run_key:
         diff = sorted(k for k in run_key if theirs.get(k) != run_key[k])
-        logger.warning("checkpoint %s is from another run (differs in %s); starting fresh", path, diff)
+        logger.warning("checkpoint %s is from another run (%s differ); starting fresh", path, diff)
         return None
     return ckpt
 
@@ -303,7 +307,9 @@ def _resume(path: Path, run_key: dict[str, Any], model: nn.Module, optimizer: to
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError) as exc:
-        raise KdflowError(f"checkpoint {path} does not fit this model ({exc}); delete it to start fresh") from None
+        raise KdflowError(
+            f"checkpoint {path} does not fit this model ({exc}); delete it to start fresh"
+        ) from None
     scheduler.load_state_dict(ckpt["scheduler"])
     progress.history = list(ckpt["history"])
     progress.best_state = ckpt["best_state"]
@@ -333,7 +339,10 @@ def _batched(model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], x: to
 
 def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 512,
             device: torch.device | None = None) -> torch.Tensor:
-    """Logits ``[N, K]`` (float32, CPU). ``device`` defaults to the model's; the model is moved there."""
+    """Logits ``[N, K]`` (float32, CPU).
+
+    ``device`` defaults to the model's; a model elsewhere is moved there (in place).
+    """
     return _batched(model, model, x, batch_size, device)
 
 

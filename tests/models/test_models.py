@@ -12,7 +12,11 @@ from kdflow.models import MODELS, count_params, create_model, model_bytes
 from kdflow.models.io import load_model, save_model
 
 SHAPES = [(1, 40), (3, 40), (1, 8, 8), (3, 8, 8), (1, 28, 28), (3, 28, 28)]
-SMALL_ARGS = {"mlp": {"hidden": [8]}, "convnet": {"channels": [4, 8], "hidden": 8}, "resnet": {"widths": [4, 8]}}
+SMALL_ARGS = {
+    "mlp": {"hidden": [8]},
+    "convnet": {"channels": [4, 8], "hidden": 8},
+    "resnet": {"widths": [4, 8]},
+}
 
 
 @pytest.mark.parametrize("name", MODELS.names())
@@ -35,9 +39,11 @@ def test_default_args_build(name: str) -> None:
 
 
 def test_feature_dims_match_head() -> None:
-    assert create_model("convnet", (1, 8, 8), 3, hidden=5).features(torch.randn(2, 1, 8, 8)).shape == (2, 5)
+    convnet = create_model("convnet", (1, 8, 8), 3, hidden=5)
+    assert convnet.features(torch.randn(2, 1, 8, 8)).shape == (2, 5)
     assert create_model("mlp", (4,), 3, hidden=[6]).features(torch.randn(2, 4)).shape == (2, 6)
-    assert create_model("resnet", (1, 40), 3, widths=[4, 6]).features(torch.randn(2, 1, 40)).shape == (2, 6)
+    resnet = create_model("resnet", (1, 40), 3, widths=[4, 6])
+    assert resnet.features(torch.randn(2, 1, 40)).shape == (2, 6)
 
 
 def test_init_is_deterministic_given_seed() -> None:
@@ -123,8 +129,9 @@ def test_save_requires_spec(tmp_path: Path) -> None:
 
 def _tiny_hf_resnet(directory: Path) -> torch.nn.Module:
     transformers = pytest.importorskip("transformers")
-    config = transformers.ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
-                                       num_labels=10)
+    config = transformers.ResNetConfig(
+        num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=10
+    )
     torch.manual_seed(0)
     model = transformers.ResNetForImageClassification(config).eval()
     model.save_pretrained(directory)

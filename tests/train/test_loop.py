@@ -1,4 +1,4 @@
-"""The training loop: learning, determinism, resume, early stopping; devices and inference helpers."""
+"""The training loop (learning, determinism, resume, early stopping), devices, inference."""
 from __future__ import annotations
 
 import logging
@@ -10,7 +10,14 @@ import torch.nn.functional as F
 
 from kdflow.errors import DataError, KdflowError
 from kdflow.models import create_model
-from kdflow.train import accuracy_of, extract_features, fit, predict, resolve_device, seed_everything
+from kdflow.train import (
+    accuracy_of,
+    extract_features,
+    fit,
+    predict,
+    resolve_device,
+    seed_everything,
+)
 from kdflow.train.loop import CHECKPOINT_FILE
 
 CPU = torch.device("cpu")
@@ -51,7 +58,8 @@ def test_fit_learns_separable_problem() -> None:
     losses = [row["train_loss"] for row in result.history]
     assert losses[-1] < losses[0]
     assert result.best_val_accuracy is not None and result.best_val_accuracy > max(before, 0.9)
-    assert set(result.history[0]) >= {"epoch", "train_loss", "train_ce", "val_accuracy", "lr", "seconds"}
+    keys = {"epoch", "train_loss", "train_ce", "val_accuracy", "lr", "seconds"}
+    assert set(result.history[0]) >= keys
     assert [row["epoch"] for row in result.history] == list(range(1, 7))
     assert result.epochs_run == 6 and result.resumed_from is None and not result.stopped_early
     assert result.history[0]["lr"] == pytest.approx(0.05) and result.history[-1]["lr"] < 0.05
@@ -107,7 +115,9 @@ def test_resume_is_bit_identical(tmp_path: Path, caplog: pytest.LogCaptureFixtur
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in full_result.history]
 
 
-def test_fingerprint_mismatch_starts_fresh(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_fingerprint_mismatch_starts_fresh(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     run(new_model(), epochs=2, checkpoint_dir=tmp_path, fingerprint="old")
     model = new_model()
     with caplog.at_level(logging.WARNING, logger="kdflow.train.loop"):
@@ -132,7 +142,8 @@ def test_early_stopping() -> None:
     rows: list[dict[str, float]] = []
     model = new_model()
     # lr=0: accuracy never improves after epoch 1, so patience=2 stops after epoch 3.
-    result = run(model, epochs=10, lr=0.0, patience=2, val=(data["x"], data["y"]), on_epoch=rows.append)
+    val = (data["x"], data["y"])
+    result = run(model, epochs=10, lr=0.0, patience=2, val=val, on_epoch=rows.append)
     assert result.stopped_early and result.epochs_run == 3 and len(rows) == 3
     assert result.best_epoch == 1
 
@@ -146,7 +157,8 @@ def test_extra_tensors_reach_loss() -> None:
     def loss_fn(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         assert batch["teacher_indices"].dtype == torch.uint16 and logits.dtype == torch.float32
         seen.append(batch["teacher_indices"].flatten().long())
-        return {"loss": (F.cross_entropy(logits, batch["y"], reduction="none") * batch["weight"]).mean()}
+        per_sample = F.cross_entropy(logits, batch["y"], reduction="none")
+        return {"loss": (per_sample * batch["weight"]).mean()}
 
     fit(new_model(), data, loss_fn, epochs=1, lr=0.01, batch_size=8, seed=0, device=CPU)
     assert sorted(torch.cat(seen).tolist()) == list(range(32))  # every sample once per epoch
@@ -154,7 +166,8 @@ def test_extra_tensors_reach_loss() -> None:
 
 def test_bad_training_data() -> None:
     with pytest.raises(DataError, match="missing"):
-        fit(new_model(), {"x": torch.randn(4, 4)}, ce, epochs=1, lr=0.1, batch_size=2, seed=0, device=CPU)
+        no_y = {"x": torch.randn(4, 4)}
+        fit(new_model(), no_y, ce, epochs=1, lr=0.1, batch_size=2, seed=0, device=CPU)
     with pytest.raises(DataError, match="first axis"):
         bad = {"x": torch.randn(4, 4), "y": torch.zeros(3, dtype=torch.long)}
         fit(new_model(), bad, ce, epochs=1, lr=0.1, batch_size=2, seed=0, device=CPU)
@@ -194,7 +207,13 @@ def test_resume_of_finished_run_trains_nothing(tmp_path: Path) -> None:
     first = new_model()
     done = run(first, val=(data["x"], data["y"]), checkpoint_dir=tmp_path, fingerprint="fp")
     again = new_model(seed=5)
-    result = run(again, val=(data["x"], data["y"]), checkpoint_dir=tmp_path, fingerprint="fp", resume=True,
-                 on_epoch=lambda row: pytest.fail("no epoch should run"))
+    result = run(
+        again,
+        val=(data["x"], data["y"]),
+        checkpoint_dir=tmp_path,
+        fingerprint="fp",
+        resume=True,
+        on_epoch=lambda row: pytest.fail("no epoch should run"),
+    )
     assert result.resumed_from == 4 and result.history == done.history
     assert same_weights(first, again)  # both hold the best epoch's weights
