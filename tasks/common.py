@@ -210,6 +210,13 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, tz=timezone.utc).isoformat(timespec="seconds")
 
 
+def save_history(path: Path, history: list[dict[str, float]]) -> Path:
+    """Training curves without wall-clock timings, so reruns give byte-identical artifacts."""
+    rows = [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+    path.write_text(json.dumps(rows, indent=1) + "\n")
+    return path
+
+
 def artifact_root(root: Path, pipeline: str) -> Path:
     return Path(root) / "artifacts" / pipeline
 

@@ -1,7 +1,6 @@
 """student: train the declared student from the condensed data and the cached teacher logits."""
 from __future__ import annotations
 
-import json
 import shutil
 
 from kdflow.cache import CacheReader
@@ -14,7 +13,7 @@ from kdflow.train.device import resolve_device, seed_everything
 from kdflow.train.loop import fit
 from schemas.manifest import Manifest
 from schemas.params import LossParams, StudentParams
-from tasks.common import StageContext
+from tasks.common import StageContext, save_history
 
 
 def loss_kwargs(loss: LossParams, capture_temperature: float) -> dict:
@@ -48,7 +47,7 @@ def run(params: StudentParams, ctx: StageContext) -> Manifest:
         fingerprint=ctx.fingerprint, on_epoch=report,
     )
     save_model(model, ctx.out)
-    (ctx.out / "history.json").write_text(json.dumps(result.history, indent=1) + "\n")
+    save_history(ctx.out / "history.json", result.history)
     metrics = {"best_val_accuracy": result.best_val_accuracy or 0.0, "epochs_run": result.epochs_run, "params": count_params(model)}
     info = {"best_epoch": result.best_epoch, "resumed_from": result.resumed_from, "stopped_early": result.stopped_early}
     manifest = ctx.manifest(metrics=metrics, info=info)

@@ -16,7 +16,7 @@ from kdflow.train.loop import fit, predict
 from kdflow.losses import create_loss
 from schemas.manifest import Manifest
 from schemas.params import TeacherParams
-from tasks.common import StageContext
+from tasks.common import StageContext, save_history
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def _train(candidate: TeacherParams, index: int, ctx: StageContext, ds, out: Pat
         on_epoch=report,
     )
     save_model(model, out)
-    (out / "history.json").write_text(json.dumps(result.history, indent=1) + "\n")
+    save_history(out / "history.json", result.history)
     return model, {"origin": "trained", "best_epoch": result.best_epoch, "epochs_run": result.epochs_run}
 
 

@@ -35,7 +35,10 @@ def _write_shard(directory: Path, number: int, tensors: dict[str, torch.Tensor],
     name = SHARD_PATTERN.format(number)
     tmp = directory / f".{name}.tmp-{os.getpid()}"
     stop = start + int(tensors["values"].shape[0])
-    save_file(tensors, tmp, metadata={**meta, "rows": f"{start}:{stop}"})
+    # one metadata key: safetensors writes a multi-key metadata map in random order per process,
+    # which would make identical caches differ byte-wise
+    doc = json.dumps({**meta, "rows": f"{start}:{stop}"}, sort_keys=True)
+    save_file(tensors, tmp, metadata={"kdflow": doc})
     digest, size = _sha256(tmp), tmp.stat().st_size
     _replace_atomically(tmp, directory / name)
     log.debug("wrote %s rows [%d, %d) %d bytes", name, start, stop, size)
