@@ -1,0 +1,281 @@
+"""Epoch time of student training: plain CE vs. KD from the logit cache vs. KD with a live teacher.
+
+Measures, in one run, on the same student, data, batch size, optimiser (AdamW) and per-epoch data
+order, the seconds per epoch of
+
+- ``plain``: cross-entropy on the labels, student only (the baseline);
+- ``cache``: KD whose teacher rows come from a kdflow logit cache, written once beforehand with
+  ``write_cache`` and read back memory-mapped: every step calls ``CacheReader.get(batch_indices)``,
+  so fetching and decoding the cached rows is part of the timed step (loss ``kd`` for a dense
+  cache, ``topk_kd`` for a top-k one);
+- ``live``: KD with a teacher forward every step (eval mode, ``torch.inference_mode``, loss ``kd``).
+
+All three use one small timed loop (not ``kdflow.train.loop.fit``) that differs only in where the
+teacher signal comes from. Each mode runs 1 untimed warm-up epoch then ``--epochs`` timed epochs,
+``--repeats`` times (modes interleaved within a repeat), from the same initial student weights.
+It also reports the one-time cost of the cache (teacher inference over the training set plus
+``write_cache``) and the number of epochs after which it is repaid vs. ``live``.
+Ratios to watch: cache/plain (goal <= 1.10) and live/cache.
+
+The teacher is randomly initialised unless ``--teacher-epochs`` > 0: its weights do not change the
+cost of a forward pass. The cache is read right after being written, so its pages are usually in
+the OS page cache (a warm read).
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/train_from_cache.py --out bench.json
+    .venv/bin/python benchmarks/train_from_cache.py --data sklearn:digits --format topk --k 5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from kdflow.cache import CacheReader, write_cache
+from kdflow.data.sources import load_source
+from kdflow.losses import Loss, create_loss
+from kdflow.models import count_params, create_model
+from kdflow.train.device import resolve_device, seed_everything
+from kdflow.train.loop import epoch_seeds, fit, predict
+
+Batch = dict[str, torch.Tensor]
+TeacherFn = Callable[[torch.Tensor, torch.Tensor], Batch]  # (indices [B], x [B, ...]) -> keys
+MODES = ("plain", "cache", "live")
+GOAL_CACHE_OVER_PLAIN = 1.10
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="mnist1d", help="data source spec (mnist1d, sklearn:digits)")
+    p.add_argument("--epochs", type=int, default=3, help="timed epochs per mode and repeat")
+    p.add_argument("--repeats", type=int, default=3, help="repeats of every mode")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--format", choices=("dense", "topk"), default="dense", help="cache format")
+    p.add_argument("--k", type=int, default=5, help="kept classes of a topk cache")
+    p.add_argument("--temperature", type=float, default=4.0, help="KD temperature")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, auto, ...")
+    p.add_argument("--teacher-epochs", type=int, default=0,
+                   help="train the teacher this many CE epochs first (0: random init)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="where to write the cache (default: temp dir)")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    return p.parse_args(argv)
+
+
+def build_models(ds_shape: tuple[int, ...], num_classes: int, seed: int) -> tuple[nn.Module, nn.Module]:
+    """The teacher and the student, seeded."""
+    torch.manual_seed(seed)
+    teacher = create_model("convnet", ds_shape, num_classes, channels=[64, 128, 128],
+                           kernel_size=5, hidden=256)
+    student = create_model("convnet", ds_shape, num_classes, channels=[24, 48],
+                           kernel_size=5, hidden=64)
+    return teacher, student
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def write_teacher_cache(teacher: nn.Module, x: torch.Tensor, directory: Path, args: argparse.Namespace,
+                        num_classes: int, device: torch.device) -> dict:
+    """Teacher inference over ``x`` then ``write_cache``, each timed; returns timings and cache info."""
+    t0 = time.perf_counter()
+    logits = predict(teacher, x, batch_size=512, device=device)  # [N, C]
+    sync(device)
+    t1 = time.perf_counter()
+    chunks = (logits[i : i + 512] for i in range(0, len(logits), 512))
+    info = write_cache(directory, chunks, num_rows=len(logits), num_classes=num_classes,
+                       format=args.format, k=args.k if args.format == "topk" else None,
+                       dtype="float16", capture_temperature=args.temperature, shard_rows=4096)
+    t2 = time.perf_counter()
+    return {"inference_s": t1 - t0, "write_s": t2 - t1, "total_s": t2 - t0,
+            "bytes_total": info["bytes_total"], "bytes_per_sample": info["bytes_per_sample"],
+            "shards": len(info["shards"])}
+
+
+def teacher_sources(teacher: nn.Module, reader: CacheReader, device: torch.device) -> dict[str, TeacherFn]:
+    """Per mode, how a batch gets its teacher keys."""
+    teacher.to(device).eval()
+
+    def live(idx: torch.Tensor, xb: torch.Tensor) -> Batch:
+        with torch.inference_mode():
+            out = teacher(xb)  # [B, C]
+        return {"teacher_logits": out.clone()}  # a normal tensor, usable next to autograd ones
+
+    def cached(idx: torch.Tensor, xb: torch.Tensor) -> Batch:
+        return {k: v.to(device) for k, v in reader.get(idx).items()}
+
+    return {"plain": lambda idx, xb: {}, "cache": cached, "live": live}
+
+
+def run_epoch(student: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Loss, teacher_fn: TeacherFn,
+              x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, epoch: int,
+              device: torch.device) -> tuple[float, float]:
+    """One epoch in the order fixed by ``(seed, epoch)``; returns (seconds, mean loss)."""
+    torch_seed, shuffle_seed = epoch_seeds(seed, epoch)
+    torch.manual_seed(torch_seed)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(shuffle_seed))
+    student.train()
+    total, seen = torch.zeros((), device=device), 0
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(0, len(y), batch_size):
+        idx = order[i : i + batch_size]  # [B]
+        if len(idx) == 1:  # a lone sample breaks batch norm (as in fit)
+            continue
+        xb, yb = x[idx].to(device), y[idx].to(device)
+        batch = {"x": xb, "y": yb, **teacher_fn(idx, xb)}
+        terms = loss_fn(student(xb).float(), batch)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        optimizer.step()
+        total += terms["loss"].detach() * len(idx)
+        seen += len(idx)
+    sync(device)
+    return time.perf_counter() - t0, float(total) / seen
+
+
+def time_mode(init: dict[str, torch.Tensor], student: nn.Module, loss_fn: Loss, teacher_fn: TeacherFn,
+              x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace,
+              device: torch.device) -> tuple[list[float], float]:
+    """Fresh student and AdamW, 1 warm-up epoch, then ``args.epochs`` timed epochs."""
+    student.load_state_dict(init)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)
+    times, loss = [], float("nan")
+    for epoch in range(args.epochs + 1):
+        seconds, loss = run_epoch(student, optimizer, loss_fn, teacher_fn, x, y, args.batch_size,
+                                  args.seed, epoch, device)
+        if epoch > 0:
+            times.append(seconds)
+    return times, loss
+
+
+def summarise(times: list[float]) -> dict[str, float]:
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+            "mean_s": statistics.fmean(times)}
+
+
+def load_train(spec: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], int]:
+    """The train split as ``(x, y, input_shape, num_classes)``; no val split (timing only)."""
+    ds = load_source(spec, seed=seed, val_fraction=0.0, test_fraction=0.2)
+    train = ds.split("train")
+    return train.features, train.labels, train.input_shape, train.num_classes
+
+
+def benchmark(args: argparse.Namespace, cache_dir: Path) -> dict:
+    """Everything measured, as a JSON-able dict."""
+    seed_everything(args.seed, deterministic=False)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    x, y, shape, num_classes = load_train(args.data, args.seed)
+    teacher, student = build_models(shape, num_classes, args.seed)
+    if args.teacher_epochs > 0:
+        fit(teacher, {"x": x, "y": y}, create_loss("ce"), epochs=args.teacher_epochs, lr=args.lr,
+            batch_size=args.batch_size, seed=args.seed, device=device)
+    cache = write_teacher_cache(teacher, x, cache_dir, args, num_classes, device)
+    reader = CacheReader(cache_dir)
+    kd_name = "topk_kd" if args.format == "topk" else "kd"
+    kd_args = {"capture_temperature": args.temperature} if args.format == "topk" else {}
+    losses = {"plain": create_loss("ce"),
+              "cache": create_loss(kd_name, temperature=args.temperature, **kd_args),
+              "live": create_loss("kd", temperature=args.temperature)}
+    sources = teacher_sources(teacher, reader, device)
+    student.to(device)
+    init = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    raw: dict[str, list[list[float]]] = {m: [] for m in MODES}
+    final_loss: dict[str, float] = {}
+    for _ in range(args.repeats):
+        for mode in MODES:
+            times, final_loss[mode] = time_mode(init, student, losses[mode], sources[mode], x, y,
+                                                args, device)
+            raw[mode].append(times)
+    modes = {m: {"loss": repr(losses[m]), "epoch_seconds": raw[m], "final_train_loss": final_loss[m],
+                 **summarise([t for rep in raw[m] for t in rep])} for m in MODES}
+    return {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "device": str(device), "threads": torch.get_num_threads(),
+                        "machine": platform.machine()},
+        "data": {"spec": args.data, "train_rows": len(y), "input_shape": list(shape),
+                 "num_classes": num_classes},
+        "models": {"teacher_params": count_params(teacher), "student_params": count_params(student),
+                   "teacher_init": "trained %d epoch(s)" % args.teacher_epochs
+                   if args.teacher_epochs else "random (untrained)"},
+        "cache": cache,
+        "modes": modes,
+        **ratios(modes, cache),
+    }
+
+
+def ratios(modes: dict[str, dict], cache: dict) -> dict:
+    """cache/plain, live/cache and the epochs that repay the cache's one-time cost vs. live."""
+    plain, cached, live = (modes[m]["median_s"] for m in MODES)
+    saving = live - cached
+    amortise = cache["total_s"] / saving if saving > 0 else None
+    return {"ratios": {"cache_over_plain": cached / plain, "live_over_cache": live / cached,
+                       "live_over_plain": live / plain},
+            "goal_cache_over_plain": GOAL_CACHE_OVER_PLAIN,
+            "meets_goal": cached / plain <= GOAL_CACHE_OVER_PLAIN,
+            "saving_per_epoch_s": saving, "amortise_epochs": amortise}
+
+
+def report(result: dict, console: Console) -> None:
+    """Print the table and the one-time cache cost."""
+    d, m, c = result["data"], result["models"], result["cache"]
+    title = (f"{d['spec']}: {d['train_rows']} train rows {d['input_shape']}, batch "
+             f"{result['config']['batch_size']}, {result['environment']['threads']} thread(s), "
+             f"{result['environment']['device']}")
+    table = Table(title=title)
+    for col in ("mode", "loss", "s/epoch median", "min", "max", "vs plain"):
+        table.add_column(col, justify="left" if col in ("mode", "loss") else "right")
+    plain = result["modes"]["plain"]["median_s"]
+    for name, row in result["modes"].items():
+        table.add_row(name, row["loss"], f"{row['median_s']:.3f}", f"{row['min_s']:.3f}",
+                      f"{row['max_s']:.3f}", f"{row['median_s'] / plain:.2f}x")
+    console.print(table)
+    r = result["ratios"]
+    verdict = "meets" if result["meets_goal"] else "misses"
+    console.print(f"cache/plain = {r['cache_over_plain']:.3f} ({verdict} goal <= "
+                  f"{result['goal_cache_over_plain']:.2f});  live/cache = {r['live_over_cache']:.3f}")
+    console.print(f"cache one-time cost: {c['total_s']:.3f} s (teacher inference {c['inference_s']:.3f} s "
+                  f"+ write {c['write_s']:.3f} s), {c['bytes_total']} bytes "
+                  f"({c['bytes_per_sample']:.1f} B/sample, {result['config']['format']})")
+    amortise = result["amortise_epochs"]
+    console.print("amortised vs. live after " + (f"{amortise:.2f} epoch(s)" if amortise is not None
+                  else "never (live is not slower per epoch)"))
+    console.print(f"teacher {m['teacher_params']} params, {m['teacher_init']}; student "
+                  f"{m['student_params']} params; {result['config']['repeats']} repeats x "
+                  f"{result['config']['epochs']} timed epochs per mode (after 1 warm-up)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    console = Console()
+    if args.cache_dir is not None:
+        result = benchmark(args, args.cache_dir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="kdflow-bench-cache-") as tmp:
+            result = benchmark(args, Path(tmp))
+    report(result, console)
+    if args.out is not None:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        console.print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
