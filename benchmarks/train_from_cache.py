@@ -19,7 +19,8 @@ Ratios to watch: cache/plain (goal <= 1.10) and live/cache.
 
 The teacher is randomly initialised unless ``--teacher-epochs`` > 0: its weights do not change the
 cost of a forward pass. The cache is read right after being written, so its pages are usually in
-the OS page cache (a warm read).
+the OS page cache (a warm read). On a busy machine, OpenMP threads that lose their core stall
+small ops (a 128x10 log_softmax can take milliseconds); compare with ``--threads 1`` there.
 
 Run from the repository root::
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -66,21 +68,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=4.0, help="KD temperature")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, auto, ...")
     p.add_argument("--teacher-epochs", type=int, default=0,
                    help="train the teacher this many CE epochs first (0: random init)")
-    p.add_argument("--cache-dir", type=Path, default=None, help="where to write the cache (default: temp dir)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="where to write the cache (default: a temporary folder)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     return p.parse_args(argv)
 
 
-def build_models(ds_shape: tuple[int, ...], num_classes: int, seed: int) -> tuple[nn.Module, nn.Module]:
+def build_models(shape: tuple[int, ...], num_classes: int,
+                 seed: int) -> tuple[nn.Module, nn.Module]:
     """The teacher and the student, seeded."""
     torch.manual_seed(seed)
-    teacher = create_model("convnet", ds_shape, num_classes, channels=[64, 128, 128],
+    teacher = create_model("convnet", shape, num_classes, channels=[64, 128, 128],
                            kernel_size=5, hidden=256)
-    student = create_model("convnet", ds_shape, num_classes, channels=[24, 48],
+    student = create_model("convnet", shape, num_classes, channels=[24, 48],
                            kernel_size=5, hidden=64)
     return teacher, student
 
@@ -90,9 +95,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def write_teacher_cache(teacher: nn.Module, x: torch.Tensor, directory: Path, args: argparse.Namespace,
-                        num_classes: int, device: torch.device) -> dict:
-    """Teacher inference over ``x`` then ``write_cache``, each timed; returns timings and cache info."""
+def write_teacher_cache(teacher: nn.Module, x: torch.Tensor, directory: Path,
+                        args: argparse.Namespace, num_classes: int, device: torch.device) -> dict:
+    """Teacher inference over ``x`` then ``write_cache``, each timed; timings and cache size."""
     t0 = time.perf_counter()
     logits = predict(teacher, x, batch_size=512, device=device)  # [N, C]
     sync(device)
@@ -107,7 +112,8 @@ def write_teacher_cache(teacher: nn.Module, x: torch.Tensor, directory: Path, ar
             "shards": len(info["shards"])}
 
 
-def teacher_sources(teacher: nn.Module, reader: CacheReader, device: torch.device) -> dict[str, TeacherFn]:
+def teacher_sources(teacher: nn.Module, reader: CacheReader,
+                    device: torch.device) -> dict[str, TeacherFn]:
     """Per mode, how a batch gets its teacher keys."""
     teacher.to(device).eval()
 
@@ -122,9 +128,9 @@ def teacher_sources(teacher: nn.Module, reader: CacheReader, device: torch.devic
     return {"plain": lambda idx, xb: {}, "cache": cached, "live": live}
 
 
-def run_epoch(student: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Loss, teacher_fn: TeacherFn,
-              x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, epoch: int,
-              device: torch.device) -> tuple[float, float]:
+def run_epoch(student: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Loss,
+              teacher_fn: TeacherFn, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+              seed: int, epoch: int, device: torch.device) -> tuple[float, float]:
     """One epoch in the order fixed by ``(seed, epoch)``; returns (seconds, mean loss)."""
     torch_seed, shuffle_seed = epoch_seeds(seed, epoch)
     torch.manual_seed(torch_seed)
@@ -149,8 +155,8 @@ def run_epoch(student: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Los
     return time.perf_counter() - t0, float(total) / seen
 
 
-def time_mode(init: dict[str, torch.Tensor], student: nn.Module, loss_fn: Loss, teacher_fn: TeacherFn,
-              x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace,
+def time_mode(init: dict[str, torch.Tensor], student: nn.Module, loss_fn: Loss,
+              teacher_fn: TeacherFn, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace,
               device: torch.device) -> tuple[list[float], float]:
     """Fresh student and AdamW, 1 warm-up epoch, then ``args.epochs`` timed epochs."""
     student.load_state_dict(init)
@@ -204,13 +210,15 @@ def benchmark(args: argparse.Namespace, cache_dir: Path) -> dict:
             times, final_loss[mode] = time_mode(init, student, losses[mode], sources[mode], x, y,
                                                 args, device)
             raw[mode].append(times)
-    modes = {m: {"loss": repr(losses[m]), "epoch_seconds": raw[m], "final_train_loss": final_loss[m],
-                 **summarise([t for rep in raw[m] for t in rep])} for m in MODES}
+    modes = {m: {"loss": repr(losses[m]), "epoch_seconds": raw[m],
+                 "final_train_loss": final_loss[m], **summarise([t for r in raw[m] for t in r])}
+             for m in MODES}
     return {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "device": str(device), "threads": torch.get_num_threads(),
-                        "machine": platform.machine()},
+                        "machine": platform.machine(), "cpus": os.cpu_count(),
+                        "loadavg_1m_at_end": os.getloadavg()[0]},
         "data": {"spec": args.data, "train_rows": len(y), "input_shape": list(shape),
                  "num_classes": num_classes},
         "models": {"teacher_params": count_params(teacher), "student_params": count_params(student),
@@ -239,7 +247,8 @@ def report(result: dict, console: Console) -> None:
     d, m, c = result["data"], result["models"], result["cache"]
     title = (f"{d['spec']}: {d['train_rows']} train rows {d['input_shape']}, batch "
              f"{result['config']['batch_size']}, {result['environment']['threads']} thread(s), "
-             f"{result['environment']['device']}")
+             f"{result['environment']['device']}, "
+             f"load {result['environment']['loadavg_1m_at_end']:.1f}")
     table = Table(title=title)
     for col in ("mode", "loss", "s/epoch median", "min", "max", "vs plain"):
         table.add_column(col, justify="left" if col in ("mode", "loss") else "right")
@@ -251,9 +260,11 @@ def report(result: dict, console: Console) -> None:
     r = result["ratios"]
     verdict = "meets" if result["meets_goal"] else "misses"
     console.print(f"cache/plain = {r['cache_over_plain']:.3f} ({verdict} goal <= "
-                  f"{result['goal_cache_over_plain']:.2f});  live/cache = {r['live_over_cache']:.3f}")
-    console.print(f"cache one-time cost: {c['total_s']:.3f} s (teacher inference {c['inference_s']:.3f} s "
-                  f"+ write {c['write_s']:.3f} s), {c['bytes_total']} bytes "
+                  f"{result['goal_cache_over_plain']:.2f});  "
+                  f"live/cache = {r['live_over_cache']:.3f}")
+    console.print(f"cache one-time cost: {c['total_s']:.3f} s (teacher inference "
+                  f"{c['inference_s']:.3f} s + write {c['write_s']:.3f} s), "
+                  f"{c['bytes_total']} bytes "
                   f"({c['bytes_per_sample']:.1f} B/sample, {result['config']['format']})")
     amortise = result["amortise_epochs"]
     console.print("amortised vs. live after " + (f"{amortise:.2f} epoch(s)" if amortise is not None

@@ -1,0 +1,102 @@
+"""Each stage through the stage contract (``execute_stage``), on digits with tiny budgets."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+
+from conftest import tiny_params
+from kdflow.errors import ArtifactError
+from kdflow.models import create_model
+from kdflow.models.io import save_model
+from schemas.manifest import Manifest
+from schemas.params import parse_params
+from tasks.common import STAGE_ORDER, execute_stage
+
+
+def run_until(root: Path, raw: dict, until: str) -> dict[str, Manifest]:
+    pp = parse_params(raw)
+    out = {}
+    for stage in STAGE_ORDER[: STAGE_ORDER.index(until) + 1]:
+        out[stage], _ = execute_stage(stage, pp, root)
+    return out
+
+
+def test_teacher_loaded_from_a_local_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = create_model("mlp", (1, 8, 8), 10, hidden=[16])
+    (tmp_path / "ckpt").mkdir()
+    save_model(model, tmp_path / "ckpt")
+    raw = tiny_params()
+    raw["teachers"] = [{"name": "pre", "checkpoint": "ckpt"}]
+    m = run_until(tmp_path, raw, "teachers")["teachers"]
+    assert m.info["candidates"]["pre"]["origin"] == "checkpoint"
+    assert m.info["candidates"]["pre"]["params"] == sum(p.numel() for p in model.parameters())
+    assert (tmp_path / "artifacts/tiny/teachers/pre/model.safetensors").exists()
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    raw = tiny_params()
+    raw["teachers"] = [{"name": "pre", "checkpoint": "nowhere"}]
+    with pytest.raises(Exception, match="checkpoint: folder not found"):
+        run_until(tmp_path, raw, "teachers")
+    assert not (tmp_path / "artifacts/tiny/teachers").exists()
+
+
+def test_probe_selection_ranks_every_candidate(tmp_path: Path) -> None:
+    raw = tiny_params(select={"strategy": "probe", "probe": {"epochs": 2, "subset": 0.3}})
+    m = run_until(tmp_path, raw, "select")["select"]
+    ranking = pl.read_parquet(tmp_path / "artifacts/tiny/select/ranking.parquet")
+    assert sorted(ranking["teacher"].to_list()) == ["conv", "mlp"]
+    assert ranking["rank"].to_list() == [1, 2]
+    assert ranking["score"].to_list() == sorted(ranking["score"].to_list(), reverse=True)
+    chosen = json.loads((tmp_path / "artifacts/tiny/select/chosen.json").read_text())
+    assert chosen["teachers"] == [ranking["teacher"][0]] == m.info["teachers"]
+
+
+def test_select_fingerprint_reads_the_student_only_when_probing(tmp_path: Path) -> None:
+    from tasks.common import fingerprint
+
+    ups = {"prepare": "p", "teachers": "t"}
+    a, b = parse_params(tiny_params()), parse_params(tiny_params(student={"arch": "mlp"}))
+    assert fingerprint("select", a, ups) == fingerprint("select", b, ups)
+    pa = parse_params(tiny_params(select={"strategy": "probe"}))
+    pb = parse_params(tiny_params(select={"strategy": "probe"}, student={"arch": "mlp"}))
+    assert fingerprint("select", pa, ups) != fingerprint("select", pb, ups)
+
+
+def test_herding_condense_then_topk_cache_then_topk_kd_student(tmp_path: Path) -> None:
+    raw = tiny_params(
+        condense={"method": "herding", "ipc": 20},
+        logits={"format": "topk", "k": 3, "temperature": 2.0, "shard_rows": 64},
+        student={"loss": {"name": "topk_kd", "temperature": 2.0, "alpha": 0.5}},
+    )
+    ms = run_until(tmp_path, raw, "student")
+    assert ms["condense"].metrics["n_condensed"] == 200
+    cache = ms["logits"].info["cache"]
+    assert cache["format"] == "topk" and cache["index_dtype"].endswith("uint8") and len(cache["shards"]) == 4
+    assert ms["logits"].metrics["top1_agreement"] == 1.0
+    assert ms["logits"].metrics["bytes_per_sample"] < 10 * 4
+    assert ms["student"].metrics["epochs_run"] == 3
+
+
+def test_a_stage_without_its_upstream_says_what_to_run(tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="run `kdflow stage prepare`"):
+        execute_stage("teachers", parse_params(tiny_params()), tmp_path)
+
+
+def test_an_altered_cache_shard_is_caught_before_training(tmp_path: Path) -> None:
+    raw = tiny_params()
+    run_until(tmp_path, raw, "logits")
+    shard = tmp_path / "artifacts/tiny/logits/shard-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="shard-00000.safetensors was altered"):
+        execute_stage("student", parse_params(raw), tmp_path)
+    # the stage reruns and repairs it
+    execute_stage("logits", parse_params(raw), tmp_path)
+    execute_stage("student", parse_params(raw), tmp_path)
