@@ -30,6 +30,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -155,18 +156,30 @@ def run_epoch(student: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Los
     return time.perf_counter() - t0, float(total) / seen
 
 
-def time_mode(init: dict[str, torch.Tensor], student: nn.Module, loss_fn: Loss,
-              teacher_fn: TeacherFn, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace,
-              device: torch.device) -> tuple[list[float], float]:
-    """Fresh student and AdamW, 1 warm-up epoch, then ``args.epochs`` timed epochs."""
-    student.load_state_dict(init)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)
-    times, loss = [], float("nan")
+def time_repeat(init: dict[str, torch.Tensor], student: nn.Module, losses: dict[str, Loss],
+                sources: dict[str, TeacherFn], x: torch.Tensor, y: torch.Tensor,
+                args: argparse.Namespace, device: torch.device,
+                repeat: int) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """One repeat: per mode a fresh student (same init) and AdamW, 1 warm-up epoch, then
+    ``args.epochs`` timed epochs. Modes take turns epoch by epoch (order rotated every round),
+    so a burst of background load hits all of them alike.
+
+    Returns:
+        per mode the timed epoch seconds, and the last epoch's mean training loss.
+    """
+    students = {m: copy.deepcopy(student) for m in MODES}
+    optimizers = {m: torch.optim.AdamW(students[m].parameters(), lr=args.lr) for m in MODES}
+    for m in MODES:
+        students[m].load_state_dict(init)
+    times: dict[str, list[float]] = {m: [] for m in MODES}
+    loss: dict[str, float] = {}
     for epoch in range(args.epochs + 1):
-        seconds, loss = run_epoch(student, optimizer, loss_fn, teacher_fn, x, y, args.batch_size,
-                                  args.seed, epoch, device)
-        if epoch > 0:
-            times.append(seconds)
+        shift = (repeat + epoch) % len(MODES)
+        for m in MODES[shift:] + MODES[:shift]:
+            seconds, loss[m] = run_epoch(students[m], optimizers[m], losses[m], sources[m], x, y,
+                                         args.batch_size, args.seed, epoch, device)
+            if epoch > 0:
+                times[m].append(seconds)
     return times, loss
 
 
@@ -184,6 +197,7 @@ def load_train(spec: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, tuple[
 
 def benchmark(args: argparse.Namespace, cache_dir: Path) -> dict:
     """Everything measured, as a JSON-able dict."""
+    load_start = os.getloadavg()[0]
     seed_everything(args.seed, deterministic=False)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -205,12 +219,12 @@ def benchmark(args: argparse.Namespace, cache_dir: Path) -> dict:
     init = {k: v.detach().clone() for k, v in student.state_dict().items()}
     raw: dict[str, list[list[float]]] = {m: [] for m in MODES}
     final_loss: dict[str, float] = {}
-    for _ in range(args.repeats):
-        for mode in MODES:
-            times, final_loss[mode] = time_mode(init, student, losses[mode], sources[mode], x, y,
-                                                args, device)
-            raw[mode].append(times)
-    modes = {m: {"loss": repr(losses[m]), "epoch_seconds": raw[m],
+    for repeat in range(args.repeats):
+        times, final_loss = time_repeat(init, student, losses, sources, x, y, args, device, repeat)
+        for m in MODES:
+            raw[m].append(times[m])
+    names = {"plain": "ce", "cache": kd_name, "live": "kd"}
+    modes = {m: {"loss": names[m], "loss_args": repr(losses[m]), "epoch_seconds": raw[m],
                  "final_train_loss": final_loss[m], **summarise([t for r in raw[m] for t in r])}
              for m in MODES}
     return {
@@ -218,7 +232,7 @@ def benchmark(args: argparse.Namespace, cache_dir: Path) -> dict:
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "device": str(device), "threads": torch.get_num_threads(),
                         "machine": platform.machine(), "cpus": os.cpu_count(),
-                        "loadavg_1m_at_end": os.getloadavg()[0]},
+                        "loadavg_1m_at_start": load_start, "loadavg_1m_at_end": os.getloadavg()[0]},
         "data": {"spec": args.data, "train_rows": len(y), "input_shape": list(shape),
                  "num_classes": num_classes},
         "models": {"teacher_params": count_params(teacher), "student_params": count_params(student),
@@ -231,12 +245,20 @@ def benchmark(args: argparse.Namespace, cache_dir: Path) -> dict:
 
 
 def ratios(modes: dict[str, dict], cache: dict) -> dict:
-    """cache/plain, live/cache and the epochs that repay the cache's one-time cost vs. live."""
+    """cache/plain and live/cache, from the medians and paired epoch by epoch (same round), and
+    the epochs that repay the cache's one-time cost vs. live."""
     plain, cached, live = (modes[m]["median_s"] for m in MODES)
+    epochs = {m: [t for r in modes[m]["epoch_seconds"] for t in r] for m in MODES}
+    paired = {
+        "cache_over_plain": summarise([b / a for a, b in zip(epochs["plain"], epochs["cache"])]),
+        "live_over_cache": summarise([c / b for b, c in zip(epochs["cache"], epochs["live"])]),
+    }
     saving = live - cached
     amortise = cache["total_s"] / saving if saving > 0 else None
     return {"ratios": {"cache_over_plain": cached / plain, "live_over_cache": live / cached,
                        "live_over_plain": live / plain},
+            "paired_ratios": {k: {n.removesuffix("_s"): v for n, v in d.items()}
+                              for k, d in paired.items()},
             "goal_cache_over_plain": GOAL_CACHE_OVER_PLAIN,
             "meets_goal": cached / plain <= GOAL_CACHE_OVER_PLAIN,
             "saving_per_epoch_s": saving, "amortise_epochs": amortise}
@@ -245,10 +267,9 @@ def ratios(modes: dict[str, dict], cache: dict) -> dict:
 def report(result: dict, console: Console) -> None:
     """Print the table and the one-time cache cost."""
     d, m, c = result["data"], result["models"], result["cache"]
-    title = (f"{d['spec']}: {d['train_rows']} train rows {d['input_shape']}, batch "
-             f"{result['config']['batch_size']}, {result['environment']['threads']} thread(s), "
-             f"{result['environment']['device']}, "
-             f"load {result['environment']['loadavg_1m_at_end']:.1f}")
+    env = result["environment"]
+    title = (f"{d['spec']}: {d['train_rows']} train rows {d['input_shape']}, "
+             f"batch {result['config']['batch_size']}")
     table = Table(title=title)
     for col in ("mode", "loss", "s/epoch median", "min", "max", "vs plain"):
         table.add_column(col, justify="left" if col in ("mode", "loss") else "right")
@@ -257,11 +278,14 @@ def report(result: dict, console: Console) -> None:
         table.add_row(name, row["loss"], f"{row['median_s']:.3f}", f"{row['min_s']:.3f}",
                       f"{row['max_s']:.3f}", f"{row['median_s'] / plain:.2f}x")
     console.print(table)
-    r = result["ratios"]
+    r, pr = result["ratios"], result["paired_ratios"]
     verdict = "meets" if result["meets_goal"] else "misses"
-    console.print(f"cache/plain = {r['cache_over_plain']:.3f} ({verdict} goal <= "
-                  f"{result['goal_cache_over_plain']:.2f});  "
-                  f"live/cache = {r['live_over_cache']:.3f}")
+    for key, label, goal in (("cache_over_plain", "cache/plain", f" ({verdict} goal <= "
+                              f"{result['goal_cache_over_plain']:.2f})"),
+                             ("live_over_cache", "live/cache", "")):
+        p = pr[key]
+        console.print(f"{label} = {r[key]:.3f}{goal}; paired {p['median']:.3f} "
+                      f"[{p['min']:.3f}, {p['max']:.3f}]")
     console.print(f"cache one-time cost: {c['total_s']:.3f} s (teacher inference "
                   f"{c['inference_s']:.3f} s + write {c['write_s']:.3f} s), "
                   f"{c['bytes_total']} bytes "
@@ -272,11 +296,17 @@ def report(result: dict, console: Console) -> None:
     console.print(f"teacher {m['teacher_params']} params, {m['teacher_init']}; student "
                   f"{m['student_params']} params; {result['config']['repeats']} repeats x "
                   f"{result['config']['epochs']} timed epochs per mode (after 1 warm-up)")
+    console.print(f"{env['device']}, {env['threads']} thread(s) on {env['cpus']} CPU(s), load "
+                  f"{env['loadavg_1m_at_start']:.1f} -> {env['loadavg_1m_at_end']:.1f}")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     console = Console()
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    if load >= cpus and (args.threads or torch.get_num_threads()) > 1:
+        console.print(f"[yellow]load average {load:.1f} on {cpus} CPU(s): multi-threaded epoch "
+                      "times will be noisy; consider --threads 1[/yellow]")
     if args.cache_dir is not None:
         result = benchmark(args, args.cache_dir)
     else:

@@ -7,11 +7,13 @@ altered is refreshed instead of handing downstream a stale manifest.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
@@ -65,6 +67,24 @@ def run_pipeline(pp: PipelineParams, root: Path, *, tracker: Any = None, resume:
     return status
 
 
+def summary_markdown(name: str, status: dict[str, dict], m: dict, mlflow_run: str | None) -> str:
+    """The flow run's summary as markdown: stages, then teacher vs. student."""
+    lines = [f"# kdflow pipeline `{name}`", "", "| stage | state | seconds | fingerprint |", "|---|---|---|---|"]
+    for stage, s in status.items():
+        mf = s["manifest"]
+        lines.append(f"| {stage} | {s['state']} | {'-' if s['cached'] else f'{mf.seconds:.1f}'} | `{mf.fingerprint[:12]}` |")
+    t, st, c = m["teacher"], m["student"], m["compression"]
+    lines += ["", "| | teacher | student | ratio |", "|---|---|---|---|",
+              f"| accuracy | {t['accuracy']:.4f} | {st['accuracy']:.4f} | gap {m['accuracy_gap'] * 100:+.2f} pts |",
+              f"| params | {t['params']:,} | {st['params']:,} | {c['params_ratio']:.1f}x |",
+              f"| latency b1 (ms) | {t['latency_ms_b1']:.3f} | {st['latency_ms_b1']:.3f} | {c['latency_ratio_b1']:.1f}x |",
+              "", f"agreement {m['agreement']:.4f}, KL(teacher||student) {m['kl_teacher_student']:.4f}, teacher `{t['name']}`"]
+    if mlflow_run:
+        link = f"[{mlflow_run}]({mlflow_run})" if mlflow_run.startswith("http") else f"`{mlflow_run}`"
+        lines += ["", f"MLflow parent run: {link}"]
+    return "\n".join(lines) + "\n"
+
+
 @flow(name="distill", log_prints=True)
 def distill(params_file: str = "params.yaml", overrides: list[str] | None = None, root: str = ".", resume: bool = False) -> dict:
     """Distill a teacher into a student as declared in ``params_file`` (relative to ``root``)."""
@@ -83,10 +103,16 @@ def distill(params_file: str = "params.yaml", overrides: list[str] | None = None
     if hasattr(tracker, "log_pipeline_metrics"):
         tracker.log_pipeline_metrics(metrics)
     tracker.end_pipeline("FINISHED")
+    metrics_file = artifact_root(root_path, pp.name) / "evaluate" / "metrics.json"
+    create_markdown_artifact(
+        markdown=summary_markdown(pp.name, status, json.loads(metrics_file.read_text()), tracker.run_url()),
+        key=f"kdflow-{pp.name.lower().replace('_', '-').replace('.', '-')}-summary",
+        description=f"kdflow pipeline {pp.name}: stages and teacher vs. student",
+    )
     return {
         "pipeline": pp.name,
         "stages": {s: {"state": v["state"], "cached": v["cached"], "seconds": v["manifest"].seconds} for s, v in status.items()},
-        "metrics_file": str(artifact_root(root_path, pp.name) / "evaluate" / "metrics.json"),
+        "metrics_file": str(metrics_file),
         "mlflow_run": tracker.run_url(),
         "tracking_unavailable": getattr(tracker, "unavailable", None),
     }

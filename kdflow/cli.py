@@ -118,6 +118,31 @@ def run(
         out.print(f"MLflow parent run: {result['mlflow_run']}")
 
 
+@app.command()
+def serve(
+    config: ConfigOpt = Path("params.yaml"),
+    limit: Annotated[Optional[int], typer.Option(help="Maximum concurrent flow runs.")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Register the Prefect deployment 'distill/default' and serve it (needs PREFECT_API_URL)."""
+    _setup_logging(debug, in_flow=True)
+    try:
+        _load(config, None)
+        if not os.environ.get("PREFECT_API_URL"):
+            from prefect.settings import PREFECT_API_URL
+
+            if not PREFECT_API_URL.value():
+                raise KdflowError(
+                    "kdflow serve needs a Prefect server: run `prefect server start` and "
+                    "`export PREFECT_API_URL=http://127.0.0.1:4200/api` (or `prefect config set PREFECT_API_URL=...`)"
+                )
+        from flows.deployments import serve as serve_deployment
+
+        serve_deployment(Path.cwd(), params_file=str(config), limit=limit)
+    except (KdflowError, OSError) as exc:
+        _fail(exc, debug)
+
+
 def _tracker(pp):
     from kdflow.lineage import open_tracker
 
