@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
+from kdflow import progress
 from kdflow.lineage import open_tracker
 from schemas.manifest import Manifest
 from schemas.params import PipelineParams, load_params
@@ -35,12 +36,8 @@ def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 def run_stage(stage: str, fp: str, pp: PipelineParams, root: str, tracker: Any = None, resume: bool = False) -> Manifest:
     """Run one stage (the same code path as ``kdflow stage <name>``)."""
     logger = get_run_logger()
-
-    def progress(label: str, row: dict[str, float]) -> None:
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
-        logger.info("%s epoch %d: %s", label, int(row.get("epoch", 0)), shown)
-
-    manifest, executed = execute_stage(stage, pp, Path(root), tracker=tracker, resume=resume, progress=progress)
+    report = progress.fan_out(progress.LogProgress(logger, every=10.0), progress.active())
+    manifest, executed = execute_stage(stage, pp, Path(root), tracker=tracker, resume=resume, progress=report)
     if manifest.fingerprint != fp:
         raise RuntimeError(f"{stage}: fingerprint changed while running ({manifest.fingerprint} != {fp})")
     logger.info("%s: %s in %.1fs", stage, "done" if executed else "up to date", manifest.seconds)

@@ -7,6 +7,7 @@ import os
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -26,17 +27,18 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Overri
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 
 
-def _setup_logging(debug: bool, in_flow: bool = False) -> None:
+def _setup_logging(debug: bool) -> None:
     level = logging.DEBUG if debug else logging.INFO
     if sys.stderr.isatty():
         handler: logging.Handler = RichHandler(console=console, show_path=False, rich_tracebacks=debug)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
     for name in ("kdflow", "tasks", "flows"):
         logging.getLogger(name).setLevel(level)
-    if in_flow and not debug:  # Prefect's task logger reports training progress instead
+    if not debug:  # progress reporters show training progress
         logging.getLogger("kdflow.train.loop").setLevel(logging.WARNING)
 
 
@@ -83,7 +85,8 @@ def stage(
             raise KdflowError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
         pp = _load(config, set_)
         tracker = _tracker(pp)
-        manifest, executed = execute_stage(name, pp, Path.cwd(), tracker=tracker, resume=resume, force=force)
+        with _reporter(in_flow=False) as report:
+            manifest, executed = execute_stage(name, pp, Path.cwd(), tracker=tracker, resume=resume, force=force, progress=report)
     except (KdflowError, OSError) as exc:
         _fail(exc, debug)
     verb = "done" if executed else "up to date"
@@ -100,14 +103,15 @@ def run(
     debug: DebugOpt = False,
 ) -> None:
     """Run the whole pipeline as a Prefect flow (ephemeral Prefect when no server is configured)."""
-    _setup_logging(debug, in_flow=True)
+    _setup_logging(debug)
     started = time.perf_counter()
     try:
         pp = _load(config, set_)
         _tracker_precheck(pp)
         from flows.distill import distill
 
-        result = distill(params_file=str(config.resolve()), overrides=set_ or [], root=str(Path.cwd()), resume=resume)
+        with _reporter(in_flow=True):
+            result = distill(params_file=str(config.resolve()), overrides=set_ or [], root=str(Path.cwd()), resume=resume)
     except (KdflowError, OSError) as exc:
         _fail(exc, debug)
     _print_stages(result["stages"], time.perf_counter() - started)
@@ -125,7 +129,7 @@ def serve(
     debug: DebugOpt = False,
 ) -> None:
     """Register the Prefect deployment 'distill/default' and serve it (needs PREFECT_API_URL)."""
-    _setup_logging(debug, in_flow=True)
+    _setup_logging(debug)
     try:
         _load(config, None)
         if not os.environ.get("PREFECT_API_URL"):
@@ -141,6 +145,22 @@ def serve(
         serve_deployment(Path.cwd(), params_file=str(config), limit=limit)
     except (KdflowError, OSError) as exc:
         _fail(exc, debug)
+
+
+@contextmanager
+def _reporter(in_flow: bool):
+    """Rich progress bars on a terminal; plain lines otherwise (the flow logs its own lines)."""
+    from kdflow import progress
+
+    if console.is_terminal:
+        with progress.RichProgress(console) as bars, progress.use(bars):
+            yield bars
+    elif in_flow:
+        yield None
+    else:
+        reporter = progress.LogProgress(logging.getLogger("kdflow.progress"))
+        with progress.use(reporter):
+            yield reporter
 
 
 def _tracker(pp):

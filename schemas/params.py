@@ -7,6 +7,7 @@ key path, e.g. ``student.loss.temperature: must be > 0 (got -1)``.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -219,24 +220,39 @@ def format_validation_error(exc: ValidationError) -> list[str]:
     return lines
 
 
+def _key_parts(key: str) -> list[str | int]:
+    """``teachers[0].train.lr`` or ``teachers.0.train.lr`` -> ["teachers", 0, "train", "lr"]."""
+    parts: list[str | int] = []
+    for piece in re.sub(r"\[(\d+)\]", r".\1", key.strip()).split("."):
+        parts.append(int(piece) if piece.isdigit() else piece)
+    return parts
+
+
+def _set(node: Any, parts: list[str | int], value: Any, key: str) -> Any:
+    """A copy of ``node`` with ``value`` at ``parts`` (creating mappings on the way)."""
+    head, rest = parts[0], parts[1:]
+    if isinstance(head, int):
+        if not isinstance(node, list) or not -len(node) <= head < len(node):
+            raise ParamsError([f"override {key!r}: no list item [{head}] there"], source="overrides")
+        copy = list(node)
+    else:
+        copy = dict(node) if isinstance(node, dict) else {}
+    copy[head] = _set(copy[head] if isinstance(head, int) else copy.get(head), rest, value, key) if rest else value
+    return copy
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a raw params dict."""
-    raw = dict(raw)
-    problems = []
-    for item in overrides:
-        if "=" not in item:
-            problems.append(f"override {item!r}: expected key.path=value")
-            continue
-        key, value = item.split("=", 1)
-        node = raw
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            node[part] = dict(child) if isinstance(child, dict) else {}
-            node = node[part]
-        node[parts[-1]] = yaml.safe_load(value)
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML; ``list[i]`` indexes lists)."""
+    problems = [f"override {item!r}: expected key.path=value" for item in overrides if "=" not in item]
     if problems:
         raise ParamsError(problems, source="overrides")
+    for item in overrides:
+        key, value = item.split("=", 1)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ParamsError([f"override {key!r}: invalid YAML value {value!r}: {exc}"], source="overrides") from None
+        raw = _set(raw, _key_parts(key), parsed, key)
     return raw
 
 

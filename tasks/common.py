@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -21,6 +21,7 @@ from typing import Any
 
 import kdflow
 from kdflow.errors import ArtifactError
+from kdflow.progress import Reporter
 from schemas.manifest import MANIFEST_FILE, FileEntry, Manifest
 from schemas.params import PipelineParams
 
@@ -166,7 +167,7 @@ class StageContext:
     out: Path
     tracker: Any = None
     resume: bool = False
-    progress: Callable[[str, dict[str, float]], None] | None = None
+    progress: Reporter | None = None
     started: float = field(default_factory=time.time)
 
     @property
@@ -187,6 +188,11 @@ class StageContext:
         p = self.artifacts / ".work" / self.stage
         p.mkdir(parents=True, exist_ok=True)
         return p
+
+    def report(self, label: str, done: int, total: int | None, **info: float) -> None:
+        """Progress of long work inside the stage (no-op without a reporter)."""
+        if self.progress is not None:
+            self.progress(label, done, total, info)
 
     def manifest(self, metrics: dict[str, float] | None = None, info: dict[str, Any] | None = None) -> Manifest:
         """The manifest of what the stage wrote into ``out``."""
@@ -276,7 +282,7 @@ def execute_stage(
     tracker: Any = None,
     resume: bool = False,
     force: bool = False,
-    progress: Callable[[str, dict[str, float]], None] | None = None,
+    progress: Reporter | None = None,
 ) -> tuple[Manifest, bool]:
     """Run one stage unless its valid output already exists. Returns (manifest, executed)."""
     root = Path(root).resolve()

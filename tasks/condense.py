@@ -15,7 +15,10 @@ def run(params: CondenseParams, ctx: StageContext) -> Manifest:
     train = load_dataset(ctx.input("prepare")).split("train")
     teacher_name = chosen_teacher(ctx)
     teacher = load_model(ctx.input("teachers") / teacher_name)
-    small = condense(params.method, train, teacher=teacher, ipc=params.ipc, seed=ctx.seed, device=resolve_device("auto"))
+    small = condense(
+        params.method, train, teacher=teacher, ipc=params.ipc, seed=ctx.seed, device=resolve_device("auto"),
+        report=lambda done, total: ctx.report(f"condense {params.method}", done, total),
+    )
     small.meta.update(condensed_by=params.method, teacher=teacher_name)
     save_dataset(small, ctx.out)
     metrics = {"n_train": len(train), "n_condensed": len(small), "ratio": len(small) / len(train)}

@@ -16,9 +16,10 @@ from tasks.select import chosen_teacher
 FIDELITY_ROWS = 512
 
 
-def _batches(teacher, x: torch.Tensor, batch_size: int, device: torch.device):
+def _batches(teacher, x: torch.Tensor, batch_size: int, device: torch.device, ctx: StageContext):
     for start in range(0, len(x), batch_size):
         yield predict(teacher, x[start : start + batch_size], batch_size=batch_size, device=device)
+        ctx.report("teacher logits", min(start + batch_size, len(x)), len(x))
 
 
 def run(params: LogitsParams, ctx: StageContext) -> Manifest:
@@ -26,7 +27,7 @@ def run(params: LogitsParams, ctx: StageContext) -> Manifest:
     teacher = load_model(ctx.input("teachers") / chosen_teacher(ctx))
     device = resolve_device("auto")
     info = write_cache(
-        ctx.out, _batches(teacher, ds.features, params.batch_size, device),
+        ctx.out, _batches(teacher, ds.features, params.batch_size, device, ctx),
         num_rows=len(ds), num_classes=ds.num_classes, format=params.format, k=min(params.k, ds.num_classes),
         dtype=params.dtype, capture_temperature=params.temperature, shard_rows=params.shard_rows,
     )

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shutil
 
+from kdflow import progress
 from kdflow.cache import CacheReader
 from kdflow.data.dataset import load_dataset
 from kdflow.errors import KdflowError
@@ -39,12 +40,11 @@ def run(params: StudentParams, ctx: StageContext) -> Manifest:
     seed_everything(ctx.seed)
     model = create_model(params.arch, train.input_shape, train.num_classes, **params.args)
     t = params.train
-    report = (lambda row: ctx.progress("student", row)) if ctx.progress else None
     result = fit(
         model, batch, loss, val=(val.features, val.labels), epochs=t.epochs, lr=t.lr,
         weight_decay=t.weight_decay, batch_size=t.batch_size, patience=t.patience, seed=ctx.seed,
         device=resolve_device(params.device), checkpoint_dir=ctx.work, resume=ctx.resume,
-        fingerprint=ctx.fingerprint, on_epoch=report,
+        fingerprint=ctx.fingerprint, on_epoch=progress.epochs(ctx.progress, "student", t.epochs),
     )
     save_model(model, ctx.out)
     save_history(ctx.out / "history.json", result.history)

@@ -6,6 +6,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from kdflow import progress
 from kdflow.data.dataset import load_dataset
 from kdflow.errors import ModelError
 from kdflow.metrics import accuracy
@@ -35,12 +36,11 @@ def _train(candidate: TeacherParams, index: int, ctx: StageContext, ds, out: Pat
     train, val = ds.split("train"), ds.split("val")
     model = create_model(candidate.arch, ds.input_shape, ds.num_classes, **candidate.args)
     t = candidate.train
-    report = (lambda row: ctx.progress(f"teacher {candidate.name}", row)) if ctx.progress else None
     result = fit(
         model, {"x": train.features, "y": train.labels}, create_loss("ce"),
         val=(val.features, val.labels), epochs=t.epochs, lr=t.lr, weight_decay=t.weight_decay,
         batch_size=t.batch_size, patience=t.patience, seed=ctx.seed + index, device=resolve_device("auto"),
-        on_epoch=report,
+        on_epoch=progress.epochs(ctx.progress, f"teacher {candidate.name}", t.epochs),
     )
     save_model(model, out)
     save_history(out / "history.json", result.history)

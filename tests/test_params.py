@@ -74,6 +74,17 @@ def test_overrides_parse_yaml_values() -> None:
     assert pp.select.strategy == "probe"
 
 
+def test_overrides_index_lists_and_report_bad_paths() -> None:
+    raw = tiny_params()
+    out = apply_overrides(raw, ["teachers[1].train.epochs=7", "teachers.0.args={channels: [2]}"])
+    assert out["teachers"][1]["train"]["epochs"] == 7 and out["teachers"][0]["args"] == {"channels": [2]}
+    assert raw["teachers"][1]["train"]["epochs"] == 3  # the input is not mutated
+    with pytest.raises(ParamsError, match=r"no list item \[5\]"):
+        apply_overrides(raw, ["teachers[5].name=x"])
+    with pytest.raises(ParamsError, match="expected key.path=value"):
+        apply_overrides(raw, ["student.loss.temperature"])
+
+
 def test_every_field_has_a_description() -> None:
     def walk(model):
         for name, field in model.model_fields.items():

@@ -90,8 +90,8 @@ class Killed(Exception):
 
 
 def _kill_at(epoch: int):
-    def progress(label: str, row: dict) -> None:
-        if label == "student" and row["epoch"] >= epoch:
+    def progress(label: str, done: int, total: int | None, info: dict) -> None:
+        if label == "student" and done >= epoch:
             raise Killed(f"killed after epoch {epoch}")
 
     return progress

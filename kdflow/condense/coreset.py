@@ -1,6 +1,8 @@
 """Coreset baselines: keep real samples. ``none``, ``random`` and ``herding``."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -50,11 +52,19 @@ def herding_order(features: torch.Tensor, count: int) -> list[int]:
 
 
 @CONDENSERS.register("herding")
-def herding(train: Dataset, *, teacher: nn.Module, ipc: int, device: torch.device, **_: object) -> Dataset:
-    """``ipc`` samples per class by herding in the teacher's penultimate feature space."""
+def herding(
+    train: Dataset, *, teacher: nn.Module, ipc: int, device: torch.device,
+    report: Callable[[int, int], None] | None = None, **_: object,
+) -> Dataset:
+    """``ipc`` samples per class by herding in the teacher's penultimate feature space.
+
+    ``report(classes_done, classes)`` is called after each class.
+    """
     feats = extract_features(teacher, train.features, device=device)  # [N, D]
     feats = torch.nn.functional.normalize(feats.float(), dim=1)
     keep = []
-    for rows in per_class_indices(train.labels, train.num_classes):
+    for c, rows in enumerate(per_class_indices(train.labels, train.num_classes), start=1):
         keep.append(rows[herding_order(feats[rows], ipc)])
+        if report is not None:
+            report(c, train.num_classes)
     return train.select(torch.cat(keep).sort().values)
