@@ -12,7 +12,9 @@ order, the seconds per epoch of
 
 All three use one small timed loop (not ``kdflow.train.loop.fit``) that differs only in where the
 teacher signal comes from. Each mode runs 1 untimed warm-up epoch then ``--epochs`` timed epochs,
-``--repeats`` times (modes interleaved within a repeat), from the same initial student weights.
+``--repeats`` times, from the same initial student weights; the modes take turns epoch by epoch.
+Epoch times are medians over all timed epochs with their min and max; ``teacher s`` is the
+median part of an epoch spent getting the teacher keys (cache fetch + decode, or the forward).
 It also reports the one-time cost of the cache (teacher inference over the training set plus
 ``write_cache``) and the number of epochs after which it is repaid vs. ``live``.
 Ratios to watch: cache/plain (goal <= 1.10) and live/cache.
@@ -77,7 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="where to write the cache (default: a temporary folder)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.epochs < 1 or args.repeats < 1 or args.batch_size < 2:
+        p.error("--epochs and --repeats must be >= 1, --batch-size >= 2")
+    return args
 
 
 def build_models(shape: tuple[int, ...], num_classes: int,
@@ -92,6 +97,7 @@ def build_models(shape: tuple[int, ...], num_classes: int,
 
 
 def sync(device: torch.device) -> None:
+    """Wait for queued CUDA work, so that wall-clock times cover it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -121,7 +127,7 @@ def teacher_sources(teacher: nn.Module, reader: CacheReader,
     def live(idx: torch.Tensor, xb: torch.Tensor) -> Batch:
         with torch.inference_mode():
             out = teacher(xb)  # [B, C]
-        return {"teacher_logits": out.clone()}  # a normal tensor, usable next to autograd ones
+        return {"teacher_logits": out}
 
     def cached(idx: torch.Tensor, xb: torch.Tensor) -> Batch:
         return {k: v.to(device) for k, v in reader.get(idx).items()}
@@ -131,13 +137,18 @@ def teacher_sources(teacher: nn.Module, reader: CacheReader,
 
 def run_epoch(student: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Loss,
               teacher_fn: TeacherFn, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-              seed: int, epoch: int, device: torch.device) -> tuple[float, float]:
-    """One epoch in the order fixed by ``(seed, epoch)``; returns (seconds, mean loss)."""
+              seed: int, epoch: int, device: torch.device) -> tuple[float, float, float]:
+    """One epoch in the order fixed by ``(seed, epoch)``.
+
+    Returns:
+        the epoch's seconds, the part of them spent getting the teacher keys (host time: not
+        synchronised on CUDA), and the mean training loss.
+    """
     torch_seed, shuffle_seed = epoch_seeds(seed, epoch)
     torch.manual_seed(torch_seed)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(shuffle_seed))
     student.train()
-    total, seen = torch.zeros((), device=device), 0
+    total, seen, teacher_s = torch.zeros((), device=device), 0, 0.0
     sync(device)
     t0 = time.perf_counter()
     for i in range(0, len(y), batch_size):
@@ -145,7 +156,9 @@ def run_epoch(student: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Los
         if len(idx) == 1:  # a lone sample breaks batch norm (as in fit)
             continue
         xb, yb = x[idx].to(device), y[idx].to(device)
+        t = time.perf_counter()
         batch = {"x": xb, "y": yb, **teacher_fn(idx, xb)}
+        teacher_s += time.perf_counter() - t
         terms = loss_fn(student(xb).float(), batch)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
@@ -153,39 +166,67 @@ def run_epoch(student: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Los
         total += terms["loss"].detach() * len(idx)
         seen += len(idx)
     sync(device)
-    return time.perf_counter() - t0, float(total) / seen
+    return time.perf_counter() - t0, teacher_s, float(total) / seen
 
 
 def time_repeat(init: dict[str, torch.Tensor], student: nn.Module, losses: dict[str, Loss],
                 sources: dict[str, TeacherFn], x: torch.Tensor, y: torch.Tensor,
                 args: argparse.Namespace, device: torch.device,
-                repeat: int) -> tuple[dict[str, list[float]], dict[str, float]]:
+                repeat: int) -> tuple[dict[str, list[tuple[float, float]]], dict[str, float]]:
     """One repeat: per mode a fresh student (same init) and AdamW, 1 warm-up epoch, then
     ``args.epochs`` timed epochs. Modes take turns epoch by epoch (order rotated every round),
     so a burst of background load hits all of them alike.
 
     Returns:
-        per mode the timed epoch seconds, and the last epoch's mean training loss.
+        per mode the timed epochs' (seconds, teacher-part seconds), and the last epoch's mean
+        training loss.
     """
     students = {m: copy.deepcopy(student) for m in MODES}
     optimizers = {m: torch.optim.AdamW(students[m].parameters(), lr=args.lr) for m in MODES}
     for m in MODES:
         students[m].load_state_dict(init)
-    times: dict[str, list[float]] = {m: [] for m in MODES}
+    times: dict[str, list[tuple[float, float]]] = {m: [] for m in MODES}
     loss: dict[str, float] = {}
     for epoch in range(args.epochs + 1):
         shift = (repeat + epoch) % len(MODES)
         for m in MODES[shift:] + MODES[:shift]:
-            seconds, loss[m] = run_epoch(students[m], optimizers[m], losses[m], sources[m], x, y,
-                                         args.batch_size, args.seed, epoch, device)
+            seconds, teacher_s, loss[m] = run_epoch(students[m], optimizers[m], losses[m],
+                                                    sources[m], x, y, args.batch_size, args.seed,
+                                                    epoch, device)
             if epoch > 0:
-                times[m].append(seconds)
+                times[m].append((seconds, teacher_s))
     return times, loss
 
 
 def summarise(times: list[float]) -> dict[str, float]:
+    """Median, min, max and mean of ``times``."""
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
             "mean_s": statistics.fmean(times)}
+
+
+def time_modes(student: nn.Module, loss_specs: dict[str, tuple[str, dict[str, float]]],
+               sources: dict[str, TeacherFn], x: torch.Tensor, y: torch.Tensor,
+               args: argparse.Namespace, device: torch.device) -> dict[str, dict]:
+    """All repeats; per mode the loss, the raw epoch times, their summary and the teacher part.
+
+    Args:
+        loss_specs: per mode the registered loss name and its arguments.
+    """
+    losses = {m: create_loss(name, **kw) for m, (name, kw) in loss_specs.items()}
+    init = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    raw: dict[str, list[list[float]]] = {m: [] for m in MODES}
+    part: dict[str, list[list[float]]] = {m: [] for m in MODES}
+    final_loss: dict[str, float] = {}
+    for repeat in range(args.repeats):
+        times, final_loss = time_repeat(init, student, losses, sources, x, y, args, device, repeat)
+        for m in MODES:
+            raw[m].append([t for t, _ in times[m]])
+            part[m].append([u for _, u in times[m]])
+    return {m: {"loss": loss_specs[m][0], "loss_args": repr(losses[m]), "epoch_seconds": raw[m],
+                "teacher_part_seconds": part[m],
+                "teacher_part_median_s": statistics.median(u for r in part[m] for u in r),
+                "final_train_loss": final_loss[m], **summarise([t for r in raw[m] for t in r])}
+            for m in MODES}
 
 
 def load_train(spec: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], int]:
@@ -209,24 +250,12 @@ def benchmark(args: argparse.Namespace, cache_dir: Path) -> dict:
             batch_size=args.batch_size, seed=args.seed, device=device)
     cache = write_teacher_cache(teacher, x, cache_dir, args, num_classes, device)
     reader = CacheReader(cache_dir)
-    kd_name = "topk_kd" if args.format == "topk" else "kd"
-    kd_args = {"capture_temperature": args.temperature} if args.format == "topk" else {}
-    losses = {"plain": create_loss("ce"),
-              "cache": create_loss(kd_name, temperature=args.temperature, **kd_args),
-              "live": create_loss("kd", temperature=args.temperature)}
+    kd = {"temperature": args.temperature}
+    loss_specs = {"plain": ("ce", {}), "live": ("kd", kd),
+                  "cache": ("topk_kd", {**kd, "capture_temperature": args.temperature})
+                  if args.format == "topk" else ("kd", kd)}
     sources = teacher_sources(teacher, reader, device)
-    student.to(device)
-    init = {k: v.detach().clone() for k, v in student.state_dict().items()}
-    raw: dict[str, list[list[float]]] = {m: [] for m in MODES}
-    final_loss: dict[str, float] = {}
-    for repeat in range(args.repeats):
-        times, final_loss = time_repeat(init, student, losses, sources, x, y, args, device, repeat)
-        for m in MODES:
-            raw[m].append(times[m])
-    names = {"plain": "ce", "cache": kd_name, "live": "kd"}
-    modes = {m: {"loss": names[m], "loss_args": repr(losses[m]), "epoch_seconds": raw[m],
-                 "final_train_loss": final_loss[m], **summarise([t for r in raw[m] for t in r])}
-             for m in MODES}
+    modes = time_modes(student.to(device), loss_specs, sources, x, y, args, device)
     return {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
@@ -271,12 +300,13 @@ def report(result: dict, console: Console) -> None:
     title = (f"{d['spec']}: {d['train_rows']} train rows {d['input_shape']}, "
              f"batch {result['config']['batch_size']}")
     table = Table(title=title)
-    for col in ("mode", "loss", "s/epoch median", "min", "max", "vs plain"):
+    for col in ("mode", "loss", "s/epoch", "min", "max", "vs plain", "teacher s"):
         table.add_column(col, justify="left" if col in ("mode", "loss") else "right")
     plain = result["modes"]["plain"]["median_s"]
     for name, row in result["modes"].items():
         table.add_row(name, row["loss"], f"{row['median_s']:.3f}", f"{row['min_s']:.3f}",
-                      f"{row['max_s']:.3f}", f"{row['median_s'] / plain:.2f}x")
+                      f"{row['max_s']:.3f}", f"{row['median_s'] / plain:.2f}x",
+                      f"{row['teacher_part_median_s']:.3f}")
     console.print(table)
     r, pr = result["ratios"], result["paired_ratios"]
     verdict = "meets" if result["meets_goal"] else "misses"
