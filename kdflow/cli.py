@@ -147,6 +147,25 @@ def serve(
         _fail(exc, debug)
 
 
+@app.command()
+def report(
+    config: ConfigOpt = Path("params.yaml"),
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="HTML file (default artifacts/<name>/report.html).")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Write one self-contained HTML report (tables and pictures) of the last pipeline run."""
+    _setup_logging(debug)
+    try:
+        from kdflow.report import build_report
+
+        pp = _load(config, None)
+        artifacts = Path.cwd() / "artifacts" / pp.name
+        path = build_report(artifacts, output if output is not None else artifacts / "report.html")
+    except (KdflowError, OSError) as exc:
+        _fail(exc, debug)
+    out.print(str(path), soft_wrap=True, highlight=False, markup=False)
+
+
 @contextmanager
 def _reporter(in_flow: bool):
     """Rich progress bars on a terminal; plain lines otherwise (the flow logs its own lines)."""

@@ -1,0 +1,193 @@
+"""One self-contained HTML report of a pipeline run: tables and pictures, no external resources.
+
+Images are embedded as base64 data URIs and the CSS is inline, so the file can be mailed,
+attached to a ticket or opened offline. Every piece of text from the artifacts is escaped.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from html import escape
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from kdflow.errors import ArtifactError
+from schemas.manifest import MANIFEST_FILE, Manifest
+
+log = logging.getLogger(__name__)
+
+CAPTIONS = {
+    "ranking": "Teacher ranking: selection score per candidate.",
+    "curves": "Training curves of the chosen teacher and the student.",
+    "confusion_teacher": "Confusion matrix of the teacher on the test split.",
+    "confusion_student": "Confusion matrix of the student on the test split.",
+    "reliability": "Reliability diagram: confidence vs. accuracy (calibration).",
+    "compression": "Accuracy vs. compression: test accuracy against parameter count.",
+}
+_ORDER = {stem: i for i, stem in enumerate(CAPTIONS)}
+
+# (label, key in the teacher/student dicts, format, key of the ratio in metrics["compression"])
+COMPARED = [
+    ("accuracy", "accuracy", "{:.4f}", None),
+    ("macro-F1", "macro_f1", "{:.4f}", None),
+    ("ECE", "ece", "{:.4f}", None),
+    ("params", "params", "{:,}", "params_ratio"),
+    ("bytes", "bytes", "{:,}", "bytes_ratio"),
+    ("latency b1 (ms)", "latency_ms_b1", "{:.3f}", "latency_ratio_b1"),
+    ("latency b256 (ms)", "latency_ms_b256", "{:.2f}", "latency_ratio_b256"),
+]
+
+CSS = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 72em; padding: 0 1em; color: #222; }
+h1 { font-size: 1.6em; margin-bottom: .2em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; }
+.meta { color: #666; }
+table { border-collapse: collapse; margin: .6em 0; }
+th, td { padding: .25em .7em; border-bottom: 1px solid #e4e4e4; text-align: left; vertical-align: top; }
+th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+code { font-size: .92em; }
+.figures { display: flex; flex-wrap: wrap; gap: 1.2em; }
+figure { margin: 0; max-width: 34em; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { color: #555; font-size: .92em; }
+"""
+
+
+def build_report(artifacts_dir: Path, out: Path) -> Path:
+    """Write the HTML report of the run under ``artifacts_dir`` (``artifacts/<pipeline>``) to ``out``.
+
+    Raises:
+        ArtifactError: when there is no finished run (no stage manifests or no evaluate metrics).
+    """
+    artifacts_dir, out = Path(artifacts_dir), Path(out)
+    manifests = _manifests(artifacts_dir)
+    metrics_file = artifacts_dir / "evaluate" / "metrics.json"
+    if not manifests or not metrics_file.is_file():
+        missing = "no stage manifests" if not manifests else "evaluate/metrics.json is missing"
+        raise ArtifactError(f"no finished pipeline run under {artifacts_dir} ({missing}): run `kdflow run` first")
+    metrics = json.loads(metrics_file.read_text())
+    name = manifests[-1].pipeline
+    body = [
+        f"<h1>kdflow report: {escape(name)}</h1>",
+        f'<p class="meta">{_meta(manifests)}</p>',
+        "<h2>Stages</h2>", _stage_table(manifests),
+        "<h2>Teacher ranking</h2>", _ranking(artifacts_dir / "select"),
+        "<h2>Teacher vs. student (test split)</h2>", _comparison(metrics),
+        "<h2>Figures</h2>", _figures(artifacts_dir, [m.stage for m in manifests]),
+    ]
+    html = (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>kdflow report: {escape(name)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
+        + "\n".join(body) + "\n</body>\n</html>\n"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(html, encoding="utf-8")
+    tmp.replace(out)
+    log.info("report written to %s (%d bytes)", out, len(html))
+    return out
+
+
+def _manifests(artifacts_dir: Path) -> list[Manifest]:
+    """Every stage manifest, in the order the stages ran (upstream first)."""
+    if not artifacts_dir.is_dir():
+        return []
+    found = {m.stage: m for m in (Manifest.load(p.parent) for p in artifacts_dir.glob(f"*/{MANIFEST_FILE}"))}
+    depth: dict[str, int] = {}
+
+    def level(stage: str) -> int:  # longest upstream chain, so the order is topological
+        if stage not in depth:
+            depth[stage] = 1 + max((level(u) for u in found[stage].upstream if u in found), default=-1)
+        return depth[stage]
+
+    return sorted(found.values(), key=lambda m: (level(m.stage), m.started_at, m.stage))
+
+
+def _meta(manifests: list[Manifest]) -> str:
+    last = manifests[-1]
+    return escape(f"kdflow {last.kdflow_version} · last stage finished {last.finished_at}")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int) or float(value).is_integer() and abs(value) < 1e15:
+        return f"{int(value):,}"
+    return f"{value:.4g}"
+
+
+def _table(headers: list[str], rows: list[list[Any]], numeric: tuple[int, ...] = ()) -> str:
+    """An HTML table; numbers and the ``numeric`` columns are right-aligned."""
+    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
+    lines = []
+    for row in rows:
+        cells = "".join(
+            f'<td class="num">{escape(_fmt(c))}</td>'
+            if i in numeric or isinstance(c, (int, float)) and not isinstance(c, bool)
+            else f"<td>{escape(str(c))}</td>"
+            for i, c in enumerate(row)
+        )
+        lines.append(f"<tr>{cells}</tr>")
+    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(lines) + "\n</tbody>\n</table>"
+
+
+def _stage_table(manifests: list[Manifest]) -> str:
+    rows = []
+    for m in manifests:
+        headline = ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(m.metrics.items()))
+        rows.append([m.stage, m.fingerprint[:12], f"{m.seconds:.1f}", headline])
+    return _table(["stage", "fingerprint", "seconds", "headline metrics"], rows, numeric=(2,))
+
+
+def _ranking(select_dir: Path) -> str:
+    path = select_dir / "ranking.parquet"
+    if not path.is_file():
+        return "<p>No teacher ranking (the select stage has not run).</p>"
+    frame = pl.read_parquet(path)
+    if "rank" in frame.columns:
+        frame = frame.sort("rank").select(["rank", *[c for c in frame.columns if c != "rank"]])
+    table = _table(frame.columns, [list(r) for r in frame.iter_rows()])
+    chosen_file = select_dir / "chosen.json"
+    if not chosen_file.is_file():
+        return table
+    chosen = json.loads(chosen_file.read_text())
+    picked = ", ".join(f"{t} (weight {_fmt(w)})" for t, w in zip(chosen.get("teachers", []), chosen.get("weights", [])))
+    return f"{table}\n<p>Chosen: {escape(picked)}; strategy <code>{escape(str(chosen.get('strategy', '?')))}</code>.</p>"
+
+
+def _comparison(m: dict[str, Any]) -> str:
+    t, s, ratios = m.get("teacher", {}), m.get("student", {}), m.get("compression", {})
+    rows = []
+    for label, key, fmt, ratio_key in COMPARED:
+        if key not in t or key not in s:
+            continue
+        if ratio_key is not None and ratio_key in ratios:
+            ratio = f"{ratios[ratio_key]:.2f}x"
+        elif key == "accuracy" and "accuracy_gap" in m:
+            ratio = f"gap {m['accuracy_gap'] * 100:+.2f} pts"
+        else:
+            ratio = ""
+        rows.append([label, fmt.format(t[key]), fmt.format(s[key]), ratio])
+    table = _table(["", f"teacher ({t.get('name', '?')})", "student", "teacher / student"], rows, numeric=(1, 2, 3))
+    extra = {"agreement": "top-1 agreement", "kl_teacher_student": "KL(teacher || student)", "n_test": "test samples"}
+    shown = [f"{label} {_fmt(m[k])}" for k, label in extra.items() if k in m]
+    if shown:
+        table += "\n<p>" + escape(" · ".join(shown)) + "</p>"
+    return table
+
+
+def _figures(artifacts_dir: Path, stages: list[str]) -> str:
+    figures = []
+    for stage in stages:
+        pngs = (artifacts_dir / stage).glob("figures/**/*.png")
+        for png in sorted(pngs, key=lambda p: (_ORDER.get(p.stem, len(_ORDER)), str(p))):
+            caption = CAPTIONS.get(png.stem, png.stem.replace("_", " "))
+            data = base64.b64encode(png.read_bytes()).decode("ascii")
+            figures.append(
+                f'<figure><img src="data:image/png;base64,{data}" alt="{escape(png.stem)}">'
+                f"<figcaption><b>{escape(stage)}/{escape(png.name)}</b>: {escape(caption)}</figcaption></figure>"
+            )
+    if not figures:
+        return "<p>No figures found.</p>"
+    return '<div class="figures">\n' + "\n".join(figures) + "\n</div>"
