@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per mode and repeat")
     p.add_argument("--repeats", type=int, default=3, help="repeats of every mode")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--format", choices=("dense", "topk"), default="dense", help="cache format")
+    p.add_argument("--format", choices=("dense", "topk", "topk_q8"), default="dense", help="cache format")
     p.add_argument("--k", type=int, default=5, help="kept classes of a topk cache")
     p.add_argument("--temperature", type=float, default=4.0, help="KD temperature")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -111,7 +111,7 @@ def write_teacher_cache(teacher: nn.Module, x: torch.Tensor, directory: Path,
     t1 = time.perf_counter()
     chunks = (logits[i : i + 512] for i in range(0, len(logits), 512))
     info = write_cache(directory, chunks, num_rows=len(logits), num_classes=num_classes,
-                       format=args.format, k=args.k if args.format == "topk" else None,
+                       format=args.format, k=args.k if args.format != "dense" else None,
                        dtype="float16", capture_temperature=args.temperature, shard_rows=4096)
     t2 = time.perf_counter()
     return {"inference_s": t1 - t0, "write_s": t2 - t1, "total_s": t2 - t0,
@@ -253,7 +253,7 @@ def benchmark(args: argparse.Namespace, cache_dir: Path) -> dict:
     kd = {"temperature": args.temperature}
     loss_specs = {"plain": ("ce", {}), "live": ("kd", kd),
                   "cache": ("topk_kd", {**kd, "capture_temperature": args.temperature})
-                  if args.format == "topk" else ("kd", kd)}
+                  if args.format != "dense" else ("kd", kd)}
     sources = teacher_sources(teacher, reader, device)
     modes = time_modes(student.to(device), loss_specs, sources, x, y, args, device)
     return {

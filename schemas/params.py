@@ -85,10 +85,10 @@ class CondenseParams(Section):
 
 
 class LogitsParams(Section):
-    format: Literal["dense", "topk"] = Field("dense", description="Storage format of the teacher-logit cache.")
-    k: int = Field(5, ge=1, le=1_000_000, description="Number of classes kept per row by the topk format.")
-    dtype: Literal["float16", "bfloat16"] = Field("float16", description="Value dtype of the dense format.")
-    temperature: float = Field(1.0, gt=0, le=100, description="Capture temperature of topk log-probabilities.")
+    format: Literal["dense", "topk", "topk_q8"] = Field("dense", description="Storage format of the teacher-logit cache: dense logits, top-k log-probs + tail mass, or top-k with 8-bit values.")
+    k: int = Field(5, ge=1, le=1_000_000, description="Number of classes kept per row by the topk and topk_q8 formats.")
+    dtype: Literal["float16", "bfloat16"] = Field("float16", description="Value dtype of the dense and topk formats (topk_q8 stores uint8).")
+    temperature: float = Field(1.0, gt=0, le=100, description="Capture temperature of top-k log-probabilities.")
     shard_rows: int = Field(50_000, ge=1, le=100_000_000, description="Maximum rows per cache shard.")
     batch_size: int = Field(512, ge=1, le=1_000_000, description="Teacher inference batch size.")
 
@@ -147,8 +147,8 @@ class PipelineParams(Section):
         loss, fmt = self.student.loss.name, self.logits.format
         if loss == "kd" and fmt != "dense":
             problems.append("student.loss.name: 'kd' needs logits.format 'dense' (or use 'topk_kd')")
-        if loss == "topk_kd" and fmt != "topk":
-            problems.append("student.loss.name: 'topk_kd' needs logits.format 'topk'")
+        if loss == "topk_kd" and fmt not in ("topk", "topk_q8"):
+            problems.append("student.loss.name: 'topk_kd' needs logits.format 'topk' or 'topk_q8'")
         if problems:
             raise ValueError("; ".join(problems))
         return self

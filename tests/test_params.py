@@ -115,3 +115,11 @@ def test_cli_reports_broken_yaml(tmp_path: Path) -> None:
     (tmp_path / "p.yaml").write_text("name: [unclosed\n")
     proc = subprocess.run([sys.executable, "-m", "kdflow.cli", "validate", "-c", "p.yaml"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "invalid YAML" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_topk_kd_accepts_both_topk_formats() -> None:
+    for fmt in ("topk", "topk_q8"):
+        assert parse_params(tiny_params(logits={"format": fmt}, student={"loss": {"name": "topk_kd"}}))
+    found = problems(tiny_params(logits={"format": "dense"}, student={"loss": {"name": "topk_kd"}}))
+    assert any("'topk_kd' needs logits.format 'topk' or 'topk_q8'" in p for p in found)
+    assert any("'kd' needs logits.format 'dense'" in p for p in problems(tiny_params(logits={"format": "topk_q8"})))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import polars as pl
@@ -88,15 +89,50 @@ def test_a_stage_without_its_upstream_says_what_to_run(tmp_path: Path) -> None:
         execute_stage("teachers", parse_params(tiny_params()), tmp_path)
 
 
-def test_an_altered_cache_shard_is_caught_before_training(tmp_path: Path) -> None:
-    raw = tiny_params()
-    run_until(tmp_path, raw, "logits")
-    shard = tmp_path / "artifacts/tiny/logits/shard-00000.safetensors"
+def test_an_altered_cache_shard_is_caught_before_training_and_rebuilt_alone(tmp_path: Path) -> None:
+    raw = tiny_params(logits={"shard_rows": 400})
+    ms = run_until(tmp_path, raw, "logits")
+    files = {f.path: f.sha256 for f in ms["logits"].files}
+    shard = tmp_path / "artifacts/tiny/logits/shard-00001.safetensors"
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match="shard-00000.safetensors was altered"):
+    with pytest.raises(ArtifactError, match="shard-00001.safetensors was altered"):
         execute_stage("student", parse_params(raw), tmp_path)
-    # the stage reruns and repairs it
-    execute_stage("logits", parse_params(raw), tmp_path)
+    # the stage reruns and recomputes that shard alone, byte-identical
+    m, _ = execute_stage("logits", parse_params(raw), tmp_path)
+    assert m.info["shards_computed"] == ["shard-00001.safetensors"]
+    assert {f.path: f.sha256 for f in m.files} == files
     execute_stage("student", parse_params(raw), tmp_path)
+
+
+def test_a_killed_logits_stage_resumes_from_its_written_shards(tmp_path: Path, monkeypatch) -> None:
+    import tasks.logits as logits_stage
+
+    raw = tiny_params(logits={"format": "topk_q8", "k": 4, "shard_rows": 300, "batch_size": 100},
+                      student={"loss": {"name": "topk_kd"}})
+    run_until(tmp_path, raw, "condense")
+    real, calls = logits_stage.predict, []
+
+    def dies_in_the_second_shard(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(logits_stage, "predict", dies_in_the_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        execute_stage("logits", parse_params(raw), tmp_path)
+    assert not (tmp_path / "artifacts/tiny/logits").exists()  # no half-written output
+    monkeypatch.setattr(logits_stage, "predict", real)
+    m, _ = execute_stage("logits", parse_params(raw), tmp_path)
+    shards = [s["file"] for s in m.info["cache"]["shards"]]
+    assert len(shards) > 2 and m.info["shards_computed"] == shards[1:]
+    assert m.metrics["top1_agreement"] > 0.9 and m.metrics["compression_vs_fp32"] > 1
+    resumed = {f.path: f.sha256 for f in m.files}
+    m2, _ = execute_stage("logits", parse_params(raw), tmp_path, force=True)
+    assert m2.info["shards_computed"] == []  # the work folder still holds the verified cache
+    shutil.rmtree(tmp_path / "artifacts/tiny/.work/logits")
+    fresh, _ = execute_stage("logits", parse_params(raw), tmp_path, force=True)
+    assert fresh.info["shards_computed"] == shards
+    assert {f.path: f.sha256 for f in fresh.files} == resumed  # byte-identical to a clean run

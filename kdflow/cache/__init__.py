@@ -1,17 +1,29 @@
 """The teacher-logit cache: formats, writer, memory-mapped reader and fidelity."""
 from __future__ import annotations
 
-from kdflow.cache.formats import FORMATS, decode_to_batch, encode, fidelity, narrowest_uint
+from kdflow.cache.fidelity import fidelity, size_metrics
+from kdflow.cache.formats import FORMATS, decode_to_batch, encode, narrowest_uint
 from kdflow.cache.reader import CacheReader
-from kdflow.cache.writer import INFO_FILE, write_cache
+from kdflow.cache.store import CACHE_VERSION, INFO_FILE, cache_key, link_cache
+from kdflow.cache.tokens import encode_sequences, flatten_tokens, mask_from_lengths
+from kdflow.cache.writer import CacheSpec, build_cache, write_cache
 
 __all__ = [
+    "CACHE_VERSION",
     "FORMATS",
     "INFO_FILE",
     "CacheReader",
+    "CacheSpec",
+    "build_cache",
+    "cache_key",
     "decode_to_batch",
     "encode",
+    "encode_sequences",
     "fidelity",
+    "link_cache",
+    "flatten_tokens",
+    "mask_from_lengths",
     "narrowest_uint",
+    "size_metrics",
     "write_cache",
 ]

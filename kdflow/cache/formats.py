@@ -4,13 +4,19 @@
 - ``topk``: ``values`` ``[n, k]`` log-probabilities at the capture temperature (fp16 or bf16),
   ``indices`` ``[n, k]`` in the narrowest unsigned integer holding ``C - 1``, and ``tail`` ``[n]``
   float32, the probability mass outside the top k.
+- ``topk_q8``: ``topk`` with ``values`` quantised to uint8 on a per-row grid,
+  ``offset + values * scale`` (``scale`` and ``offset`` ``[n]`` float32). The offset is chosen so
+  the decoded top-k mass equals the true one: decoded log-probs plus ``tail`` still sum to 1, and
+  every decoded value is within one grid step (``scale``) of the float32 log-probability.
+
+Sequence caches (see ``kdflow.cache.tokens``) store the same keys per token, ``[n, L, ...]``.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from kdflow.errors import DataError
 from kdflow.registry import Registry
@@ -21,8 +27,33 @@ VALUE_DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
-Encoder = Callable[..., dict[str, torch.Tensor]]
-FORMATS: Registry[Encoder] = Registry("cache format")
+Q8_LEVELS = 255
+Q8_MAX_RANGE = 40.0  # nats below the top-1 log-prob kept on the grid; lower values are clamped
+Stored = dict[str, torch.Tensor]
+Encoder = Callable[..., Stored]
+Decoder = Callable[[Stored], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Format:
+    """A storage format.
+
+    Attributes:
+        keys: the stored tensors, each with the row dimension first.
+        encode: ``(logits [n, C] float32, *, k, dtype, capture_temperature) -> stored``.
+        decode: ``stored -> loss batch keys`` (float32 and int64).
+        topk: keeps k classes per row (``indices`` + ``tail``).
+        fixed_dtype: stored value dtype when the ``dtype`` argument does not apply.
+    """
+
+    keys: tuple[str, ...]
+    encode: Encoder
+    decode: Decoder
+    topk: bool
+    fixed_dtype: torch.dtype | None = None
+
+
+FORMATS: Registry[Format] = Registry("cache format")
 
 
 def value_dtype(name: str) -> torch.dtype:
@@ -43,8 +74,11 @@ def narrowest_uint(num_classes: int) -> torch.dtype:
     raise ValueError(f"num_classes={num_classes} does not fit in uint32")
 
 
-def _check_finite(logits: torch.Tensor) -> None:
-    bad = ~torch.isfinite(logits).all(dim=-1)
+def check_finite(logits: torch.Tensor) -> None:
+    """Raise ``DataError`` naming the rows of ``logits`` ``[n, C]`` that hold NaN/inf."""
+    bad = ~logits.sum(dim=-1).isfinite()  # [n] a fast screen: NaN/inf propagate into the sum
+    if bad.any():
+        bad[bad.clone()] = ~logits[bad].isfinite().all(dim=-1)  # exact on the flagged rows
     if bad.any():
         rows = bad.nonzero().flatten()[:5].tolist()
         raise DataError(
@@ -52,11 +86,10 @@ def _check_finite(logits: torch.Tensor) -> None:
         )
 
 
-@FORMATS.register("dense")
 def _encode_dense(
     logits: torch.Tensor, *, k: int | None, dtype: torch.dtype, capture_temperature: float
-) -> dict[str, torch.Tensor]:
-    values = logits.to(dtype)  # [B, C]
+) -> Stored:
+    values = logits.to(dtype)  # [n, C]
     if not torch.isfinite(values).all():
         raise DataError(
             f"teacher logits overflow {dtype} (max |logit| {logits.abs().max():.3g}); "
@@ -65,26 +98,84 @@ def _encode_dense(
     return {"values": values.contiguous()}
 
 
-@FORMATS.register("topk")
-def _encode_topk(
-    logits: torch.Tensor, *, k: int | None, dtype: torch.dtype, capture_temperature: float
-) -> dict[str, torch.Tensor]:
+def _decode_dense(stored: Stored) -> dict[str, torch.Tensor]:
+    return {"teacher_logits": stored["values"].float()}
+
+
+def topk_logprobs(
+    logits: torch.Tensor, k: int | None, capture_temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k largest log-probs at the capture temperature ``[n, k]`` (descending, float32),
+    their class indices ``[n, k]`` (narrowest uint) and the mass outside them ``[n]``."""
     num_classes = logits.shape[-1]
     if k is None or not 1 <= k <= num_classes:
         raise ValueError(f"topk cache needs 1 <= k <= num_classes={num_classes}, got k={k}")
-    logprobs = F.log_softmax(logits / capture_temperature, dim=-1)
-    values, indices = logprobs.topk(k, dim=-1, sorted=True)  # [B, k]
-    tail = (1.0 - values.exp().sum(dim=-1)).clamp_min(0.0)  # [B]
+    scaled = logits if capture_temperature == 1.0 else logits / capture_temperature
+    top, indices = scaled.topk(k, dim=-1, sorted=True)  # [n, k]
+    values = top - scaled.logsumexp(dim=-1, keepdim=True)  # log_softmax without the [n, C] copy
+    tail = (1.0 - values.exp().sum(dim=-1)).clamp_min(0.0)  # [n]
+    if k == num_classes:
+        tail.zero_()  # exactly 0, not float32 rounding that re-tempering would inflate
+    return values, indices.to(narrowest_uint(num_classes)).contiguous(), tail.float().contiguous()
+
+
+def _encode_topk(
+    logits: torch.Tensor, *, k: int | None, dtype: torch.dtype, capture_temperature: float
+) -> Stored:
+    values, indices, tail = topk_logprobs(logits, k, capture_temperature)
+    return {"values": values.to(dtype).contiguous(), "indices": indices, "tail": tail}
+
+
+def _decode_topk(stored: Stored) -> dict[str, torch.Tensor]:
     return {
-        "values": values.to(dtype).contiguous(),
-        "indices": indices.to(narrowest_uint(num_classes)).contiguous(),
-        "tail": tail.float().contiguous(),
+        "teacher_logprobs": stored["values"].float(),
+        "teacher_indices": stored["indices"].long(),
+        "teacher_tail": stored["tail"].float(),
     }
+
+
+def _encode_topk_q8(
+    logits: torch.Tensor, *, k: int | None, dtype: torch.dtype, capture_temperature: float
+) -> Stored:
+    values, indices, tail = topk_logprobs(logits, k, capture_temperature)  # [n, k] descending
+    hi = values[:, 0]
+    lo = torch.maximum(values[:, -1], hi - Q8_MAX_RANGE)  # [n]
+    scale = ((hi - lo) / Q8_LEVELS).clamp_min(1e-12)  # [n]
+    q = ((values - lo[:, None]) / scale[:, None]).round().clamp(0, Q8_LEVELS)  # [n, k]
+    # shift the grid so that the decoded top-k mass equals the true one
+    offset = values.logsumexp(dim=-1) - (q * scale[:, None]).logsumexp(dim=-1)  # [n]
+    return {
+        "values": q.to(torch.uint8).contiguous(),
+        "scale": scale.contiguous(),
+        "offset": offset.contiguous(),
+        "indices": indices,
+        "tail": tail,
+    }
+
+
+def _decode_topk_q8(stored: Stored) -> dict[str, torch.Tensor]:
+    scale = stored["scale"].float().unsqueeze(-1)  # [..., 1]
+    offset = stored["offset"].float().unsqueeze(-1)  # [..., 1]
+    return {
+        "teacher_logprobs": offset + stored["values"].float() * scale,
+        "teacher_indices": stored["indices"].long(),
+        "teacher_tail": stored["tail"].float(),
+    }
+
+
+FORMATS.register("dense")(Format(("values",), _encode_dense, _decode_dense, topk=False))
+FORMATS.register("topk")(
+    Format(("values", "indices", "tail"), _encode_topk, _decode_topk, topk=True)
+)
+FORMATS.register("topk_q8")(
+    Format(("values", "scale", "offset", "indices", "tail"), _encode_topk_q8, _decode_topk_q8,
+           topk=True, fixed_dtype=torch.uint8)
+)
 
 
 def encode(
     logits: torch.Tensor, *, format: str, k: int | None, dtype: str, capture_temperature: float
-) -> dict[str, torch.Tensor]:
+) -> Stored:
     """Encode a batch of teacher logits ``[B, C]`` into the stored tensors of ``format``.
 
     Raises:
@@ -94,72 +185,33 @@ def encode(
         raise ValueError(f"logits must be [B, C], got shape {tuple(logits.shape)}")
     if capture_temperature <= 0:
         raise ValueError(f"capture_temperature must be > 0, got {capture_temperature}")
+    fmt = FORMATS.get(format)
     logits = logits.detach().float()
-    _check_finite(logits)
-    return FORMATS.get(format)(
-        logits, k=k, dtype=value_dtype(dtype), capture_temperature=capture_temperature
-    )
+    check_finite(logits)
+    return fmt.encode(logits, k=k, dtype=value_dtype(dtype),
+                      capture_temperature=capture_temperature)
 
 
-def decode_to_batch(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map stored tensors to the loss batch keys, as float32 and int64.
-
-    dense -> ``teacher_logits`` ``[n, C]``; topk -> ``teacher_logprobs`` ``[n, k]``,
-    ``teacher_indices`` ``[n, k]``, ``teacher_tail`` ``[n]``.
-    """
-    if "indices" in tensors:
-        return {
-            "teacher_logprobs": tensors["values"].float(),
-            "teacher_indices": tensors["indices"].long(),
-            "teacher_tail": tensors["tail"].float(),
-        }
-    return {"teacher_logits": tensors["values"].float()}
+def infer_format(stored: Stored) -> str:
+    """The format whose stored keys ``stored`` holds."""
+    if "scale" in stored:
+        return "topk_q8"
+    return "topk" if "indices" in stored else "dense"
 
 
-def _cached_logprobs(cached: dict[str, torch.Tensor], rows: slice, num_classes: int,
-                     capture_temperature: float) -> torch.Tensor:
-    """Log of the distribution the cache represents, ``[n, C]``."""
-    if "teacher_logits" in cached:
-        return F.log_softmax(cached["teacher_logits"][rows].float() / capture_temperature, dim=-1)
-    logprobs = cached["teacher_logprobs"][rows].float()  # [n, k]
-    indices = cached["teacher_indices"][rows].long()  # [n, k]
-    tail = cached["teacher_tail"][rows].float()  # [n]
-    rest = max(num_classes - indices.shape[1], 1)
-    probs = (tail / rest)[:, None].expand(-1, num_classes).clone()
-    probs.scatter_(1, indices, logprobs.exp())
-    probs = probs / probs.sum(dim=-1, keepdim=True)
-    return probs.clamp_min(1e-30).log()
+def decode_to_batch(stored: Stored, format: str | None = None) -> dict[str, torch.Tensor]:
+    """Map stored tensors to the loss batch keys, as float32, int64 and bool.
 
-
-def fidelity(
-    full_logits: torch.Tensor,
-    cached: dict[str, torch.Tensor],
-    *,
-    capture_temperature: float,
-    chunk_rows: int = 4096,
-) -> dict[str, float]:
-    """How well the cache reproduces the teacher distribution at the capture temperature.
-
-    Top-k caches spread the tail mass uniformly over the ``C - k`` classes outside the top k.
+    dense -> ``teacher_logits`` ``[n, C]``; topk and topk_q8 -> ``teacher_logprobs`` ``[n, k]``,
+    ``teacher_indices`` ``[n, k]``, ``teacher_tail`` ``[n]``. Sequence caches (stored
+    ``lengths``) give the same keys per token, ``[n, L, ...]``, plus ``teacher_mask`` ``[n, L]``.
 
     Args:
-        full_logits: the teacher logits ``[n, C]``.
-        cached: the loss batch keys for the same rows (``CacheReader.load_all()``), or the
-            stored keys (``encode`` output).
-
-    Returns:
-        ``kl`` (mean KL(full || cached)), ``kl_max`` and ``top1_agreement``.
+        format: the cache format; inferred from the stored keys when None.
     """
-    if "values" in cached:
-        cached = decode_to_batch(cached)
-    n, num_classes = full_logits.shape
-    kl_sum, kl_max, agree = 0.0, 0.0, 0
-    for start in range(0, n, chunk_rows):
-        rows = slice(start, start + chunk_rows)
-        p_log = F.log_softmax(full_logits[rows].float() / capture_temperature, dim=-1)
-        q_log = _cached_logprobs(cached, rows, num_classes, capture_temperature)
-        kl = (p_log.exp() * (p_log - q_log)).sum(dim=-1).clamp_min(0.0)  # [n]
-        kl_sum += float(kl.sum())
-        kl_max = max(kl_max, float(kl.max()))
-        agree += int((p_log.argmax(dim=-1) == q_log.argmax(dim=-1)).sum())
-    return {"kl": kl_sum / max(n, 1), "kl_max": kl_max, "top1_agreement": agree / max(n, 1)}
+    batch = FORMATS.get(format or infer_format(stored)).decode(stored)
+    if "lengths" in stored:
+        lengths = stored["lengths"].long()  # [n]
+        seq_len = stored["values"].shape[1]
+        batch["teacher_mask"] = torch.arange(seq_len) < lengths[:, None]  # [n, L]
+    return batch

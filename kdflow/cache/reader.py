@@ -1,50 +1,43 @@
-"""Memory-mapped reads of a logit cache written by ``write_cache``."""
+"""Memory-mapped reads of a logit cache written by ``write_cache`` or ``build_cache``."""
 from __future__ import annotations
 
-import hashlib
-import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from kdflow.cache.formats import decode_to_batch
-from kdflow.cache.writer import INFO_FILE
-from kdflow.errors import CacheCorruptError
-
-KEYS = {"dense": ("values",), "topk": ("values", "indices", "tail")}
-
-
-def _corrupt(path: Path, why: str) -> CacheCorruptError:
-    return CacheCorruptError(f"{path}: cache {why}; rerun the logits stage")
+from kdflow.cache.formats import FORMATS, Stored, decode_to_batch
+from kdflow.cache.store import INFO_FILE, corrupt, load_info, shard_problem
 
 
 class CacheReader:
-    """Random access to cached teacher signal by global row index.
+    """Access to cached teacher signal by global row index, or streamed in row order.
 
     Shards are opened lazily with ``safe_open(..., framework="pt")``: their tensors are views of
-    memory-mapped files, so ``get`` only touches the pages of the requested rows.
+    memory-mapped files, so ``get`` and ``iter_batches`` only touch the pages of the rows they
+    return. Rows come back as the loss batch keys of ``decode_to_batch``.
 
     Args:
         directory: the cache folder.
         info: the cache info (``write_cache``'s return value); read from ``cache.json`` if None.
+
+    Raises:
+        CacheCorruptError: ``cache.json`` is missing or unreadable, or the build that wrote it
+            did not finish.
     """
 
     def __init__(self, directory: Path, info: dict | None = None) -> None:
         self.directory = Path(directory)
-        if info is None:
-            path = self.directory / INFO_FILE
-            try:
-                info = json.loads(path.read_text())
-            except FileNotFoundError:
-                raise _corrupt(path, "info is missing") from None
-            except (OSError, json.JSONDecodeError) as err:
-                raise _corrupt(path, f"info is unreadable ({err})") from None
-        self.info = info
-        self.format: str = info["format"]
-        self.num_classes: int = int(info["num_classes"])
-        self._starts = torch.tensor([s["rows"][0] for s in info["shards"]], dtype=torch.long)
-        self._open: dict[int, tuple[object, dict[str, torch.Tensor]]] = {}
+        self.info = load_info(self.directory) if info is None else info
+        if self.info.get("complete") is False:
+            raise corrupt(self.directory / INFO_FILE, "build did not finish (interrupted)")
+        self.format: str = self.info["format"]
+        self.num_classes: int = int(self.info["num_classes"])
+        self.seq_len: int | None = self.info.get("seq_len")
+        self.keys = FORMATS.get(self.format).keys + (("lengths",) if self.seq_len else ())
+        self._starts = torch.tensor([s["rows"][0] for s in self.info["shards"]], dtype=torch.long)
+        self._open: dict[int, tuple[object, Stored]] = {}
 
     def __len__(self) -> int:
         return int(self.info["num_rows"])
@@ -52,48 +45,50 @@ class CacheReader:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_open": {}}  # file handles do not pickle (DataLoader workers)
 
+    def verify_shard(self, number: int) -> None:
+        """Check one shard's presence, size and sha256 (reads the whole file).
+
+        Raises:
+            CacheCorruptError: naming the shard.
+        """
+        shard = self.info["shards"][number]
+        problem = shard_problem(self.directory, shard)
+        if problem is not None:
+            raise corrupt(self.directory / shard["file"], problem)
+
     def verify(self) -> None:
         """Check that every shard exists with its recorded size and sha256.
 
         Raises:
             CacheCorruptError: naming the first missing, truncated or altered shard.
         """
-        for shard in self.info["shards"]:
-            path = self.directory / shard["file"]
-            if not path.is_file():
-                raise _corrupt(path, f"shard {shard['file']} is missing")
-            size = path.stat().st_size
-            if size != shard["bytes"]:
-                raise _corrupt(
-                    path, f"shard {shard['file']} has {size} bytes, expected {shard['bytes']} "
-                    "(truncated or altered)"
-                )
-            with open(path, "rb") as fh:
-                digest = hashlib.file_digest(fh, "sha256").hexdigest()
-            if digest != shard["sha256"]:
-                raise _corrupt(path, f"shard {shard['file']} fails its sha256 (corrupt or altered)")
+        for number in range(len(self.info["shards"])):
+            self.verify_shard(number)
 
-    def _shard(self, number: int) -> dict[str, torch.Tensor]:
+    def _shard(self, number: int) -> Stored:
         """The stored tensors of one shard (memory-mapped), opened on first use."""
         if number not in self._open:
             shard = self.info["shards"][number]
             path = self.directory / shard["file"]
             if not path.is_file():
-                raise _corrupt(path, f"shard {shard['file']} is missing")
+                raise corrupt(path, f"shard {shard['file']} is missing")
             try:
                 handle = safe_open(str(path), framework="pt")
-                tensors = {key: handle.get_tensor(key) for key in KEYS[self.format]}
+                tensors = {key: handle.get_tensor(key) for key in self.keys}
             except (SafetensorError, OSError, KeyError, RuntimeError) as err:
-                raise _corrupt(path, f"shard {shard['file']} cannot be read ({err})") from None
+                raise corrupt(path, f"shard {shard['file']} cannot be read ({err})") from None
             rows = shard["rows"][1] - shard["rows"][0]
             bad = {k: tuple(v.shape) for k, v in tensors.items() if v.shape[0] != rows}
             if bad:
-                raise _corrupt(path, f"shard {shard['file']} should hold {rows} rows, has {bad}")
+                raise corrupt(path, f"shard {shard['file']} should hold {rows} rows, has {bad}")
             self._open[number] = (handle, tensors)
         return self._open[number][1]
 
+    def _decode(self, stored: Stored) -> dict[str, torch.Tensor]:
+        return decode_to_batch(stored, self.format)
+
     def get(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The loss batch keys (see ``decode_to_batch``) for global row ``indices`` ``[B]``."""
+        """The loss batch keys for global row ``indices`` ``[B]``."""
         idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
         if not self.info["shards"]:
             raise IndexError("the cache is empty")
@@ -109,11 +104,46 @@ class CacheReader:
             positions.append(where)
             pieces.append({key: value[local] for key, value in tensors.items()})
         order = torch.cat(positions).argsort()  # undo the grouping (uint16 has no index_put)
-        return decode_to_batch({k: torch.cat([p[k] for p in pieces])[order] for k in pieces[0]})
+        return self._decode({k: torch.cat([p[k] for p in pieces])[order] for k in pieces[0]})
 
     def load_all(self) -> dict[str, torch.Tensor]:
-        """Every row, in order, in the loss batch keys."""
+        """Every row, in order, in the loss batch keys (all in memory: see ``iter_batches``)."""
         parts = [self._shard(i) for i in range(len(self.info["shards"]))]
         if not parts:
             raise IndexError("the cache is empty")
-        return decode_to_batch({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+        return self._decode({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+
+    def iter_batches(self, batch_size: int, *, verify: bool = True
+                     ) -> Iterator[dict[str, torch.Tensor]]:
+        """Stream every row in order, ``batch_size`` rows at a time (the last may be shorter).
+
+        Holds one shard open at a time and copies only the rows of the current batch, so a
+        cache larger than RAM streams through.
+
+        Args:
+            verify: check each shard's sha256 just before its first row is used.
+
+        Raises:
+            CacheCorruptError: naming a shard that fails ``verify_shard`` or cannot be read.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        pending: list[Stored] = []
+        pending_rows = 0
+        for number in range(len(self.info["shards"])):
+            if verify:
+                self.verify_shard(number)
+            tensors = self._shard(number)
+            rows = int(tensors["values"].shape[0])
+            start = 0
+            while start < rows:
+                take = min(batch_size - pending_rows, rows - start)
+                pending.append({k: v[start : start + take] for k, v in tensors.items()})
+                pending_rows += take
+                start += take
+                if pending_rows == batch_size:
+                    yield self._decode({k: torch.cat([p[k] for p in pending]) for k in pending[0]})
+                    pending, pending_rows = [], 0
+            self._open.pop(number, None)  # the last views keep its mapping alive until used
+        if pending:
+            yield self._decode({k: torch.cat([p[k] for p in pending]) for k in pending[0]})
