@@ -1,0 +1,450 @@
+"""Mirage: graph distillation by frequent computation-tree sets (Gupta et al., ICLR 2024).
+
+A message-passing GNN with ``hops`` layers sees a node through its computation tree: the node,
+its neighbours, their neighbours, ... unrolled ``hops`` times with no visited set (a parent
+reappears as its child's child). Graphs of a class share frequent sets of such trees; Mirage keeps,
+per class, the tree sets contained in at least ``threshold`` training graphs and builds one small
+graph per set: the disjoint union of its trees, edges pointing child to parent, roots marked.
+
+Steps, each a plain function:
+
+1. :func:`tree_ids`: a canonical id per node's depth-``hops`` tree, independent of child order,
+   computed level by level for all nodes at once (exact, collision-free interning of sorted
+   child-id rows with ``np.unique``, no recursive strings).
+2. :func:`transactions`: each graph as the sorted set of its root-tree ids.
+3. :func:`frequent_itemsets`: exact Eclat over bitsets (support = number of graphs containing the
+   set; ``support >= threshold``).
+4. :func:`mirage`: per-class mining, dropping sets frequent in more than one class (exact set
+   equality, as the official code), optional automatic thresholds, and materialisation.
+
+Isolated nodes are dropped from transactions by default, as the official code does.
+This is a standalone module for now: the condenser registry works on image ``Dataset``s.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence, Set
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kdflow.data.graphs import GraphSet, concat_ranges
+from kdflow.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TreeIds:
+    """Canonical ids of every node's computation tree at each depth.
+
+    Attributes:
+        levels: ``levels[l][v]`` is the id of ``v``'s depth-``l`` tree, in ``[0, counts[l])``.
+        counts: number of distinct trees per depth.
+    """
+
+    levels: list[np.ndarray]
+    counts: list[int]
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Ids of the deepest trees.  # [N]"""
+        return self.levels[-1]
+
+
+def _in_edges(num_nodes: int, edge_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Edges sorted by target and the CSR pointer of each node's incoming edges."""
+    order = np.argsort(edge_index[1], kind="stable")
+    ptr = np.concatenate([[0], np.cumsum(np.bincount(edge_index[1], minlength=num_nodes))])
+    return order, ptr
+
+
+def tree_ids(
+    node_labels: np.ndarray, edge_index: np.ndarray, edge_labels: np.ndarray | None, hops: int
+) -> TreeIds:
+    """Canonical ids of the depth-``0..hops`` computation trees of all nodes.
+
+    The children of ``v`` are the sources ``u`` of the edges ``u -> v``. At depth ``l``,
+    ``id_l(v)`` interns the row (label of v, in-degree, sorted multiset of
+    (edge label, id_{l-1}(u))) exactly: see :func:`_intern_rows`. Ids are dense, ordered by the
+    rows' content, so they do not depend on node or edge order.
+
+    Args:
+        node_labels: categorical node labels.  # [N]
+        edge_index: ``(source, target)`` pairs.  # [2, E]
+        edge_labels: categorical edge labels or None.  # [E]
+        hops: depth of the trees (number of message-passing layers).
+    """
+    if hops < 0:
+        raise ValueError(f"hops must be >= 0 (got {hops})")
+    n = len(node_labels)
+    src, dst = np.asarray(edge_index[0], np.int64), np.asarray(edge_index[1], np.int64)
+    elab = np.zeros(len(src), np.int64) if edge_labels is None else np.asarray(edge_labels, np.int64)
+    deg = np.bincount(dst, minlength=n)
+    ptr = np.concatenate([[0], np.cumsum(deg)])[:-1]
+    _, first = np.unique(node_labels, return_inverse=True)
+    first = first.reshape(-1).astype(np.int64)
+    levels, counts = [first], [int(first.max()) + 1 if n else 0]
+    for _ in range(hops):
+        key = elab * max(counts[-1], 1) + levels[-1][src]  # [E] (edge label, child tree) per edge
+        key = key[np.lexsort((key, dst))]  # grouped by target, sorted within each group
+        ids, count = _intern_rows(first, key, ptr, deg)
+        levels.append(ids)
+        counts.append(count)
+    return TreeIds(levels=levels, counts=counts)
+
+
+def _intern_rows(
+    first: np.ndarray, key: np.ndarray, ptr: np.ndarray, deg: np.ndarray
+) -> tuple[np.ndarray, int]:
+    """Dense exact ids of the rows ``(first[v], deg[v], key[ptr[v] : ptr[v] + deg[v]])``.
+
+    Column by column: the id of a row prefix and the next column are combined into one integer
+    (``prefix * width + value``, exact) and re-densified with ``np.unique``; rows of different
+    lengths never meet because the degree is part of the first column.
+    """
+    n = len(first)
+    if n == 0:
+        return np.zeros(0, np.int64), 0
+    _, h = np.unique(deg * (int(first.max()) + 1) + first, return_inverse=True)
+    h = h.reshape(-1).astype(np.int64)
+    width = int(key.max()) + 1 if len(key) else 1
+    for j in range(int(deg.max())):
+        act = np.flatnonzero(deg > j)
+        if (int(h[act].max()) + 1) * width >= 2**62:
+            raise OverflowError("tree ids do not fit in int64")
+        _, h[act] = np.unique(h[act] * width + key[ptr[act] + j], return_inverse=True)
+    _, ids = np.unique(deg * (int(h.max()) + 1) + h, return_inverse=True)
+    ids = ids.reshape(-1).astype(np.int64)
+    return ids, int(ids.max()) + 1
+
+
+def transactions(
+    ids: np.ndarray, node_offsets: np.ndarray, keep: np.ndarray | None = None
+) -> list[np.ndarray]:
+    """Each graph as the sorted, de-duplicated array of its nodes' tree ids.
+
+    Args:
+        ids: tree id per node.  # [N]
+        node_offsets: per-graph node offsets.  # [G + 1]
+        keep: nodes to use (e.g. non-isolated), or None for all.  # [N] bool
+    """
+    graph = np.repeat(np.arange(len(node_offsets) - 1), np.diff(node_offsets))
+    if keep is not None:
+        graph, ids = graph[keep], ids[keep]
+    width = int(ids.max()) + 1 if len(ids) else 1
+    pairs = np.unique(graph * width + ids)  # (graph, id) pairs, sorted by graph then id
+    bounds = np.searchsorted(pairs // width, np.arange(len(node_offsets)))
+    items = pairs % width
+    return [items[bounds[g] : bounds[g + 1]] for g in range(len(node_offsets) - 1)]
+
+
+class _LimitReached(Exception):
+    pass
+
+
+def frequent_itemsets(
+    baskets: Sequence[np.ndarray],
+    min_support: int,
+    *,
+    max_size: int | None = None,
+    limit: int | None = None,
+) -> dict[tuple[int, ...], int]:
+    """All itemsets contained in at least ``min_support`` baskets (exact Eclat over bitsets).
+
+    Args:
+        baskets: one array of items per transaction (repeats count once).
+        min_support: absolute threshold (``>= 1``).
+        max_size: longest itemset to report, or None for no bound.
+        limit: stop after this many itemsets (the result is then incomplete), or None.
+
+    Returns:
+        ``{sorted item tuple: support}``.
+    """
+    if min_support < 1:
+        raise ValueError(f"min_support must be >= 1 (got {min_support})")
+    if not baskets:
+        return {}
+    owner = np.repeat(np.arange(len(baskets)), [len(b) for b in baskets])
+    items = np.concatenate([np.asarray(b, np.int64) for b in baskets])
+    tidsets: list[tuple[int, int, int]] = []  # (support, item, bitset)
+    order = np.argsort(items, kind="stable")
+    uniq, starts, sizes = np.unique(items[order], return_index=True, return_counts=True)
+    for item, s, c in zip(uniq.tolist(), starts.tolist(), sizes.tolist()):
+        if c >= min_support:  # c counts occurrences; the support counts distinct baskets
+            mask = np.zeros(len(baskets), bool)
+            mask[owner[order[s : s + c]]] = True
+            if (sup := int(mask.sum())) >= min_support:
+                bits = int.from_bytes(np.packbits(mask, bitorder="little").tobytes(), "little")
+                tidsets.append((sup, item, bits))
+    tidsets.sort()  # rarest first keeps the conditional tidsets small
+    out: dict[tuple[int, ...], int] = {}
+
+    def grow(prefix: tuple[int, ...], cands: list[tuple[int, int, int]]) -> None:
+        for i, (sup, item, bits) in enumerate(cands):
+            found = prefix + (item,)
+            out[tuple(sorted(found))] = sup
+            if limit is not None and len(out) >= limit:
+                raise _LimitReached
+            if max_size is not None and len(found) >= max_size:
+                continue
+            ext = []
+            for _, item2, bits2 in cands[i + 1 :]:
+                both = bits & bits2
+                sup2 = both.bit_count()
+                if sup2 >= min_support:
+                    ext.append((sup2, item2, both))
+            if ext:
+                grow(found, ext)
+
+    try:
+        grow((), tidsets)
+    except _LimitReached:
+        pass
+    return out
+
+
+def count_at_least(
+    baskets: Sequence[np.ndarray],
+    threshold: int,
+    target: int,
+    max_size: int | None = None,
+    exclude: Set[tuple[int, ...]] = frozenset(),
+) -> int:
+    """``min(#frequent itemsets at threshold not in exclude, target)``, stopping the miner early."""
+    found = frequent_itemsets(baskets, threshold, max_size=max_size, limit=target + len(exclude))
+    return min(sum(s not in exclude for s in found), target)
+
+
+def auto_threshold(
+    baskets: Sequence[np.ndarray],
+    target: int,
+    max_size: int | None = None,
+    exclude: Set[tuple[int, ...]] = frozenset(),
+) -> int:
+    """The threshold whose number of frequent itemsets (outside ``exclude``) is closest to ``target``.
+
+    The count falls as the threshold rises, so a binary search finds the largest threshold ``t``
+    with at least ``target`` sets; ``t`` or ``t + 1`` (fewer than ``target``) wins by distance,
+    ties to ``t``, and ``t`` when ``t + 1`` gives no set at all (a class should not vanish).
+    Counts are capped at ``2 * target + 1`` so low thresholds never mine everything.
+    """
+    lo, hi = 1, max(len(baskets), 1)
+    if count_at_least(baskets, lo, target, max_size, exclude) < target:
+        return lo
+    while lo < hi:  # invariant: count(lo) >= target
+        mid = (lo + hi + 1) // 2
+        if count_at_least(baskets, mid, target, max_size, exclude) >= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    cap = 2 * target + 1
+    below = count_at_least(baskets, lo + 1, cap, max_size, exclude)
+    at = count_at_least(baskets, lo, cap, max_size, exclude)
+    return lo if below == 0 or at - target <= target - below else lo + 1
+
+
+def auto_thresholds(
+    per_class: Sequence[Sequence[np.ndarray]],
+    target: int,
+    *,
+    drop_shared: bool = True,
+    max_size: int | None = None,
+    rounds: int = 4,
+) -> list[int]:
+    """Per-class thresholds giving about ``target`` condensed graphs in all, split evenly by class.
+
+    Each class first gets the threshold closest to its share on its own. With ``drop_shared``,
+    sets frequent in another class are then excluded from the count: a few rounds of one class at
+    a time, the other classes' thresholds held fixed (each step is an exact 1-D search since the
+    count stays monotone in the threshold), until the thresholds stop changing. The thresholds
+    seen that leave the fewest classes empty, then come closest to the shares, win.
+    """
+    c = len(per_class)
+    shares = [max(target // c + (k < target % c), 1) for k in range(c)]
+    chosen = [auto_threshold(b, s, max_size) for b, s in zip(per_class, shares)]
+    if not drop_shared or c < 2:
+        return chosen
+    mined = [frequent_itemsets(b, t, max_size=max_size) for b, t in zip(per_class, chosen)]
+
+    def miss() -> tuple[int, int]:  # (empty classes, distance to the shares) after dropping shared sets
+        kept = _drop_shared(mined)
+        return sum(not m for m in kept), sum(abs(len(m) - s) for m, s in zip(kept, shares))
+
+    best, best_miss = list(chosen), miss()
+    for _ in range(rounds):
+        before = list(chosen)
+        for k in range(c):
+            others = {s for j in range(c) if j != k for s in mined[j]}
+            chosen[k] = auto_threshold(per_class[k], shares[k], max_size, exclude=others)
+            mined[k] = frequent_itemsets(per_class[k], chosen[k], max_size=max_size)
+            if (m := miss()) < best_miss:
+                best, best_miss = list(chosen), m
+        if chosen == before or best_miss == (0, 0):
+            break
+    return best
+
+
+def _drop_shared(mined: Sequence[dict[tuple[int, ...], int]]) -> list[dict[tuple[int, ...], int]]:
+    """Each class's sets without those frequent in another class (exact set equality)."""
+    seen: dict[tuple[int, ...], int] = {}
+    for m in mined:
+        for s in m:
+            seen[s] = seen.get(s, 0) + 1
+    return [{s: v for s, v in m.items() if seen[s] == 1} for m in mined]
+
+
+@dataclass(frozen=True)
+class CondensedGraphs:
+    """Mirage's output: one graph per frequent tree set.
+
+    Attributes:
+        graphs: disjoint unions of trees; edges child -> parent; labels are class ids.
+        roots: True on the root node of each tree.  # [N]
+        frequency: support of each set (number of training graphs containing it).  # [G]
+        itemsets: the tree ids of each set.
+        thresholds: the per-class thresholds used.
+        timings: seconds spent in ``extract`` (trees + transactions), ``thresholds`` (the automatic
+            search, 0 with fixed thresholds), ``mine`` (at the final thresholds) and ``materialise``.
+    """
+
+    graphs: GraphSet
+    roots: np.ndarray
+    frequency: np.ndarray
+    itemsets: list[tuple[int, ...]]
+    thresholds: list[int]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return self.graphs.nbytes + self.roots.nbytes + self.frequency.nbytes
+
+
+def mirage(
+    train: GraphSet,
+    *,
+    hops: int = 2,
+    thresholds: int | Sequence[int] | None = None,
+    target_graphs: int | None = None,
+    drop_shared: bool = True,
+    drop_isolated: bool = True,
+    max_size: int | None = None,
+) -> CondensedGraphs:
+    """Condense ``train`` into frequent computation-tree sets per class.
+
+    Args:
+        train: the training graphs.
+        hops: depth of the computation trees (GNN layers).
+        thresholds: absolute minimum support per class (one int for all classes); exclusive
+            with ``target_graphs``.
+        target_graphs: pick per-class thresholds so that each class yields about
+            ``target_graphs / num_classes`` sets (see :func:`auto_thresholds`).
+        drop_shared: drop a set frequent in more than one class (exact set equality).
+        drop_isolated: leave isolated nodes' trees out of the transactions (official code).
+        max_size: largest set size mined, or None.
+    """
+    if (thresholds is None) == (target_graphs is None):
+        raise ValueError("pass exactly one of thresholds and target_graphs")
+    c = train.num_classes
+    t0 = time.perf_counter()
+    ids = tree_ids(train.node_labels, train.edge_index, train.edge_labels, hops)
+    keep = None
+    if drop_isolated:
+        keep = np.bincount(train.edge_index[1], minlength=train.num_nodes) > 0
+    baskets = transactions(ids.ids, train.node_offsets, keep)
+    per_class = [[baskets[g] for g in np.flatnonzero(train.graph_labels == k)] for k in range(c)]
+    t1 = time.perf_counter()
+    if target_graphs is not None:
+        chosen = auto_thresholds(per_class, target_graphs, drop_shared=drop_shared, max_size=max_size)
+    elif isinstance(thresholds, int):
+        chosen = [thresholds] * c
+    else:
+        chosen = [int(t) for t in thresholds]
+        if len(chosen) != c:
+            raise DataError(f"{len(chosen)} thresholds for {c} classes; give one per class")
+    t_search = time.perf_counter()
+    mined = [frequent_itemsets(b, t, max_size=max_size) for b, t in zip(per_class, chosen)]
+    if drop_shared:
+        mined = _drop_shared(mined)
+    t2 = time.perf_counter()
+    items = [(k, s, v) for k, m in enumerate(mined) for s, v in sorted(m.items())]
+    graphs, roots = materialise(train, ids, [s for _, s, _ in items], [k for k, _, _ in items])
+    t3 = time.perf_counter()
+    log.info(
+        "mirage: %d hops, thresholds %s -> %s sets per class; extract %.2fs, search %.2fs, mine %.2fs",
+        hops, chosen, [len(m) for m in mined], t1 - t0, t_search - t1, t2 - t_search,
+    )
+    return CondensedGraphs(
+        graphs=graphs,
+        roots=roots,
+        frequency=np.array([v for _, _, v in items], np.int64),
+        itemsets=[s for _, s, _ in items],
+        thresholds=chosen,
+        timings={
+            "extract": t1 - t0,
+            "thresholds": t_search - t1,
+            "mine": t2 - t_search,
+            "materialise": t3 - t2,
+        },
+    )
+
+
+def materialise(
+    train: GraphSet, ids: TreeIds, itemsets: Sequence[tuple[int, ...]], labels: Sequence[int]
+) -> tuple[GraphSet, np.ndarray]:
+    """Build one graph per itemset: the disjoint union of its trees, edges child -> parent.
+
+    Each tree is unrolled from one node of ``train`` whose deepest tree has that id.
+    """
+    hops = len(ids.levels) - 1
+    rep = np.full(ids.counts[-1], -1, np.int64)
+    uniq, first = np.unique(ids.ids, return_index=True)
+    rep[uniq] = first  # first node with each id
+    order, ptr = _in_edges(train.num_nodes, train.edge_index)
+    deg = np.diff(ptr)
+    elab = train.edge_labels
+    node_parts, edge_parts, elab_parts, root_parts, n_off, e_off = [], [], [], [], [0], [0]
+    for itemset in itemsets:
+        base = 0
+        nodes_g, edges_g, elab_g, roots_g = [], [], [], []
+        for tid in itemset:
+            frontier = rep[[tid]]  # graph nodes of the current tree level
+            index = np.array([base])  # their tree-node indices
+            nodes_g.append(frontier)
+            roots_g.append(np.ones(1, bool))
+            size = 1
+            for _ in range(hops):
+                counts = deg[frontier]
+                e = order[concat_ranges(ptr[frontier], counts)]  # incoming edges, per parent
+                child = train.edge_index[0, e]
+                parent = np.repeat(index, counts)
+                new_index = base + size + np.arange(len(child))
+                edges_g.append(np.stack([new_index, parent]))
+                if elab is not None:
+                    elab_g.append(elab[e])
+                nodes_g.append(child)
+                roots_g.append(np.zeros(len(child), bool))
+                frontier, index, size = child, new_index, size + len(child)
+            base += size
+        node_parts.append(train.node_labels[np.concatenate(nodes_g)])
+        root_parts.append(np.concatenate(roots_g))
+        local = np.concatenate(edges_g, axis=1) if edges_g else np.zeros((2, 0), np.int64)
+        edge_parts.append(local + n_off[-1])
+        elab_parts.append(np.concatenate(elab_g) if elab_g else np.zeros(0, np.int64))
+        n_off.append(n_off[-1] + base)
+        e_off.append(e_off[-1] + edge_parts[-1].shape[1])
+    cat = lambda parts, empty: np.concatenate(parts) if parts else empty  # noqa: E731
+    graphs = GraphSet(
+        node_labels=cat(node_parts, np.zeros(0, np.int64)),
+        edge_index=np.concatenate(edge_parts, axis=1) if edge_parts else np.zeros((2, 0), np.int64),
+        node_offsets=np.array(n_off, np.int64),
+        edge_offsets=np.array(e_off, np.int64),
+        graph_labels=np.asarray(labels, np.int64),
+        edge_labels=None if elab is None else cat(elab_parts, np.zeros(0, np.int64)),
+        num_node_labels=train.num_node_labels,
+        num_edge_labels=train.num_edge_labels,
+        num_classes=train.num_classes,
+        name=f"{train.name}-mirage",
+    )
+    return graphs, cat(root_parts, np.zeros(0, bool))
