@@ -78,10 +78,28 @@ class SelectParams(Section):
 
 
 class CondenseParams(Section):
-    method: Literal["none", "random", "herding"] = Field(
+    method: Literal["none", "random", "herding", "k_center", "rded", "nrr_dd"] = Field(
         "none", description="Condensation method applied to the training split."
     )
-    ipc: int = Field(10, ge=1, le=1_000_000, description="Images (samples) per class kept by random/herding.")
+    ipc: int = Field(10, ge=1, le=1_000_000, description="Samples (or synthetic images) per class.")
+    factor: int = Field(2, ge=1, le=16, description="rded/nrr_dd: each synthetic image is a factor x factor grid of real crops.")
+    crops_per_image: int = Field(5, ge=1, le=1000, description="rded/nrr_dd: random-resized crops scored per real image.")
+    images_per_class: int = Field(100, ge=1, le=1_000_000, description="rded/nrr_dd: real images per class used as crop sources.")
+    scale_min: float = Field(0.5, gt=0, le=1, description="rded/nrr_dd: smallest crop area as a fraction of the image.")
+    scale_max: float = Field(1.0, gt=0, le=1, description="rded/nrr_dd: largest crop area as a fraction of the image.")
+    cam_pool: float = Field(0.5, gt=0, le=1, description="nrr_dd: share of crops (highest CAM ratio) eligible before low confidence picks.")
+    correct_only: bool = Field(True, description="nrr_dd: prefer crops the teacher classifies correctly before picking the least confident.")
+    eps: float = Field(0.5, ge=0, le=2, description="nrr_dd: CAM threshold of the refinement mask max(0, eps - CAM); 0 freezes all pixels.")
+    iterations: int = Field(100, ge=0, le=100_000, description="nrr_dd: refinement steps on the non-critical pixels.")
+    lr: float = Field(0.05, gt=0, le=10, description="nrr_dd: Adam step size of the refinement.")
+    bn_weight: float = Field(1.0, ge=0, le=10_000, description="nrr_dd: weight of the BatchNorm-statistics matching term.")
+    temperature: float = Field(1.0, gt=0, le=100, description="nrr_dd: softmax temperature of the stored DBR distances.")
+
+    @model_validator(mode="after")
+    def _scale_range(self) -> CondenseParams:
+        if self.scale_min > self.scale_max:
+            raise ValueError(f"scale_min ({self.scale_min}) must be <= scale_max ({self.scale_max})")
+        return self
 
 
 class LogitsParams(Section):

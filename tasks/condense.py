@@ -15,8 +15,10 @@ def run(params: CondenseParams, ctx: StageContext) -> Manifest:
     train = load_dataset(ctx.input("prepare")).split("train")
     teacher_name = chosen_teacher(ctx)
     teacher = load_model(ctx.input("teachers") / teacher_name)
+    options = params.model_dump(exclude={"method", "ipc", "scale_min", "scale_max"})  # methods ignore what they do not use
     small = condense(
         params.method, train, teacher=teacher, ipc=params.ipc, seed=ctx.seed, device=resolve_device("auto"),
+        scale=(params.scale_min, params.scale_max), **options,
         report=lambda done, total: ctx.report(f"condense {params.method}", done, total),
     )
     small.meta.update(condensed_by=params.method, teacher=teacher_name)

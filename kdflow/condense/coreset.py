@@ -1,4 +1,4 @@
-"""Coreset baselines: keep real samples. ``none``, ``random`` and ``herding``."""
+"""Coreset baselines: keep real samples. ``none``, ``random``, ``herding`` and ``k_center``."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -51,6 +51,47 @@ def herding_order(features: torch.Tensor, count: int) -> list[int]:
     return chosen
 
 
+def k_center_order(features: torch.Tensor, count: int) -> list[int]:
+    """Greedy k-center (Sener & Savarese 2018): repeatedly add the farthest sample.
+
+    The first pick is the sample closest to the class mean (so no seed is needed); each next
+    pick maximises the Euclidean distance to its nearest already-chosen sample (ties: lowest index).
+
+    Args:
+        features: ``[n, D]`` features of one class.
+        count: how many to pick (at most n).
+    Returns:
+        Indices into ``features`` in selection order.
+    """
+    n = len(features)
+    count = min(count, n)
+    if count == 0:
+        return []
+    first = int((features - features.mean(dim=0)).norm(dim=1).argmin())
+    chosen = [first]
+    nearest = (features - features[first]).norm(dim=1)  # [n] distance to the chosen set
+    while len(chosen) < count:
+        i = int(nearest.argmax())
+        chosen.append(i)
+        nearest = torch.minimum(nearest, (features - features[i]).norm(dim=1))
+    return chosen
+
+
+def _per_class_in_feature_space(
+    order: Callable[[torch.Tensor, int], list[int]], train: Dataset, teacher: nn.Module, ipc: int,
+    device: torch.device, report: Callable[[int, int], None] | None,
+) -> Dataset:
+    """Pick ``ipc`` rows per class with ``order`` on L2-normalised teacher features."""
+    feats = extract_features(teacher, train.features, device=device)  # [N, D]
+    feats = torch.nn.functional.normalize(feats.float(), dim=1)
+    keep = []
+    for c, rows in enumerate(per_class_indices(train.labels, train.num_classes), start=1):
+        keep.append(rows[order(feats[rows], ipc)])
+        if report is not None:
+            report(c, train.num_classes)
+    return train.select(torch.cat(keep).sort().values)
+
+
 @CONDENSERS.register("herding")
 def herding(
     train: Dataset, *, teacher: nn.Module, ipc: int, device: torch.device,
@@ -60,11 +101,16 @@ def herding(
 
     ``report(classes_done, classes)`` is called after each class.
     """
-    feats = extract_features(teacher, train.features, device=device)  # [N, D]
-    feats = torch.nn.functional.normalize(feats.float(), dim=1)
-    keep = []
-    for c, rows in enumerate(per_class_indices(train.labels, train.num_classes), start=1):
-        keep.append(rows[herding_order(feats[rows], ipc)])
-        if report is not None:
-            report(c, train.num_classes)
-    return train.select(torch.cat(keep).sort().values)
+    return _per_class_in_feature_space(herding_order, train, teacher, ipc, device, report)
+
+
+@CONDENSERS.register("k_center")
+def k_center(
+    train: Dataset, *, teacher: nn.Module, ipc: int, device: torch.device,
+    report: Callable[[int, int], None] | None = None, **_: object,
+) -> Dataset:
+    """``ipc`` samples per class by greedy k-center in the teacher's penultimate feature space.
+
+    ``report(classes_done, classes)`` is called after each class.
+    """
+    return _per_class_in_feature_space(k_center_order, train, teacher, ipc, device, report)

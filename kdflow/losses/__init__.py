@@ -103,6 +103,6 @@ def kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
 
 
 # Importing the method modules registers them.
-from kdflow.losses import ce, kd, topk_kd  # noqa: E402, F401
+from kdflow.losses import ce, dbr, kd, topk_kd  # noqa: E402, F401
 
 __all__ = ["LOSSES", "Loss", "check_args", "check_batch", "create_loss", "kl_rows", "weighted_mean"]

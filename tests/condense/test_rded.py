@@ -1,0 +1,103 @@
+"""RDED: stitching geometry, crop ranking, shapes for 1/3 channels and several sizes, determinism."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from kdflow.condense import CONDENSERS, condense
+from kdflow.condense.rded import cell_edges, random_resized_box, rank_candidates, stitch
+from kdflow.data.dataset import Dataset
+from kdflow.errors import DataError
+from kdflow.models import create_model
+from kdflow.train.loop import predict
+
+CPU = torch.device("cpu")
+
+
+def toy(shape: tuple[int, int, int], n_per_class: int = 6, classes: int = 3, seed: int = 0) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(classes).repeat_interleave(n_per_class)
+    x = torch.randn(len(labels), *shape, generator=g) + labels.view(-1, 1, 1, 1).float()
+    return Dataset(x, labels, [f"s{i}" for i in range(len(labels))], ["train"] * len(labels), classes, "image")
+
+
+class MeanTeacher(nn.Module):
+    """Logits ``[mean(x), 0]``: class 0 likes bright crops, class 1 dark ones."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.flatten(1).mean(1)
+        return torch.stack([m, torch.zeros_like(m)], dim=1)
+
+
+def test_rded_is_registered() -> None:
+    assert "rded" in CONDENSERS.names()
+
+
+@pytest.mark.parametrize("size,factor", [((8, 8), 2), ((9, 7), 2), ((16, 16), 4), ((28, 28), 3)])
+def test_stitch_puts_patch_k_in_cell_row_major(size: tuple[int, int], factor: int) -> None:
+    patches = torch.arange(factor * factor, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 2, 5, 5)
+    out = stitch(patches.contiguous(), factor, size)
+    assert out.shape == (2, *size)
+    rows, cols = cell_edges(size[0], factor), cell_edges(size[1], factor)
+    assert rows[0] == 0 and rows[-1] == size[0] and cols[-1] == size[1]
+    for k in range(factor * factor):
+        i, j = divmod(k, factor)
+        cell = out[:, rows[i] : rows[i + 1], cols[j] : cols[j + 1]]
+        assert cell.numel() > 0 and torch.allclose(cell, torch.full_like(cell, float(k)))
+
+
+def test_random_resized_box_stays_inside_and_respects_scale() -> None:
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        top, left, h, w = random_resized_box(12, 10, (0.3, 0.6), g)
+        assert 0 <= top and top + h <= 12 and 0 <= left and left + w <= 10 and h >= 1 and w >= 1
+
+
+def test_rank_candidates_takes_one_crop_per_image_first() -> None:
+    score = torch.tensor([0.1, 0.2, 5.0, 0.3, 0.05, 9.0])  # 3 images x 2 crops, image-major
+    # best crop of each image by score (0.05, 0.1, 0.3), then the second-best ones (0.2, 5, 9)
+    assert rank_candidates(score, 2).tolist() == [4, 0, 3, 1, 2, 5]
+
+
+def test_rded_picks_the_most_confident_crops_and_places_them_in_order() -> None:
+    values = torch.tensor([1.0, 8.0, 3.0, 6.0, 2.0, 7.0, 5.0, 4.0, -1.0, -4.0, -2.0, -3.0])
+    labels = torch.tensor([0] * 8 + [1] * 4)
+    x = values.view(-1, 1, 1, 1).expand(-1, 1, 8, 8).contiguous()  # constant images
+    ds = Dataset(x, labels, [f"s{i}" for i in range(12)], ["train"] * 12, 2, "image")
+    out = condense("rded", ds, teacher=MeanTeacher(), ipc=1, seed=0, device=CPU, factor=2, crops_per_image=1)
+    cells = out.features[:, 0, ::4, ::4]  # one pixel per 4x4 cell, [2, 2, 2]
+    assert cells[0].flatten().tolist() == [8.0, 7.0, 6.0, 5.0]  # class 0: brightest first
+    assert cells[1].flatten().tolist() == [-4.0, -3.0, -2.0, -1.0]  # class 1: darkest first
+    assert out.labels.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 8, 8), (3, 16, 16), (1, 28, 28)])
+def test_rded_shapes_and_soft_labels(shape: tuple[int, int, int]) -> None:
+    torch.manual_seed(0)
+    teacher = create_model("tiny_convnet", shape, 3)
+    ds = toy(shape)
+    out = condense("rded", ds, teacher=teacher, ipc=2, seed=0, device=CPU, factor=2, crops_per_image=2)
+    out.validate()
+    assert out.features.shape == (6, *shape)
+    assert torch.bincount(out.labels).tolist() == [2, 2, 2]
+    assert len(set(out.sample_ids)) == 6
+    assert torch.allclose(out.extras["soft_labels"], predict(teacher, out.features))
+
+
+def test_rded_is_deterministic_given_the_seed() -> None:
+    torch.manual_seed(0)
+    teacher = create_model("tiny_convnet", (1, 8, 8), 3)
+    ds = toy((1, 8, 8))
+    run = lambda seed: condense("rded", ds, teacher=teacher, ipc=2, seed=seed, device=CPU)  # noqa: E731
+    a, b, c = run(1), run(1), run(2)
+    assert torch.equal(a.features, b.features) and torch.equal(a.extras["soft_labels"], b.extras["soft_labels"])
+    assert not torch.equal(a.features, c.features)
+
+
+def test_rded_rejects_bad_arguments() -> None:
+    teacher = create_model("tiny_convnet", (1, 8, 8), 3)
+    with pytest.raises(DataError, match="factor"):
+        condense("rded", toy((1, 8, 8)), teacher=teacher, ipc=1, seed=0, device=CPU, factor=9)
+    with pytest.raises(DataError, match="scale"):
+        condense("rded", toy((1, 8, 8)), teacher=teacher, ipc=1, seed=0, device=CPU, scale=(0.0, 1.0))
