@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from kdflow.errors import KdflowError
@@ -145,6 +146,37 @@ def serve(
         serve_deployment(Path.cwd(), params_file=str(config), limit=limit)
     except (KdflowError, OSError) as exc:
         _fail(exc, debug)
+
+
+@app.command()
+def lineage(
+    ref: Annotated[str, typer.Argument(help="model-name[@alias] (e.g. digits-student@latest), model-name/version, "
+                                            "a logged model id (m-...) or a run id.")],
+    config: ConfigOpt = Path("params.yaml"),
+    tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow store; default tracking.uri, "
+                                                        "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here.")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Print the chain from a model back to its data source, stage by stage, with fingerprints and run ids."""
+    try:
+        from kdflow.lineage.query import open_store, trace
+
+        uri = tracking_uri or (_load(config, None).tracking.uri if config.exists() else None)
+        chain = trace(open_store(uri, Path.cwd()), ref)
+    except (KdflowError, OSError) as exc:
+        _fail(exc, debug)
+    out.print(f"[bold]{chain.target}[/] in {chain.uri}", highlight=False, soft_wrap=True)
+    for key, value in chain.facts().items():
+        out.print(f"  {key}: {value}", highlight=False, markup=False, soft_wrap=True)
+    table = Table(title="lineage, downstream first")
+    for col, wrap in (("stage", False), ("run id", False), ("fingerprint", False), ("reads", True), ("details", True)):
+        table.add_column(col, no_wrap=not wrap, overflow="fold")
+    for i, step in enumerate(chain.steps):
+        details = "; ".join(f"{k} {v}" for k, v in step.details.items())
+        status = "" if step.status in ("FINISHED", "data") else f" ({step.status})"
+        table.add_row(("" if i == 0 else "<- ") + step.stage, step.run_id or "-", (step.fingerprint or "-")[:16],
+                      ", ".join(step.reads), escape(details + status))
+    out.print(table)
 
 
 @app.command()

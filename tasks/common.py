@@ -49,7 +49,7 @@ STAGES: dict[str, StageSpec] = {
             "select",
             ("prepare", "teachers"),
             ("seed", "select", "student.arch", "student.args"),
-            ("tasks/select.py", "kdflow/select", "kdflow/losses", "kdflow/models", "kdflow/train"),
+            ("tasks/select.py", "kdflow/select", "kdflow/losses", "kdflow/models", "kdflow/train", "kdflow/metrics/plots.py"),
         ),
         StageSpec("condense", ("prepare", "select", "teachers"), ("seed", "condense"), ("tasks/condense.py", "kdflow/condense", "kdflow/models", "kdflow/train")),
         StageSpec("logits", ("condense", "select", "teachers"), ("logits",), ("tasks/logits.py", "kdflow/cache", "kdflow/models", "kdflow/train")),
@@ -296,7 +296,7 @@ def execute_stage(
     log.info("%s: running (%s)", stage, fp[:12])
     with atomic_dir(final) as tmp:
         ctx = StageContext(stage, root, pp, fp, upstream, tmp, tracker=tracker, resume=resume, progress=progress)
-        run_id = tracker.start_stage(stage, stage_params(stage, pp), fp) if tracker else None
+        run_id = tracker.start_stage(stage, stage_params(stage, pp), fp, upstream, artifact_root(root, pp.name)) if tracker else None
         try:
             manifest = module.run(section(stage, pp), ctx)
             manifest.mlflow_run_id = run_id

@@ -6,6 +6,7 @@ import json
 import polars as pl
 
 from kdflow.data.dataset import load_dataset
+from kdflow.metrics.plots import plot_ranking_png
 from kdflow.models import create_model
 from kdflow.models.io import load_model
 from kdflow.select import SelectionData, rank
@@ -35,6 +36,7 @@ def run(params: SelectParams, ctx: StageContext) -> Manifest:
     pl.DataFrame(rows).write_parquet(ctx.out / "ranking.parquet")
     chosen = {"teachers": [rows[0]["teacher"]], "weights": [1.0], "strategy": params.strategy}
     (ctx.out / CHOSEN_FILE).write_text(json.dumps(chosen, indent=1) + "\n")
+    plot_ranking_png(ctx.out / "figures" / "ranking.png", rows, chosen["teachers"])
     return ctx.manifest(metrics={"best_score": rows[0]["score"]}, info={**chosen, "ranking": rows})
 
 

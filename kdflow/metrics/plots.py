@@ -129,3 +129,27 @@ def plot_compression_png(path: Path, points: list[dict]) -> Path:
     ax.set_xscale("log")
     ax.set(xlabel="parameters", ylabel="accuracy", title="accuracy vs. size")
     return _save(fig, path)
+
+
+def plot_ranking_png(path: Path, rows: list[dict], chosen: Sequence[str] = ()) -> Path:
+    """Horizontal bars of each teacher candidate's ``score``, best on top; ``chosen`` highlighted.
+
+    Args:
+        rows: one dict per candidate with ``teacher`` and ``score`` (e.g. ``kdflow.select.rank``).
+        chosen: names drawn in a second colour (the selected teacher(s)).
+    """
+    ordered = sorted(rows, key=lambda r: (-float(r["score"]), str(r["teacher"])))
+    names = [str(r["teacher"]) for r in ordered]
+    scores = [float(r["score"]) for r in ordered]
+    fig = _figure(5.0, max(2.0, 0.45 * len(names) + 1.2))
+    ax = fig.subplots()
+    colors = ["tab:orange" if n in chosen else "tab:blue" for n in names]
+    bars = ax.barh(range(len(names)), scores, color=colors)
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    for bar, score in zip(bars, scores):
+        ax.annotate(f"{score:.4f}", (bar.get_width(), bar.get_y() + bar.get_height() / 2),
+                    textcoords="offset points", xytext=(3, 0), va="center", fontsize=8)
+    ax.set(xlabel="score", title="teacher ranking")
+    ax.margins(x=0.2)
+    return _save(fig, path)

@@ -182,3 +182,13 @@ def test_png_plots(tmp_path, data) -> None:
     for path in paths:
         assert path.exists() and path.read_bytes()[:8] == PNG_MAGIC
     assert len(matplotlib._pylab_helpers.Gcf.figs) == figures_before
+
+
+def test_ranking_png_is_stable_and_orders_best_first(tmp_path) -> None:
+    from kdflow.metrics.plots import plot_ranking_png
+
+    rows = [{"teacher": "b", "score": 0.7, "rank": 2}, {"teacher": "a", "score": 0.9, "rank": 1}]
+    first = plot_ranking_png(tmp_path / "figs" / "ranking.png", rows, chosen=["a"])
+    again = plot_ranking_png(tmp_path / "again.png", list(reversed(rows)), chosen=["a"])
+    assert first.read_bytes()[:8] == PNG_MAGIC
+    assert first.read_bytes() == again.read_bytes()  # same bytes whatever the input order
