@@ -133,14 +133,6 @@ def serve(
     _setup_logging(debug)
     try:
         _load(config, None)
-        if not os.environ.get("PREFECT_API_URL"):
-            from prefect.settings import PREFECT_API_URL
-
-            if not PREFECT_API_URL.value():
-                raise KdflowError(
-                    "kdflow serve needs a Prefect server: run `prefect server start` and "
-                    "`export PREFECT_API_URL=http://127.0.0.1:4200/api` (or `prefect config set PREFECT_API_URL=...`)"
-                )
         from flows.deployments import serve as serve_deployment
 
         serve_deployment(Path.cwd(), params_file=str(config), limit=limit)
