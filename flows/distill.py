@@ -97,8 +97,7 @@ def distill(params_file: str = "params.yaml", overrides: list[str] | None = None
         tracker.end_pipeline("FAILED")
         raise
     metrics = status["evaluate"]["manifest"].metrics
-    if hasattr(tracker, "log_pipeline_metrics"):
-        tracker.log_pipeline_metrics(metrics)
+    tracker.log_pipeline_metrics(metrics)
     tracker.end_pipeline("FINISHED")
     metrics_file = artifact_root(root_path, pp.name) / "evaluate" / "metrics.json"
     create_markdown_artifact(
@@ -111,5 +110,5 @@ def distill(params_file: str = "params.yaml", overrides: list[str] | None = None
         "stages": {s: {"state": v["state"], "cached": v["cached"], "seconds": v["manifest"].seconds} for s, v in status.items()},
         "metrics_file": str(metrics_file),
         "mlflow_run": tracker.run_url(),
-        "tracking_unavailable": getattr(tracker, "unavailable", None),
+        "tracking_unavailable": tracker.unavailable,
     }

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,16 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_params, write_params
+from conftest import free_port, stop_process_group, tiny_params, write_params
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PREFECT = str(Path(sys.executable).parent / "prefect")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(url: str, timeout: float) -> dict | list:
@@ -39,17 +31,6 @@ def wait_for(url: str, timeout: float) -> dict | list:
 
 def start(cmd: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Stop a process this test started, with the children in its session."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
 
 
 def test_prefect_deployment_run_completes_the_pipeline(tmp_path: Path) -> None:
@@ -94,5 +75,5 @@ def test_prefect_deployment_run_completes_the_pipeline(tmp_path: Path) -> None:
         assert any(a["type"] == "markdown" and "teacher" in (a.get("data") or "") for a in artifacts)
     finally:
         if served is not None:
-            stop(served)
-        stop(server)
+            stop_process_group(served)
+        stop_process_group(server)

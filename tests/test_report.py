@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
 import struct
 import subprocess
 import sys
@@ -19,7 +17,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from conftest import tiny_params, write_params
+from conftest import stop_process_group, tiny_params, write_params
 from kdflow.errors import KdflowError
 from kdflow.report import build_report
 from schemas.manifest import Manifest
@@ -171,13 +169,7 @@ def headless_chromium(exe: str, workdir: Path) -> Iterator[DevTools]:
         with connect(page["webSocketDebuggerUrl"], proxy=None, max_size=None, open_timeout=30) as ws:
             yield DevTools(ws)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=15)
+        stop_process_group(proc, timeout=15)
 
 
 IMAGES_JS = """JSON.stringify({

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,16 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_params, write_params
+from conftest import free_port, stop_process_group, tiny_params, write_params
 from tasks.common import STAGE_ORDER
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str, payload: dict | None = None) -> dict:
@@ -60,12 +52,7 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
             time.sleep(0.5)
         yield url
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        stop_process_group(proc)
         log.close()
 
 
