@@ -112,9 +112,13 @@ class LogitsParams(Section):
 
 
 class LossParams(Section):
-    name: Literal["ce", "kd", "topk_kd"] = Field("kd", description="Distillation loss.")
+    name: Literal["ce", "kd", "topk_kd", "dbr"] = Field(
+        "kd",
+        description="Training loss, i.e. the label mode: ce (hard labels), kd/topk_kd (teacher soft labels from the logit cache), dbr (NRR-DD distance labels; needs condense.method nrr_dd).",
+    )
     temperature: float = Field(4.0, gt=0, le=100, description="Softmax temperature T (KD terms are scaled by T^2).")
     alpha: float = Field(0.9, ge=0, le=1, description="Weight of the distillation term; 1 - alpha weighs cross-entropy.")
+    beta: float = Field(1.0, ge=0, le=10_000, description="dbr: weight of the distance-matching term (its temperature is the one stored by nrr_dd).")
 
 
 class StudentParams(Section):
@@ -167,6 +171,8 @@ class PipelineParams(Section):
             problems.append("student.loss.name: 'kd' needs logits.format 'dense' (or use 'topk_kd')")
         if loss == "topk_kd" and fmt not in ("topk", "topk_q8"):
             problems.append("student.loss.name: 'topk_kd' needs logits.format 'topk' or 'topk_q8'")
+        if loss == "dbr" and self.condense.method != "nrr_dd":
+            problems.append("student.loss.name: 'dbr' needs condense.method 'nrr_dd' (it stores the DBR distances)")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -57,7 +57,7 @@ STAGES: dict[str, StageSpec] = {
             "student",
             ("prepare", "condense", "logits"),
             ("seed", "student"),
-            ("tasks/student.py", "kdflow/train", "kdflow/losses", "kdflow/models", "kdflow/cache"),
+            ("tasks/student.py", "kdflow/train", "kdflow/losses", "kdflow/models", "kdflow/cache", "kdflow/condense/nrr_dd.py"),
         ),
         StageSpec(
             "evaluate",

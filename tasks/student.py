@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import shutil
 
+import torch
+
 from kdflow import progress
 from kdflow.cache import CacheReader
-from kdflow.data.dataset import load_dataset
+from kdflow.condense.nrr_dd import dbr_batch
+from kdflow.data.dataset import Dataset, load_dataset
 from kdflow.errors import KdflowError
 from kdflow.losses import create_loss
 from kdflow.models import count_params, create_model
@@ -17,13 +20,24 @@ from schemas.params import LossParams, StudentParams
 from tasks.common import StageContext, save_history
 
 
-def loss_kwargs(loss: LossParams, capture_temperature: float) -> dict:
+def loss_kwargs(loss: LossParams, capture_temperature: float, train_meta: dict) -> dict:
     if loss.name == "ce":
         return {}
+    if loss.name == "dbr":  # distances were stored at nrr_dd's temperature; the student must match it
+        return {"temperature": float(train_meta.get("dbr_temperature", 1.0)), "beta": loss.beta}
     kwargs = {"temperature": loss.temperature, "alpha": loss.alpha}
     if loss.name == "topk_kd":
         kwargs["capture_temperature"] = capture_temperature
     return kwargs
+
+
+def training_tensors(train: Dataset, loss: str) -> dict[str, torch.Tensor]:
+    """Inputs and labels for the loss: the stored DBR views for ``dbr``, else the condensed
+    samples; a ``weight`` extra (e.g. Mirage frequencies) weighs each sample's loss terms."""
+    tensors = dbr_batch(train) if loss == "dbr" else {"x": train.features, "y": train.labels}
+    if "weight" in train.extras:
+        tensors["weight"] = train.extras["weight"]
+    return tensors
 
 
 def run(params: StudentParams, ctx: StageContext) -> Manifest:
@@ -32,8 +46,10 @@ def run(params: StudentParams, ctx: StageContext) -> Manifest:
     cache_info = ctx.upstream["logits"].info["cache"]
     reader = CacheReader(ctx.input("logits"), cache_info)
     reader.verify()
-    batch = {"x": train.features, "y": train.labels, **reader.load_all()}
-    loss = create_loss(params.loss.name, **loss_kwargs(params.loss, cache_info["capture_temperature"]))
+    batch = training_tensors(train, params.loss.name)
+    batch.update(reader.load_all())
+    kwargs = loss_kwargs(params.loss, cache_info["capture_temperature"], train.meta)
+    loss = create_loss(params.loss.name, **kwargs)
     missing = [k for k in loss.needs if k not in batch]
     if missing:
         raise KdflowError(f"student.loss.name: {params.loss.name!r} needs {missing} but the cache provides {sorted(batch)}")

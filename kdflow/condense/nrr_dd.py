@@ -312,3 +312,21 @@ def nrr_dd(
     ds = synthetic_dataset(train, x, y, "nrr_dd", extras)
     ds.meta["dbr_temperature"] = temperature
     return ds
+
+
+def dbr_batch(ds: Dataset) -> dict[str, torch.Tensor]:
+    """The student's training tensors for the ``dbr`` loss: the stored mixed views and distances.
+
+    Raises:
+        DataError: ``ds`` lacks the ``dbr_*`` extras (it was not condensed by ``nrr_dd``).
+    """
+    need = ("dbr_partner", "dbr_y_aug", "dbr_lambda", "dbr_d_org", "dbr_d_aug")
+    missing = [k for k in need if k not in ds.extras]
+    if missing:
+        raise DataError(f"dbr labels: the condensed dataset lacks extras {missing}; use condense.method nrr_dd")
+    e = ds.extras
+    return {
+        "x": mix(ds.features, e["dbr_partner"], e["dbr_lambda"]),  # [N, C, H, W]
+        "y": ds.labels, "y_aug": e["dbr_y_aug"], "lam": e["dbr_lambda"],
+        "d_org": e["dbr_d_org"], "d_aug": e["dbr_d_aug"],
+    }
