@@ -12,10 +12,20 @@ with the thresholds either fixed per dataset (``--thresholds NAME=t0,t1``; NCI1 
 official script's 440,570) or chosen automatically for ``--target`` condensed graphs. The baseline
 in the same run is the full training set (graphs, nodes, edges, bytes of the in-memory arrays), and
 for speed a recursive canonical-string extraction in Python (``--no-reference`` skips it).
-GNN training on the condensed sets is not measured yet.
+
+GNN part (``--gnn``, on by default; ``--no-gnn`` skips it): the same split read through the
+pipeline's ``tu`` source (torch_geometric ``TUDataset``); GCN, GIN and GAT (``hops`` layers, width
+64, sum pooling) trained with the pipeline's ``fit`` on (a) the full training split, (b) Mirage's
+condensed graphs from the registered ``mirage`` condenser (``--gnn-target`` graphs, automatic
+thresholds), with frequency weights (``weight``) and without (``uniform``), (c) random training
+graphs of the same byte size (``GraphFeatures.nbytes``), each for ``--steps`` optimiser steps
+(batch 32, best validation epoch kept), over ``--seeds`` seeds; test ROC-AUC and accuracy, mean and
+std. Finally the graph KD result: ``configs/mutag-gnn.yaml`` run through the pipeline's stages
+(``--no-kd`` skips it). torch runs on one thread (``--threads``).
 
     .venv/bin/python benchmarks/condense_graphs.py --out condense_graphs.json
-    .venv/bin/python benchmarks/condense_graphs.py --datasets MUTAG NCI1 --hops 2 --target 10
+    .venv/bin/python benchmarks/condense_graphs.py --quick        # smoke test: MUTAG, 1 seed, few steps
+    .venv/bin/python benchmarks/condense_graphs.py --datasets MUTAG NCI1 --hops 2 --target 10 --no-gnn
 """
 from __future__ import annotations
 
@@ -39,6 +49,7 @@ from kdflow.data.tu import read_tu
 
 DATASETS = ["MUTAG", "PROTEINS", "NCI1", "IMDB-BINARY"]
 FIXED = {"NCI1": [440, 570]}  # the official Mirage NCI1 script
+GNN_TARGETS = {"MUTAG": 20, "PROTEINS": 50, "NCI1": 100, "IMDB-BINARY": 50}  # ~ a few % of the training graphs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,7 +63,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-reference", action="store_true", help="skip the recursive-string baseline")
     p.add_argument("--out", type=Path, default=None)
-    return p.parse_args(argv)
+    p.add_argument("--no-gnn", dest="gnn", action="store_false", help="skip the GNN training part")
+    p.add_argument("--gnn-target", type=int, default=None,
+                   help=f"Mirage graphs (automatic thresholds) for the GNN part; default per dataset {GNN_TARGETS}")
+    p.add_argument("--models", nargs="+", default=["gcn", "gin", "gat"])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=150, help="optimiser steps per training run (batch 32)")
+    p.add_argument("--no-kd", dest="kd", action="store_false", help="skip the MUTAG KD pipeline run")
+    p.add_argument("--kd-config", type=Path, default=Path("configs/mutag-gnn.yaml"))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="smoke test: MUTAG, gcn, 1 seed, 20 steps, no KD")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.datasets, args.models, args.seeds, args.steps, args.repeats, args.kd = ["MUTAG"], ["gcn"], 1, 20, 1, False
+    return args
 
 
 def reference_extract(g: GraphSet, hops: int) -> list[set[str]]:
@@ -131,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.thresholds:
         key, _, values = spec.partition("=")
         fixed[key] = [int(v) for v in values.split(",")]
-    console = Console()
+    console = Console(width=220)
     rows = []
     for name in args.datasets:
         if not (args.root / name).exists():
@@ -152,10 +176,150 @@ def main(argv: list[str] | None = None) -> int:
                 f"{run['bytes_ratio']:.2e}",
             )
     console.print(table)
+    gnn_rows, kd = [], None
+    if args.gnn:
+        torch_threads(args.threads)
+        for name in args.datasets:
+            if (args.root / name).exists():
+                gnn_rows.append(run_gnn(name, args))
+                console.print(gnn_table(gnn_rows, args))
+    if args.kd:
+        kd = run_kd(args)
+        console.print(f"graph KD ({args.kd_config}): {json.dumps(kd)}")
     if args.out:
         meta = {"python": sys.version.split()[0], "machine": platform.machine(), "cpus": os.cpu_count()}
-        args.out.write_text(json.dumps({"meta": meta, "args": {k: str(v) for k, v in vars(args).items()}, "results": rows}, indent=2))
+        args.out.write_text(json.dumps({"meta": meta, "args": {k: str(v) for k, v in vars(args).items()}, "results": rows,
+                                        "gnn": gnn_rows, "kd": kd}, indent=2))
     return 0
+
+
+def torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+# --- GNN training on full / Mirage / random-subset training graphs ------------------------------
+
+
+def _train_eval(arch: str, train, val, test, args: argparse.Namespace, seed: int, hops: int) -> dict:
+    """Train one GNN for ``args.steps`` steps (batch 32); test accuracy and ROC-AUC of the best val epoch."""
+    import math
+
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from kdflow.losses import create_loss
+    from kdflow.models import create_model
+    from kdflow.train.device import seed_everything
+    from kdflow.train.loop import fit, predict
+
+    seed_everything(seed)
+    model = create_model(arch, train.input_shape, train.num_classes, hidden=64, layers=hops, pool="sum")
+    batch = 32
+    epochs = max(1, math.ceil(args.steps / math.ceil(len(train) / batch)))
+    data = {"x": train.features, "y": train.labels}
+    if "weight" in train.extras:
+        data["weight"] = train.extras["weight"]
+    t0 = time.perf_counter()
+    fit(model, data, create_loss("ce"), val=(val.features, val.labels), epochs=epochs, lr=0.01, batch_size=batch,
+        seed=seed, device=torch.device("cpu"))
+    seconds = time.perf_counter() - t0
+    prob = predict(model, test.features).softmax(1)  # [N, K]
+    y = test.labels.numpy()
+    auc = roc_auc_score(y, prob[:, 1].numpy()) if train.num_classes == 2 else roc_auc_score(y, prob.numpy(), multi_class="ovr")
+    return {"accuracy": float((prob.argmax(1).numpy() == y).mean()), "roc_auc": float(auc), "train_s": seconds,
+            "epochs": epochs}
+
+
+def _same_bytes_subset(train, budget: int, seed: int):
+    """Random training graphs (a permutation prefix) whose features take at most ``budget`` bytes."""
+    import torch
+
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    g = train.features
+    per = (g.num_nodes * g.x.shape[1] * g.x.element_size() + g.num_edges * 2 * 8
+           + (0 if g.edge_attr is None else g.num_edges * g.edge_attr.shape[1] * g.edge_attr.element_size()) + 2 * 8)
+    keep = order[torch.cumsum(per[order], 0) <= budget]
+    if len(keep) < 2:
+        keep = order[:2]
+    return train.select(keep.sort().values)
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def run_gnn(name: str, args: argparse.Namespace) -> dict:
+    """Full vs. Mirage (weight / uniform) vs. same-bytes random subset, per GNN, over seeds."""
+    from kdflow.condense import condense
+    from kdflow.data.sources import load_source
+
+    ds = load_source(f"tu:{name}", seed=args.seed, val_fraction=0.1, test_fraction=0.1, options={"root": str(args.root)})
+    train, val, test = ds.split("train"), ds.split("val"), ds.split("test")
+    t0 = time.perf_counter()
+    target = args.gnn_target or GNN_TARGETS.get(name, 50)
+    small = condense("mirage", train, hops=args.hops, target_graphs=target, frequency="weight", seed=args.seed,
+                     teacher=None)
+    condense_s = time.perf_counter() - t0
+    uniform = small.select(np.arange(len(small)))
+    uniform.extras = {k: v for k, v in uniform.extras.items() if k != "weight"}
+    info = small.meta["mirage"]
+    row = {
+        "dataset": name, "hops": args.hops, "target_graphs": target, "thresholds": info["thresholds"],
+        "condense_s": condense_s, "timings": info["timings"],
+        "sizes": {"full": {"graphs": len(train), "bytes": train.features.nbytes},
+                  "mirage": {"graphs": len(small), "bytes": small.features.nbytes, "per_class": info["sets_per_class"]}},
+        "models": {},
+    }
+    for arch in args.models:
+        results: dict[str, list[dict]] = {"full": [], "mirage_weight": [], "mirage_uniform": [], "random_same_bytes": []}
+        for seed in range(args.seeds):
+            rand = _same_bytes_subset(train, small.features.nbytes, seed)
+            row["sizes"]["random_same_bytes"] = {"graphs": len(rand), "bytes": rand.features.nbytes}
+            for key, data in (("full", train), ("mirage_weight", small), ("mirage_uniform", uniform), ("random_same_bytes", rand)):
+                results[key].append(_train_eval(arch, data, val, test, args, seed, args.hops))
+        row["models"][arch] = {
+            key: {m: _mean_std([r[m] for r in runs]) for m in ("accuracy", "roc_auc", "train_s")}
+            for key, runs in results.items()
+        }
+    return row
+
+
+def gnn_table(rows: list[dict], args: argparse.Namespace) -> Table:
+    table = Table(title=f"GNN test ROC-AUC / accuracy, mean +- std over {args.seeds} seed(s), {args.steps} steps, {args.hops} layers")
+    for col in ("dataset", "model", "full", "mirage (weight)", "mirage (uniform)", "random, same bytes", "train graphs / bytes"):
+        table.add_column(col)
+    fmt = lambda r: f"{r['roc_auc']['mean']:.3f}+-{r['roc_auc']['std']:.3f} / {r['accuracy']['mean']:.3f}+-{r['accuracy']['std']:.3f}"  # noqa: E731
+    for row in rows:
+        sz = row["sizes"]
+        sizes = " | ".join(f"{k}: {v['graphs']} / {v['bytes']}" for k, v in sz.items())
+        for arch, res in row["models"].items():
+            table.add_row(row["dataset"], arch, fmt(res["full"]), fmt(res["mirage_weight"]), fmt(res["mirage_uniform"]),
+                          fmt(res["random_same_bytes"]), sizes)
+    return table
+
+
+def run_kd(args: argparse.Namespace) -> dict:
+    """The graph KD pipeline (teacher -> student through the stages) in a temporary folder."""
+    import tempfile
+
+    from schemas.params import apply_overrides, parse_params, read_params_file
+    from tasks.common import STAGE_ORDER, execute_stage
+
+    raw = apply_overrides(read_params_file(args.kd_config), [f"data.options.root={args.root.resolve()}", "tracking.enabled=false"])
+    pp = parse_params(raw, str(args.kd_config))
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="kdflow-kd-") as tmp:
+        for stage in STAGE_ORDER:
+            execute_stage(stage, pp, Path(tmp))
+        metrics = json.loads((Path(tmp) / "artifacts" / pp.name / "evaluate/metrics.json").read_text())
+    return {
+        "config": str(args.kd_config), "seconds": time.perf_counter() - t0,
+        "teacher": {k: metrics["teacher"][k] for k in ("name", "accuracy", "params", "latency_ms_b256")},
+        "student": {k: metrics["student"][k] for k in ("accuracy", "params", "latency_ms_b256")},
+        "params_ratio": metrics["compression"]["params_ratio"], "agreement": metrics["agreement"], "n_test": metrics["n_test"],
+    }
 
 
 if __name__ == "__main__":

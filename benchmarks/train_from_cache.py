@@ -8,7 +8,10 @@ order, the seconds per epoch of
   ``write_cache`` and read back memory-mapped: every step calls ``CacheReader.get(batch_indices)``,
   so fetching and decoding the cached rows is part of the timed step (loss ``kd`` for a dense
   cache, ``topk_kd`` for a top-k one);
-- ``live``: KD with a teacher forward every step (eval mode, ``torch.inference_mode``, loss ``kd``).
+- ``live``: KD with a teacher forward every step (eval mode, ``torch.inference_mode``, loss ``kd``);
+- ``views`` (with ``--views K`` > 1): like ``cache``, from a cache of K augmented views per sample
+  (random resized crops, ``logits.views``): every step replays one cached view per sample
+  through ``CachedBatches`` (rebuilds the crop with ``apply_views``, reads that view's row).
 
 All three use one small timed loop (not ``kdflow.train.loop.fit``) that differs only in where the
 teacher signal comes from. Each mode runs 1 untimed warm-up epoch then ``--epochs`` timed epochs,
@@ -47,7 +50,8 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from kdflow.cache import CacheReader, write_cache
+from kdflow.cache import CacheReader, CachedBatches, write_cache, write_views
+from kdflow.data.augment import Augment, apply_views, draw_views
 from kdflow.data.sources import load_source
 from kdflow.losses import Loss, create_loss
 from kdflow.models import count_params, create_model
@@ -78,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="train the teacher this many CE epochs first (0: random init)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="where to write the cache (default: a temporary folder)")
+    p.add_argument("--views", type=int, default=1,
+                   help="K > 1 adds the 'views' mode: a cache of K augmented views per sample")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     if args.epochs < 1 or args.repeats < 1 or args.batch_size < 2:
@@ -119,8 +125,32 @@ def write_teacher_cache(teacher: nn.Module, x: torch.Tensor, directory: Path,
             "shards": len(info["shards"])}
 
 
+def write_views_cache(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, directory: Path,
+                      args: argparse.Namespace, num_classes: int, device: torch.device
+                      ) -> tuple[CachedBatches, dict]:
+    """A cache of ``args.views`` augmented views per sample (teacher inference over every view)
+    and the ``CachedBatches`` that replays it, streamed from the memory-mapped shards."""
+    modality = "image" if x.ndim == 4 else "sequence"
+    table = draw_views(tuple(x.shape[1:]), modality, len(y), args.views, args.seed, Augment())
+    t0 = time.perf_counter()
+    rows = len(y) * args.views
+    chunks = (predict(teacher, apply_views(x[torch.arange(a, min(a + 512, rows)) // args.views],
+                                           table["box"][a : a + 512], table["flip"][a : a + 512]),
+                      device=device) for a in range(0, rows, 512))
+    info = write_cache(directory, chunks, num_rows=rows, num_classes=num_classes,
+                       format=args.format, k=args.k if args.format != "dense" else None,
+                       dtype="float16", capture_temperature=args.temperature, shard_rows=4096)
+    entry = write_views(directory, table, views=args.views, augment=Augment().as_dict())
+    seconds = time.perf_counter() - t0
+    reader = CacheReader(directory, {**info, "views": entry})
+    batches = CachedBatches({"x": x, "y": y}, [reader], [1.0], temperature=args.temperature,
+                            seed=args.seed, memory_limit=0)
+    return batches, {"views": args.views, "total_s": seconds, "bytes_total": info["bytes_total"]}
+
+
 def teacher_sources(teacher: nn.Module, reader: CacheReader,
-                    device: torch.device) -> dict[str, TeacherFn]:
+                    device: torch.device, views: CachedBatches | None = None
+                    ) -> dict[str, TeacherFn]:
     """Per mode, how a batch gets its teacher keys."""
     teacher.to(device).eval()
 
@@ -132,7 +162,12 @@ def teacher_sources(teacher: nn.Module, reader: CacheReader,
     def cached(idx: torch.Tensor, xb: torch.Tensor) -> Batch:
         return {k: v.to(device) for k, v in reader.get(idx).items()}
 
-    return {"plain": lambda idx, xb: {}, "cache": cached, "live": live}
+    def replayed(idx: torch.Tensor, xb: torch.Tensor) -> Batch:
+        batch = views(idx, 1)  # the replayed input (key "x") and its view's teacher row
+        return {k: v.to(device) for k, v in batch.items() if k != "y"}
+
+    sources = {"plain": lambda idx, xb: {}, "cache": cached, "live": live}
+    return sources if views is None else {**sources, "views": replayed}
 
 
 def run_epoch(student: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Loss,
@@ -159,7 +194,7 @@ def run_epoch(student: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Los
         t = time.perf_counter()
         batch = {"x": xb, "y": yb, **teacher_fn(idx, xb)}
         teacher_s += time.perf_counter() - t
-        terms = loss_fn(student(xb).float(), batch)
+        terms = loss_fn(student(batch["x"]).float(), batch)  # "views" replaces "x"
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         optimizer.step()
@@ -181,15 +216,16 @@ def time_repeat(init: dict[str, torch.Tensor], student: nn.Module, losses: dict[
         per mode the timed epochs' (seconds, teacher-part seconds), and the last epoch's mean
         training loss.
     """
-    students = {m: copy.deepcopy(student) for m in MODES}
-    optimizers = {m: torch.optim.AdamW(students[m].parameters(), lr=args.lr) for m in MODES}
-    for m in MODES:
+    modes = tuple(sources)
+    students = {m: copy.deepcopy(student) for m in modes}
+    optimizers = {m: torch.optim.AdamW(students[m].parameters(), lr=args.lr) for m in modes}
+    for m in modes:
         students[m].load_state_dict(init)
-    times: dict[str, list[tuple[float, float]]] = {m: [] for m in MODES}
+    times: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
     loss: dict[str, float] = {}
     for epoch in range(args.epochs + 1):
-        shift = (repeat + epoch) % len(MODES)
-        for m in MODES[shift:] + MODES[:shift]:
+        shift = (repeat + epoch) % len(modes)
+        for m in modes[shift:] + modes[:shift]:
             seconds, teacher_s, loss[m] = run_epoch(students[m], optimizers[m], losses[m],
                                                     sources[m], x, y, args.batch_size, args.seed,
                                                     epoch, device)
@@ -214,19 +250,20 @@ def time_modes(student: nn.Module, loss_specs: dict[str, tuple[str, dict[str, fl
     """
     losses = {m: create_loss(name, **kw) for m, (name, kw) in loss_specs.items()}
     init = {k: v.detach().clone() for k, v in student.state_dict().items()}
-    raw: dict[str, list[list[float]]] = {m: [] for m in MODES}
-    part: dict[str, list[list[float]]] = {m: [] for m in MODES}
+    modes = tuple(sources)
+    raw: dict[str, list[list[float]]] = {m: [] for m in modes}
+    part: dict[str, list[list[float]]] = {m: [] for m in modes}
     final_loss: dict[str, float] = {}
     for repeat in range(args.repeats):
         times, final_loss = time_repeat(init, student, losses, sources, x, y, args, device, repeat)
-        for m in MODES:
+        for m in modes:
             raw[m].append([t for t, _ in times[m]])
             part[m].append([u for _, u in times[m]])
     return {m: {"loss": loss_specs[m][0], "loss_args": repr(losses[m]), "epoch_seconds": raw[m],
                 "teacher_part_seconds": part[m],
                 "teacher_part_median_s": statistics.median(u for r in part[m] for u in r),
                 "final_train_loss": final_loss[m], **summarise([t for r in raw[m] for t in r])}
-            for m in MODES}
+            for m in modes}
 
 
 def load_train(spec: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], int]:
@@ -254,7 +291,12 @@ def benchmark(args: argparse.Namespace, cache_dir: Path) -> dict:
     loss_specs = {"plain": ("ce", {}), "live": ("kd", kd),
                   "cache": ("topk_kd", {**kd, "capture_temperature": args.temperature})
                   if args.format != "dense" else ("kd", kd)}
-    sources = teacher_sources(teacher, reader, device)
+    views, views_cache = None, None
+    if args.views > 1:
+        views, views_cache = write_views_cache(teacher, x, y, cache_dir / "views", args,
+                                               num_classes, device)
+        loss_specs["views"] = loss_specs["cache"]
+    sources = teacher_sources(teacher, reader, device, views)
     modes = time_modes(student.to(device), loss_specs, sources, x, y, args, device)
     return {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -268,6 +310,7 @@ def benchmark(args: argparse.Namespace, cache_dir: Path) -> dict:
                    "teacher_init": "trained %d epoch(s)" % args.teacher_epochs
                    if args.teacher_epochs else "random (untrained)"},
         "cache": cache,
+        "views_cache": views_cache,
         "modes": modes,
         **ratios(modes, cache),
     }
@@ -284,8 +327,12 @@ def ratios(modes: dict[str, dict], cache: dict) -> dict:
     }
     saving = live - cached
     amortise = cache["total_s"] / saving if saving > 0 else None
+    extra = {}
+    if "views" in modes:
+        extra = {"views_over_plain": modes["views"]["median_s"] / plain,
+                 "views_over_cache": modes["views"]["median_s"] / cached}
     return {"ratios": {"cache_over_plain": cached / plain, "live_over_cache": live / cached,
-                       "live_over_plain": live / plain},
+                       "live_over_plain": live / plain, **extra},
             "paired_ratios": {k: {n.removesuffix("_s"): v for n, v in d.items()}
                               for k, d in paired.items()},
             "goal_cache_over_plain": GOAL_CACHE_OVER_PLAIN,
@@ -316,6 +363,10 @@ def report(result: dict, console: Console) -> None:
         p = pr[key]
         console.print(f"{label} = {r[key]:.3f}{goal}; paired {p['median']:.3f} "
                       f"[{p['min']:.3f}, {p['max']:.3f}]")
+    if "views_over_plain" in r:
+        console.print(f"views/plain = {r['views_over_plain']:.3f}, views/cache = "
+                      f"{r['views_over_cache']:.3f} ({result['views_cache']['views']} cached views "
+                      f"per sample, replayed per step)")
     console.print(f"cache one-time cost: {c['total_s']:.3f} s (teacher inference "
                   f"{c['inference_s']:.3f} s + write {c['write_s']:.3f} s), "
                   f"{c['bytes_total']} bytes "

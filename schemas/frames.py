@@ -100,3 +100,66 @@ def validate_tensors(
     for name, t in (extras or {}).items():
         if t.shape[0] != n:
             raise DataError(f"{where}: extra {name!r} has {t.shape[0]} rows but 'label' has {n}")
+
+
+def graph_schema(num_classes: int) -> pa.DataFrameSchema:
+    """The per-graph table of a graph dataset: label range, node counts, edges inside their graph."""
+    return pa.DataFrameSchema(
+        {
+            "graph": pa.Column(pl.Int64, pa.Check.ge(0), nullable=False, unique=True),
+            "label": pa.Column(pl.Int64, pa.Check.in_range(0, num_classes - 1), nullable=False),
+            "num_nodes": pa.Column(pl.Int64, pa.Check.ge(1), nullable=False),
+            "num_edges": pa.Column(pl.Int64, pa.Check.ge(0), nullable=False),
+            "edges_outside_graph": pa.Column(pl.Int64, pa.Check.eq(0), nullable=False),
+            "nonfinite_nodes": pa.Column(pl.Int64, pa.Check.eq(0), nullable=False),
+        },
+        strict=True,
+        coerce=False,
+    )
+
+
+def graph_table(graphs, labels: torch.Tensor) -> pl.DataFrame:
+    """One row per graph of a ``GraphFeatures``: counts, edges leaving their graph, bad nodes."""
+    g = len(graphs)
+    n_off, e_off = graphs.node_offsets.cpu(), graphs.edge_offsets.cpu()
+    edge_graph = torch.repeat_interleave(torch.arange(g), e_off.diff())  # [E]
+    ei = graphs.edge_index.cpu()
+    lo, hi = n_off[:-1][edge_graph], n_off[1:][edge_graph]
+    outside = ((ei < lo) | (ei >= hi)).any(dim=0)  # [E]
+    node_graph = torch.repeat_interleave(torch.arange(g), n_off.diff())  # [N]
+    bad_nodes = ~torch.isfinite(graphs.x.cpu()).all(dim=1)  # [N]
+    count = lambda flags, owner: torch.bincount(owner[flags], minlength=g).numpy().astype("int64")  # noqa: E731
+    return pl.DataFrame({
+        "graph": torch.arange(g).numpy().astype("int64"),
+        "label": labels.cpu().numpy().astype("int64"),
+        "num_nodes": n_off.diff().numpy().astype("int64"),
+        "num_edges": e_off.diff().numpy().astype("int64"),
+        "edges_outside_graph": count(outside, edge_graph),
+        "nonfinite_nodes": count(bad_nodes, node_graph),
+    })
+
+
+def validate_graphs(graphs, labels: torch.Tensor, num_classes: int, extras: dict[str, torch.Tensor] | None = None,
+                    where: str = "dataset") -> pl.DataFrame:
+    """Validate a graph dataset (a ``GraphFeatures``) with pandera on its per-graph table.
+
+    Raises ``DataError`` naming each failing column (``num_nodes``, ``edges_outside_graph``, ...) and
+    showing the offending graphs.
+    """
+    n = labels.shape[0]
+    if labels.ndim != 1 or len(graphs) != n:
+        raise DataError(f"{where}: {len(graphs)} graphs but 'label' has shape {tuple(labels.shape)}")
+    if not torch.is_floating_point(graphs.x):
+        raise DataError(f"{where}: node features must be floating point, got {graphs.x.dtype}")
+    if graphs.edge_index.dtype != torch.int64:
+        raise DataError(f"{where}: edge_index must be int64, got {graphs.edge_index.dtype}")
+    if graphs.edge_attr is not None and not torch.isfinite(graphs.edge_attr).all():
+        raise DataError(f"{where}: edge features hold NaN/inf")
+    for name, t in (extras or {}).items():
+        if t.shape[0] != n:
+            raise DataError(f"{where}: extra {name!r} has {t.shape[0]} rows but 'label' has {n}")
+    frame = graph_table(graphs, labels)
+    try:
+        return graph_schema(num_classes).validate(frame, lazy=True)
+    except pa.errors.SchemaErrors as err:
+        raise DataError(f"{where}: invalid graphs\n" + "\n".join(format_failures(err, frame))) from None

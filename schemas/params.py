@@ -24,7 +24,7 @@ class Section(BaseModel):
 class DataParams(Section):
     source: str = Field(
         "sklearn:digits",
-        description="Data source: sklearn:digits, mnist1d, idx:<dir>, parquet:<file>.",
+        description="Data source: sklearn:digits, mnist1d, idx:<dir>, parquet:<file>, tu:<NAME> (TU graph dataset; options.root).",
         min_length=1,
     )
     val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of non-test samples held out for validation.")
@@ -32,7 +32,7 @@ class DataParams(Section):
         0.2, gt=0, lt=0.5, description="Share of samples held out for test (ignored when the source has its own test split)."
     )
     options: dict[str, Any] = Field(
-        default_factory=dict, description="Source-specific options (e.g. limit, label_column, num_samples)."
+        default_factory=dict, description="Source-specific options (e.g. limit, label_column, num_samples; tu: root, download)."
     )
 
 
@@ -75,10 +75,15 @@ class SelectParams(Section):
         "val_accuracy", description="How candidates are ranked: validation accuracy, or a short distillation trial (probe)."
     )
     probe: ProbeParams = Field(default_factory=ProbeParams, description="Settings of the probe strategy.")
+    top: int = Field(1, ge=1, le=64, description="How many of the best-ranked teachers to choose (several: one logit cache each, combined by student.combine).")
+    weight_temperature: float = Field(
+        0.01, gt=0, le=100,
+        description="Teacher weights are softmax(score / weight_temperature) over the chosen teachers (scores are e.g. accuracies in [0, 1]: at 0.01 a 1-point lead weighs e times more).",
+    )
 
 
 class CondenseParams(Section):
-    method: Literal["none", "random", "herding", "k_center", "rded", "nrr_dd"] = Field(
+    method: Literal["none", "random", "herding", "k_center", "rded", "nrr_dd", "mirage"] = Field(
         "none", description="Condensation method applied to the training split."
     )
     ipc: int = Field(10, ge=1, le=1_000_000, description="Samples (or synthetic images) per class.")
@@ -94,11 +99,52 @@ class CondenseParams(Section):
     lr: float = Field(0.05, gt=0, le=10, description="nrr_dd: Adam step size of the refinement.")
     bn_weight: float = Field(1.0, ge=0, le=10_000, description="nrr_dd: weight of the BatchNorm-statistics matching term.")
     temperature: float = Field(1.0, gt=0, le=100, description="nrr_dd: softmax temperature of the stored DBR distances.")
+    hops: int = Field(2, ge=0, le=10, description="mirage: depth of the computation trees (match the GNN's number of layers).")
+    thresholds: int | list[int] | None = Field(
+        None, description="mirage: absolute support threshold per class (one int for all classes); null: automatic (target_graphs)."
+    )
+    target_graphs: int | None = Field(
+        None, ge=1, le=1_000_000, description="mirage: automatic thresholds aim at about this many condensed graphs in all (with thresholds null)."
+    )
+    frequency: Literal["weight", "uniform"] = Field(
+        "weight", description="mirage: weigh each condensed graph's loss by its support (frequency-proportional), or uniformly."
+    )
+    max_set_size: int | None = Field(None, ge=1, le=1000, description="mirage: largest tree set mined (null: no bound).")
+
+    @field_validator("thresholds")
+    @classmethod
+    def _positive_thresholds(cls, value: int | list[int] | None) -> int | list[int] | None:
+        values = [value] if isinstance(value, int) else (value or [])
+        if any(v < 1 for v in values) or value == []:
+            raise ValueError(f"mirage thresholds must be integers >= 1, one per class or one for all (got {value})")
+        return value
+
+    @model_validator(mode="after")
+    def _mirage_mode(self) -> CondenseParams:
+        if self.method == "mirage" and (self.thresholds is None) == (self.target_graphs is None):
+            raise ValueError("mirage: give exactly one of 'thresholds' (per class) or 'target_graphs' (automatic)")
+        return self
 
     @model_validator(mode="after")
     def _scale_range(self) -> CondenseParams:
         if self.scale_min > self.scale_max:
             raise ValueError(f"scale_min ({self.scale_min}) must be <= scale_max ({self.scale_max})")
+        return self
+
+
+class AugmentParams(Section):
+    scale_min: float = Field(0.35, gt=0, le=1, description="Smallest crop area (crop length for sequences) as a share of the input.")
+    scale_max: float = Field(1.0, gt=0, le=1, description="Largest crop share.")
+    ratio_min: float = Field(0.75, gt=0, le=10, description="Smallest aspect ratio (width / height) of image crops.")
+    ratio_max: float = Field(4 / 3, gt=0, le=10, description="Largest aspect ratio of image crops.")
+    flip: bool = Field(True, description="Mirror image views left-right with probability 1/2 (never sequences).")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> AugmentParams:
+        if self.scale_min > self.scale_max:
+            raise ValueError(f"scale_min ({self.scale_min}) must be <= scale_max ({self.scale_max})")
+        if self.ratio_min > self.ratio_max:
+            raise ValueError(f"ratio_min ({self.ratio_min}) must be <= ratio_max ({self.ratio_max})")
         return self
 
 
@@ -109,6 +155,13 @@ class LogitsParams(Section):
     temperature: float = Field(1.0, gt=0, le=100, description="Capture temperature of top-k log-probabilities.")
     shard_rows: int = Field(50_000, ge=1, le=100_000_000, description="Maximum rows per cache shard.")
     batch_size: int = Field(512, ge=1, le=1_000_000, description="Teacher inference batch size.")
+    views: int = Field(1, ge=1, le=1024, description="Augmented views cached per sample (1: the samples as stored, no augmentation); the student replays one cached view per sample and epoch.")
+    augment: AugmentParams = Field(default_factory=AugmentParams, description="Random resized crop (+ flip) of the cached views (views > 1; images and sequences).")
+    workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes building the teacher's input batches (0: in the main process).")
+    runner: Literal["local", "dask"] = Field("local", description="Compute the cache shards one after the other here (local), or as tasks of a Prefect flow on a Dask cluster (dask).")
+    dask_address: str | None = Field(None, min_length=1, description="runner dask: address of an existing Dask scheduler (e.g. tcp://host:8786); null starts a local cluster.")
+    dask_workers: int = Field(2, ge=1, le=1024, description="runner dask: workers of the local cluster (without dask_address).")
+    dask_processes: bool = Field(True, description="runner dask: local cluster workers are processes (true) or threads of this process (false).")
 
 
 class LossParams(Section):
@@ -127,6 +180,11 @@ class StudentParams(Section):
     loss: LossParams = Field(default_factory=LossParams, description="Training loss.")
     train: TrainParams = Field(default_factory=TrainParams, description="Training budget.")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto (cuda, then mps, then cpu), cpu, cuda[:i], mps.")
+    combine: Literal["weighted_mean", "per_sample"] = Field(
+        "weighted_mean",
+        description="With several teachers (select.top > 1): weighted_mean of their probabilities at the loss temperature (dense caches), or per_sample: each sample learns from the teacher giving its true class the highest probability.",
+    )
+    cache_in_memory_mb: float = Field(1024.0, ge=0, le=1_000_000, description="Load the logit cache(s) into memory up to this size; larger caches are read per batch from the memory-mapped shards.")
 
 
 class EvaluateParams(Section):
@@ -173,6 +231,12 @@ class PipelineParams(Section):
             problems.append("student.loss.name: 'topk_kd' needs logits.format 'topk' or 'topk_q8'")
         if loss == "dbr" and self.condense.method != "nrr_dd":
             problems.append("student.loss.name: 'dbr' needs condense.method 'nrr_dd' (it stores the DBR distances)")
+        if loss == "dbr" and self.logits.views > 1:
+            problems.append("logits.views: 'dbr' trains on the stored DBR views; use logits.views 1")
+        if self.select.top > len(self.teachers):
+            problems.append(f"select.top: {self.select.top} teachers asked for, {len(self.teachers)} candidate(s) declared")
+        if self.select.top > 1 and self.student.combine == "weighted_mean" and fmt != "dense":
+            problems.append("student.combine: 'weighted_mean' is defined for logits.format 'dense' only; use 'per_sample' or select.top 1")
         if problems:
             raise ValueError("; ".join(problems))
         return self

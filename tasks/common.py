@@ -27,7 +27,7 @@ from schemas.params import PipelineParams
 
 log = logging.getLogger(__name__)
 
-COMMON_CODE = ["tasks/common.py", "schemas/manifest.py", "schemas/frames.py", "kdflow/data/dataset.py"]
+COMMON_CODE = ["tasks/common.py", "schemas/manifest.py", "schemas/frames.py", "kdflow/data/dataset.py", "kdflow/data/graph_features.py"]
 
 
 @dataclass(frozen=True)
@@ -52,12 +52,20 @@ STAGES: dict[str, StageSpec] = {
             ("tasks/select.py", "kdflow/select", "kdflow/losses", "kdflow/models", "kdflow/train", "kdflow/metrics/plots.py"),
         ),
         StageSpec("condense", ("prepare", "select", "teachers"), ("seed", "condense"), ("tasks/condense.py", "kdflow/condense", "kdflow/models", "kdflow/train")),
-        StageSpec("logits", ("condense", "select", "teachers"), ("logits",), ("tasks/logits.py", "kdflow/cache", "kdflow/models", "kdflow/train")),
+        StageSpec(
+            "logits",
+            ("condense", "select", "teachers"),
+            ("seed", "logits"),
+            ("tasks/logits.py", "kdflow/cache", "kdflow/models", "kdflow/train", "kdflow/data/augment.py"),
+        ),
         StageSpec(
             "student",
             ("prepare", "condense", "logits"),
             ("seed", "student"),
-            ("tasks/student.py", "kdflow/train", "kdflow/losses", "kdflow/models", "kdflow/cache", "kdflow/condense/nrr_dd.py"),
+            (
+                "tasks/student.py", "kdflow/train", "kdflow/losses", "kdflow/models", "kdflow/cache",
+                "kdflow/condense/nrr_dd.py", "kdflow/data/augment.py",
+            ),
         ),
         StageSpec(
             "evaluate",

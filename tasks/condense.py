@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from kdflow.condense import condense
+from kdflow.condense.grid import plot_class_grid
 from kdflow.data.dataset import load_dataset, save_dataset
 from kdflow.models.io import load_model
 from kdflow.train.device import resolve_device
@@ -23,5 +24,8 @@ def run(params: CondenseParams, ctx: StageContext) -> Manifest:
     )
     small.meta.update(condensed_by=params.method, teacher=teacher_name)
     save_dataset(small, ctx.out)
+    if small.modality == "image" and small.features.dim() == 4:  # a picture of what the student sees
+        plot_class_grid(ctx.out / "figures" / "samples.png", small.features, small.labels, small.num_classes,
+                        title=f"condense: {params.method}" + (f", ipc {params.ipc}" if params.method != "none" else ""))
     metrics = {"n_train": len(train), "n_condensed": len(small), "ratio": len(small) / len(train)}
     return ctx.manifest(metrics=metrics, info={"method": params.method, "teacher": teacher_name})

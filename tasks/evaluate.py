@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from kdflow.data.dataset import load_dataset
 from kdflow.metrics import (
     accuracy, agreement, confusion_matrix, expected_calibration_error, kl_divergence, macro_f1, reliability_bins,
@@ -21,8 +23,19 @@ from tasks.common import StageContext
 from tasks.select import chosen_teacher
 
 
-def model_metrics(model, logits, labels, num_classes: int, params: EvaluateParams, input_shape) -> dict:
-    lat = {b: measure_latency(model, input_shape, b, repeats=params.latency_repeats, threads=params.latency_threads) for b in (1, 256)}
+def latency_inputs(test, batch_size: int):
+    """A real batch for timing graph models (test graphs, repeated to fill it); None: random input."""
+    if test.modality != "graph" or len(test) == 0:
+        return None
+    return test.features[torch.arange(batch_size) % len(test)]
+
+
+def model_metrics(model, logits, labels, num_classes: int, params: EvaluateParams, input_shape, test=None) -> dict:
+    lat = {
+        b: measure_latency(model, input_shape, b, repeats=params.latency_repeats, threads=params.latency_threads,
+                           inputs=None if test is None else latency_inputs(test, b))
+        for b in (1, 256)
+    }
     return {
         "accuracy": accuracy(logits, labels),
         "macro_f1": macro_f1(logits, labels, num_classes),
@@ -45,7 +58,7 @@ def run(params: EvaluateParams, ctx: StageContext) -> Manifest:
     models = {"teacher": load_model(ctx.input("teachers") / name), "student": load_model(ctx.input("student"))}
     logits = {k: predict(m, test.features) for k, m in models.items()}
     y, c = test.labels, test.num_classes
-    per = {k: model_metrics(models[k], logits[k], y, c, params, test.input_shape) for k in models}
+    per = {k: model_metrics(models[k], logits[k], y, c, params, test.input_shape, test) for k in models}
     t, s = per["teacher"], per["student"]
     metrics = {
         "teacher": {"name": name, **t},

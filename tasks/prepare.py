@@ -18,14 +18,23 @@ def resolve_source(spec: str, root: Path) -> str:
     return spec
 
 
+def resolve_options(options: dict, root: Path) -> dict:
+    """Make a relative ``root`` option (the tu source's data folder) absolute against the project root."""
+    out = dict(options)
+    if isinstance(out.get("root"), str) and not Path(out["root"]).expanduser().is_absolute():
+        out["root"] = str((root / out["root"]).resolve())
+    return out
+
+
 def run(params: DataParams, ctx: StageContext) -> Manifest:
     ds = load_source(
         resolve_source(params.source, ctx.root),
         seed=ctx.seed,
         val_fraction=params.val_fraction,
         test_fraction=params.test_fraction,
-        options=dict(params.options),
+        options=resolve_options(params.options, ctx.root),
     )
+    ds.meta["options"] = dict(params.options)  # as declared: artifacts do not depend on the machine
     ds.meta["source"] = params.source  # the declared spec, not the machine-specific absolute path
     save_dataset(ds, ctx.out)
     counts = {f"n_{s}": sum(1 for x in ds.splits if x == s) for s in ("train", "val", "test")}

@@ -9,7 +9,7 @@ from kdflow.data.dataset import load_dataset
 from kdflow.metrics.plots import plot_ranking_png
 from kdflow.models import create_model
 from kdflow.models.io import load_model
-from kdflow.select import SelectionData, rank
+from kdflow.select import SelectionData, choose, rank
 from kdflow.train.device import resolve_device
 from schemas.manifest import Manifest
 from schemas.params import SelectParams
@@ -34,7 +34,8 @@ def run(params: SelectParams, ctx: StageContext) -> Manifest:
         )
     rows = rank(candidates, data, params.strategy, **kwargs)
     pl.DataFrame(rows).write_parquet(ctx.out / "ranking.parquet")
-    chosen = {"teachers": [rows[0]["teacher"]], "weights": [1.0], "strategy": params.strategy}
+    teachers, weights = choose(rows, params.top, params.weight_temperature)
+    chosen = {"teachers": teachers, "weights": weights, "strategy": params.strategy}
     (ctx.out / CHOSEN_FILE).write_text(json.dumps(chosen, indent=1) + "\n")
     plot_ranking_png(ctx.out / "figures" / "ranking.png", rows, chosen["teachers"])
     return ctx.manifest(metrics={"best_score": rows[0]["score"]}, info={**chosen, "ranking": rows})
@@ -43,3 +44,9 @@ def run(params: SelectParams, ctx: StageContext) -> Manifest:
 def chosen_teacher(ctx: StageContext) -> str:
     """Name of the first chosen teacher, read from the select stage's manifest."""
     return ctx.upstream["select"].info["teachers"][0]
+
+
+def chosen_teachers(ctx: StageContext) -> list[tuple[str, float]]:
+    """Every chosen teacher with its weight, best ranked first."""
+    info = ctx.upstream["select"].info
+    return list(zip(info["teachers"], info.get("weights", [1.0] * len(info["teachers"]))))

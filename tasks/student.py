@@ -7,6 +7,7 @@ import torch
 
 from kdflow import progress
 from kdflow.cache import CacheReader
+from kdflow.cache.replay import CachedBatches
 from kdflow.condense.nrr_dd import dbr_batch
 from kdflow.data.dataset import Dataset, load_dataset
 from kdflow.errors import KdflowError
@@ -40,24 +41,38 @@ def training_tensors(train: Dataset, loss: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def cache_readers(ctx: StageContext) -> tuple[list[CacheReader], list[float]]:
+    """The verified logit cache of every chosen teacher (one folder each when several) and the
+    teachers' weights, from the logits stage's manifest."""
+    info = ctx.upstream["logits"].info
+    entries = info.get("teachers") or [{"dir": "", "weight": 1.0}]
+    readers = [CacheReader(ctx.input("logits") / e["dir"], info["cache"] if not e["dir"] else None)
+               for e in entries]
+    for reader in readers:
+        reader.verify()
+    return readers, [float(e["weight"]) for e in entries]
+
+
 def run(params: StudentParams, ctx: StageContext) -> Manifest:
     train = load_dataset(ctx.input("condense"))
     val = load_dataset(ctx.input("prepare")).split("val")
-    cache_info = ctx.upstream["logits"].info["cache"]
-    reader = CacheReader(ctx.input("logits"), cache_info)
-    reader.verify()
-    batch = training_tensors(train, params.loss.name)
-    batch.update(reader.load_all())
-    kwargs = loss_kwargs(params.loss, cache_info["capture_temperature"], train.meta)
+    readers, weights = cache_readers(ctx)
+    tensors = training_tensors(train, params.loss.name)
+    batches = CachedBatches(
+        tensors, readers, weights, combine_mode=params.combine, temperature=params.loss.temperature,
+        seed=ctx.seed, memory_limit=int(params.cache_in_memory_mb * 2**20),
+    )
+    kwargs = loss_kwargs(params.loss, readers[0].info["capture_temperature"], train.meta)
     loss = create_loss(params.loss.name, **kwargs)
-    missing = [k for k in loss.needs if k not in batch]
+    provided = batches(torch.arange(1), 1)
+    missing = [k for k in loss.needs if k not in provided]
     if missing:
-        raise KdflowError(f"student.loss.name: {params.loss.name!r} needs {missing} but the cache provides {sorted(batch)}")
+        raise KdflowError(f"student.loss.name: {params.loss.name!r} needs {missing} but the cache provides {sorted(provided)}")
     seed_everything(ctx.seed)
     model = create_model(params.arch, train.input_shape, train.num_classes, **params.args)
     t = params.train
     result = fit(
-        model, batch, loss, val=(val.features, val.labels), epochs=t.epochs, lr=t.lr,
+        model, tensors, loss, val=(val.features, val.labels), batch_fn=batches, epochs=t.epochs, lr=t.lr,
         weight_decay=t.weight_decay, batch_size=t.batch_size, patience=t.patience, seed=ctx.seed,
         device=resolve_device(params.device), checkpoint_dir=ctx.work, resume=ctx.resume,
         fingerprint=ctx.fingerprint, on_epoch=progress.epochs(ctx.progress, "student", t.epochs),

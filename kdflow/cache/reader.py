@@ -9,6 +9,7 @@ from safetensors import SafetensorError, safe_open
 
 from kdflow.cache.formats import FORMATS, Stored, decode_to_batch
 from kdflow.cache.store import INFO_FILE, corrupt, load_info, shard_problem
+from kdflow.cache.views import load_views, views_problem
 
 
 class CacheReader:
@@ -57,13 +58,31 @@ class CacheReader:
             raise corrupt(self.directory / shard["file"], problem)
 
     def verify(self) -> None:
-        """Check that every shard exists with its recorded size and sha256.
+        """Check that every shard (and the views table) exists with its recorded size and sha256.
 
         Raises:
-            CacheCorruptError: naming the first missing, truncated or altered shard.
+            CacheCorruptError: naming the first missing, truncated or altered file.
         """
         for number in range(len(self.info["shards"])):
             self.verify_shard(number)
+        entry = self.info.get("views")
+        if entry is not None and (problem := views_problem(self.directory, entry)) is not None:
+            raise corrupt(self.directory / entry["file"], problem)
+
+    @property
+    def num_views(self) -> int:
+        """Cached views per sample (rows are ``sample * num_views + view``); 1 without views."""
+        return int(self.info["views"]["k"]) if self.info.get("views") else 1
+
+    def views(self) -> dict[str, torch.Tensor] | None:
+        """The verified views table (``kdflow.cache.views``), or None for a cache without views."""
+        entry = self.info.get("views")
+        return None if entry is None else load_views(self.directory, entry)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the shards on disk."""
+        return int(self.info.get("bytes_total", sum(s["bytes"] for s in self.info["shards"])))
 
     def _shard(self, number: int) -> Stored:
         """The stored tensors of one shard (memory-mapped), opened on first use."""

@@ -76,14 +76,15 @@ def cache_key(teacher: str, data: str, transform: dict, spec: dict) -> str:
 
 
 def link_cache(source: Path, target: Path, info: dict) -> None:
-    """Place the shards of ``info`` and ``cache.json`` from ``source`` into ``target``.
+    """Place the shards (and views table) of ``info`` and ``cache.json`` from ``source`` into
+    ``target``.
 
     Shards are hard-linked (no extra disk) where the file system allows, else copied. Writers
     never modify a shard in place (they rename a new file over it); an in-place change made by
     anyone else shows up in both folders and fails the shard's sha256. ``cache.json`` is copied.
     """
     target.mkdir(parents=True, exist_ok=True)
-    for shard in info["shards"]:
+    for shard in info["shards"] + ([info["views"]] if info.get("views") else []):
         src, dst = Path(source) / shard["file"], Path(target) / shard["file"]
         dst.unlink(missing_ok=True)
         try:

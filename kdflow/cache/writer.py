@@ -232,9 +232,71 @@ def _reusable(directory: Path, header: dict) -> dict[str, dict]:
     return {s["file"]: s for s in old.get("shards", [])}
 
 
+class CacheBuild:
+    """One resumable build: which shards are intact, which must be computed, and the journal.
+
+    ``build_cache`` runs the missing shards one after the other; a task runner (e.g. Dask) may
+    instead compute ``todo`` shards anywhere that sees ``directory``, each with ``write_shard``,
+    then ``record`` their entries here and ``finish``. Both give the same bytes.
+
+    Args:
+        directory: the cache folder (created if needed).
+        spec: what the cache holds.
+        key: the cache key; shards of another key are never reused.
+        extra: more ``cache.json`` fields that must match for shards to be reused (e.g. the
+            views table entry).
+    """
+
+    def __init__(self, directory: Path, spec: CacheSpec, key: str = "",
+                 extra: dict | None = None) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.spec = spec
+        self.header = {**spec.header(key), **(extra or {})}
+        self._known = _reusable(self.directory, self.header)
+        self.entries: list[dict | None] = []
+        self.todo: list[tuple[int, int, int]] = []  # (shard number, start, stop)
+        for number, (start, stop) in enumerate(spec.ranges()):
+            entry = self._known.get(SHARD_PATTERN.format(number))
+            if entry is not None and entry["rows"] == [start, stop]:
+                problem = shard_problem(self.directory, entry)
+                if problem is None:
+                    self.entries.append(entry)
+                    continue
+                log.warning("%s: %s; recomputing rows [%d, %d)", directory, problem, start, stop)
+            self.entries.append(None)
+            self.todo.append((number, start, stop))
+        self.computed: list[str] = []
+
+    def record(self, number: int, entry: dict) -> None:
+        """Note a freshly written shard and save the journal (``complete: false``)."""
+        self.entries[number] = self._known[entry["file"]] = entry
+        self.computed.append(entry["file"])
+        journal = sorted(self._known.values(), key=lambda s: s["file"])
+        save_info(self.directory, {**self.header, "complete": False, "shards": journal})
+
+    def finish(self) -> dict:
+        """Write and return the complete ``cache.json`` (every shard must be recorded)."""
+        missing = [n for n, e in enumerate(self.entries) if e is None]
+        if missing:
+            raise RuntimeError(f"{self.directory}: shards {missing} were never written")
+        self.computed.sort()
+        return _finish(self.directory, self.header, self.entries)
+
+
+def write_shard(directory: Path, spec: CacheSpec, number: int, start: int, stop: int,
+                batches: Iterable[Batch]) -> dict:
+    """Encode the logit ``batches`` of rows ``[start, stop)`` (in order) and write shard
+    ``number``; returns its ``cache.json`` entry."""
+    stored = _cat([spec.encode(b) for b in batches])
+    if _rows(stored) != stop - start:
+        raise ValueError(f"compute returned {_rows(stored)} rows for [{start}, {stop})")
+    return _write_shard(Path(directory), number, stored, start, spec)
+
+
 def build_cache(
     directory: Path,
-    compute: Callable[[int, int], Batch],
+    compute: Callable[[int, int], Batch] | None = None,
     *,
     num_rows: int,
     num_classes: int,
@@ -246,6 +308,8 @@ def build_cache(
     batch_size: int,
     seq_len: int | None = None,
     key: str = "",
+    extra: dict | None = None,
+    compute_batches: Callable[[int, int, int], Iterable[Batch]] | None = None,
 ) -> tuple[dict, list[str]]:
     """Build a cache, or resume or repair one: compute only the shards that are not intact.
 
@@ -259,6 +323,10 @@ def build_cache(
             ``batch_size`` rows, never across a shard boundary.
         key: the cache key (teacher + data + transform + format); shards of another key are
             never reused.
+        extra: more ``cache.json`` fields that must match for reuse (see ``CacheBuild``).
+        compute_batches: instead of ``compute``, ``(start, stop, batch_size)`` -> the logits of
+            rows ``[start, stop)`` as an iterable of batches in row order (lets the caller
+            prefetch inputs, e.g. with DataLoader workers).
 
     The other arguments are the fields of ``CacheSpec``.
 
@@ -267,30 +335,15 @@ def build_cache(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if (compute is None) == (compute_batches is None):
+        raise ValueError("build_cache needs exactly one of compute and compute_batches")
+    if compute_batches is None:
+        def compute_batches(start: int, stop: int, size: int) -> Iterable[Batch]:
+            return (compute(a, min(a + size, stop)) for a in range(start, stop, size))
     spec = CacheSpec(num_rows, num_classes, format, k, dtype, capture_temperature, shard_rows,
                      seq_len)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    header = spec.header(key)
-    known = _reusable(directory, header)
-    shards, computed = [], []
-    for number, (start, stop) in enumerate(spec.ranges()):
-        name = SHARD_PATTERN.format(number)
-        entry = known.get(name)
-        if entry is not None and entry["rows"] == [start, stop]:
-            problem = shard_problem(directory, entry)
-            if problem is None:
-                shards.append(entry)
-                continue
-            log.warning("%s: %s; recomputing rows [%d, %d)", directory, problem, start, stop)
-        parts = [spec.encode(compute(a, min(a + batch_size, stop)))
-                 for a in range(start, stop, batch_size)]
-        stored = _cat(parts)
-        if _rows(stored) != stop - start:
-            raise ValueError(f"compute returned {_rows(stored)} rows for [{start}, {stop})")
-        known[name] = entry = _write_shard(directory, number, stored, start, spec)
-        shards.append(entry)
-        computed.append(name)
-        journal = sorted(known.values(), key=lambda s: s["file"])
-        save_info(directory, {**header, "complete": False, "shards": journal})
-    return _finish(directory, header, shards), computed
+    build = CacheBuild(directory, spec, key, extra)
+    for number, start, stop in build.todo:
+        batches = compute_batches(start, stop, batch_size)
+        build.record(number, write_shard(build.directory, spec, number, start, stop, batches))
+    return build.finish(), build.computed

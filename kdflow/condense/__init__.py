@@ -32,4 +32,4 @@ def per_class_indices(labels: torch.Tensor, num_classes: int) -> list[torch.Tens
     return [(labels == c).nonzero().flatten() for c in range(num_classes)]
 
 
-from kdflow.condense import coreset, nrr_dd, rded  # noqa: E402,F401  (register)
+from kdflow.condense import coreset, mirage, nrr_dd, rded  # noqa: E402,F401  (register)

@@ -18,7 +18,7 @@ Steps, each a plain function:
    equality, as the official code), optional automatic thresholds, and materialisation.
 
 Isolated nodes are dropped from transactions by default, as the official code does.
-This is a standalone module for now: the condenser registry works on image ``Dataset``s.
+:func:`mirage_condenser` (registered as ``mirage``) runs it on a graph ``Dataset``.
 """
 from __future__ import annotations
 
@@ -29,6 +29,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+import torch
+
+from kdflow.condense import CONDENSERS
+from kdflow.data.dataset import Dataset
+from kdflow.data.graph_features import GraphFeatures
 from kdflow.data.graphs import GraphSet, concat_ranges
 from kdflow.errors import DataError
 
@@ -395,7 +400,8 @@ def materialise(
 ) -> tuple[GraphSet, np.ndarray]:
     """Build one graph per itemset: the disjoint union of its trees, edges child -> parent.
 
-    Each tree is unrolled from one node of ``train`` whose deepest tree has that id.
+    Each tree is unrolled from one node of ``train`` whose deepest tree has that id; tree nodes
+    copy that node's (and its descendants') labels and attributes.
     """
     hops = len(ids.levels) - 1
     rep = np.full(ids.counts[-1], -1, np.int64)
@@ -427,7 +433,7 @@ def materialise(
                 roots_g.append(np.zeros(len(child), bool))
                 frontier, index, size = child, new_index, size + len(child)
             base += size
-        node_parts.append(train.node_labels[np.concatenate(nodes_g)])
+        node_parts.append(np.concatenate(nodes_g))  # ids of the train nodes each tree node copies
         root_parts.append(np.concatenate(roots_g))
         local = np.concatenate(edges_g, axis=1) if edges_g else np.zeros((2, 0), np.int64)
         edge_parts.append(local + n_off[-1])
@@ -435,16 +441,115 @@ def materialise(
         n_off.append(n_off[-1] + base)
         e_off.append(e_off[-1] + edge_parts[-1].shape[1])
     cat = lambda parts, empty: np.concatenate(parts) if parts else empty  # noqa: E731
+    source = cat(node_parts, np.zeros(0, np.int64))
     graphs = GraphSet(
-        node_labels=cat(node_parts, np.zeros(0, np.int64)),
+        node_labels=train.node_labels[source],
         edge_index=np.concatenate(edge_parts, axis=1) if edge_parts else np.zeros((2, 0), np.int64),
         node_offsets=np.array(n_off, np.int64),
         edge_offsets=np.array(e_off, np.int64),
         graph_labels=np.asarray(labels, np.int64),
         edge_labels=None if elab is None else cat(elab_parts, np.zeros(0, np.int64)),
+        node_attributes=None if train.node_attributes is None else train.node_attributes[source],
         num_node_labels=train.num_node_labels,
         num_edge_labels=train.num_edge_labels,
         num_classes=train.num_classes,
         name=f"{train.name}-mirage",
     )
     return graphs, cat(root_parts, np.zeros(0, bool))
+
+
+# --- the condenser on pipeline datasets ------------------------------------------------------
+
+
+def _categories(rows: torch.Tensor) -> tuple[np.ndarray, int]:
+    """Dense ids of the distinct rows (one-hot labels -> label ids; any rows -> exact classes)."""
+    if rows.shape[1] == 0:
+        return np.zeros(rows.shape[0], np.int64), 1
+    _, inv = np.unique(rows.numpy(), axis=0, return_inverse=True)
+    inv = inv.reshape(-1).astype(np.int64)
+    return inv, int(inv.max()) + 1 if len(inv) else 0
+
+
+def graph_set(train: Dataset) -> GraphSet:
+    """A graph ``Dataset`` as a ``GraphSet``: categorical node labels from the node-label columns
+    (``meta['node_label_columns']``, else all features), edge labels from the distinct edge-feature
+    rows, the full node features kept as attributes (copied into the condensed trees)."""
+    g = train.features
+    if not isinstance(g, GraphFeatures):
+        raise DataError(f"mirage: needs a graph dataset (modality 'graph'), got modality {train.modality!r}")
+    g = g.cpu()
+    lo, hi = train.meta.get("node_label_columns") or [0, g.x.shape[1]]
+    node_labels, n_lab = _categories(g.x[:, lo:hi])
+    edge_labels, e_lab = (None, 1) if g.edge_attr is None else _categories(g.edge_attr)
+    return GraphSet(
+        node_labels=node_labels,
+        edge_index=g.edge_index.numpy(),
+        node_offsets=g.node_offsets.numpy(),
+        edge_offsets=g.edge_offsets.numpy(),
+        graph_labels=train.labels.numpy(),
+        edge_labels=edge_labels,
+        node_attributes=g.x.numpy(),
+        num_node_labels=n_lab,
+        num_edge_labels=e_lab,
+        num_classes=train.num_classes,
+        name=str(train.meta.get("name", "graphs")),
+    )
+
+
+def to_dataset(result: CondensedGraphs, train: Dataset, source: GraphSet, frequency: str) -> Dataset:
+    """Mirage's graphs as a training ``Dataset`` with a root mask and ``support``/``weight`` extras.
+
+    ``source`` is ``graph_set(train)``: its edge labels are the distinct edge-feature rows, so each
+    condensed edge gets back the exact features of the edges carrying its label.
+    """
+    gs = result.graphs
+    edge_attr = None
+    if train.features.edge_attr is not None:  # edge label id -> the edge-feature row it stands for
+        rep = np.zeros((source.num_edge_labels, train.features.edge_attr.shape[1]), np.float32)
+        rep[source.edge_labels] = train.features.edge_attr.cpu().numpy()
+        edge_attr = rep[gs.edge_labels]
+    feats = GraphFeatures.from_graphs(gs.node_attributes, gs.edge_index, gs.node_offsets, gs.edge_offsets,
+                                      edge_attr, result.roots)
+    support = torch.as_tensor(result.frequency, dtype=torch.int64)
+    extras = {"support": support}
+    if frequency == "weight":  # frequency-proportional weights, mean 1 (the loss's weighted mean)
+        extras["weight"] = support.float() / support.float().mean()
+    counts = np.bincount(gs.graph_labels, minlength=train.num_classes).tolist()
+    return Dataset(
+        features=feats,
+        labels=torch.as_tensor(gs.graph_labels, dtype=torch.int64),
+        sample_ids=[f"mirage-{k}-{i:05d}" for i, k in enumerate(gs.graph_labels.tolist())],
+        splits=["train"] * gs.num_graphs,
+        num_classes=train.num_classes,
+        modality="graph",
+        extras=extras,
+        meta={**train.meta, "mirage": {
+            "thresholds": result.thresholds, "sets_per_class": counts, "frequency": frequency,
+            "timings": result.timings, "bytes": feats.nbytes, "train_bytes": train.features.nbytes,
+        }},
+    )
+
+
+@CONDENSERS.register("mirage")
+def mirage_condenser(
+    train: Dataset, *, hops: int = 2, thresholds: int | list[int] | None = None, target_graphs: int | None = None,
+    frequency: str = "weight", max_set_size: int | None = None, **_: object,
+) -> Dataset:
+    """Mirage on a graph training split (no model is used).
+
+    Args:
+        train: graph training split.
+        hops: depth of the computation trees; match the GNN's number of layers.
+        thresholds: absolute support per class (one int for all), or None with ``target_graphs``.
+        target_graphs: total condensed graphs the automatic thresholds aim at.
+        frequency: ``weight`` (each graph's loss weighted by its support, mean 1) or ``uniform``.
+        max_set_size: largest tree set mined, or None.
+    """
+    if frequency not in ("weight", "uniform"):
+        raise DataError(f"mirage: frequency must be 'weight' or 'uniform' (got {frequency!r})")
+    source = graph_set(train)
+    result = mirage(source, hops=hops, thresholds=thresholds, target_graphs=target_graphs, max_size=max_set_size)
+    if result.graphs.num_graphs == 0:
+        raise DataError(f"mirage: no frequent tree set at thresholds {result.thresholds}; lower condense.thresholds "
+                        "or set condense.target_graphs")
+    return to_dataset(result, train, source, frequency)

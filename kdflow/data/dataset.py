@@ -1,8 +1,11 @@
 """The dataset artifact: ``samples.parquet`` + ``tensors.safetensors`` + ``dataset.json``.
 
 One row per sample in ``samples.parquet`` (``sample_id``, ``split``, ``label``, ``row``), where
-``row`` indexes the first axis of the ``features`` tensor. Condensed datasets use the same format
-and may carry label extras (soft labels, per-sample distances, sample weights) as extra tensors.
+``row`` indexes the first axis of the ``features`` tensor. Graphs (``GraphFeatures``) are stored
+as ``graph.x`` (node features), ``graph.edge_index``, ``graph.node_offsets``, ``graph.edge_offsets``
+and optional ``graph.edge_attr`` / ``graph.root_mask``; their table adds ``num_nodes`` and
+``num_edges``. Condensed datasets use the same format and may carry label extras (soft labels,
+per-sample distances, sample weights) as extra tensors.
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ import polars as pl
 import torch
 from safetensors.torch import load_file, save_file
 
-from schemas.frames import validate_samples, validate_tensors
+from kdflow.data.graph_features import GraphFeatures
+from schemas.frames import validate_graphs, validate_samples, validate_tensors
 
 SPLITS = ("train", "val", "test")
 SAMPLES_FILE = "samples.parquet"
@@ -28,17 +32,18 @@ class Dataset:
     """An in-memory dataset: features, labels and per-sample metadata.
 
     Attributes:
-        features: float32 tensor, images ``[N, C, H, W]``, sequences ``[N, C, L]``, tabular ``[N, D]``.
+        features: float32 tensor, images ``[N, C, H, W]``, sequences ``[N, C, L]``, tabular ``[N, D]``;
+            graphs a ``GraphFeatures`` (``N`` graphs, shape ``(N, F)`` with ``F`` node features).
         labels: int64 tensor ``[N]``.
         sample_ids: ``N`` unique strings.
         splits: ``N`` split names from ``SPLITS``.
         num_classes: number of classes.
-        modality: ``image``, ``sequence`` or ``tabular``.
+        modality: ``image``, ``sequence``, ``tabular`` or ``graph``.
         extras: label extras keyed by name, each with first axis ``N``.
         meta: free-form JSON-able metadata (source, normalisation, ...).
     """
 
-    features: torch.Tensor
+    features: torch.Tensor | GraphFeatures
     labels: torch.Tensor
     sample_ids: list[str]
     splits: list[str]
@@ -76,19 +81,31 @@ class Dataset:
         return self.select(np.array([s == name for s in self.splits], dtype=bool))
 
     def frame(self) -> pl.DataFrame:
-        return pl.DataFrame(
-            {
-                "sample_id": self.sample_ids,
-                "split": self.splits,
-                "label": self.labels.numpy().astype(np.int64),
-                "row": np.arange(len(self), dtype=np.int64),
-            }
-        )
+        """The per-sample table (graphs add ``num_nodes`` and ``num_edges``)."""
+        columns = {
+            "sample_id": self.sample_ids,
+            "split": self.splits,
+            "label": self.labels.numpy().astype(np.int64),
+            "row": np.arange(len(self), dtype=np.int64),
+        }
+        if isinstance(self.features, GraphFeatures):
+            columns["num_nodes"] = self.features.num_nodes.cpu().numpy()
+            columns["num_edges"] = self.features.num_edges.cpu().numpy()
+        return pl.DataFrame(columns)
 
     def validate(self, where: str = "dataset") -> None:
         """Raise ``DataError`` naming the column and offending rows if anything is broken."""
+        from kdflow.errors import DataError
+
+        if isinstance(self.features, GraphFeatures) != (self.modality == "graph"):
+            kind = type(self.features).__name__
+            raise DataError(f"{where}: modality {self.modality!r} does not fit features {kind} "
+                            "(graphs need modality 'graph' and GraphFeatures)")
         validate_samples(self.frame(), self.num_classes, where=where)
-        validate_tensors(self.features, self.labels, self.extras, where=where)
+        if isinstance(self.features, GraphFeatures):
+            validate_graphs(self.features, self.labels, self.num_classes, self.extras, where=where)
+        else:
+            validate_tensors(self.features, self.labels, self.extras, where=where)
 
 
 def save_dataset(ds: Dataset, directory: Path) -> list[Path]:
@@ -97,7 +114,10 @@ def save_dataset(ds: Dataset, directory: Path) -> list[Path]:
     directory = Path(directory)
     frame = ds.frame()
     frame.write_parquet(directory / SAMPLES_FILE)
-    tensors = {"features": ds.features.contiguous(), "labels": ds.labels.contiguous()}
+    if isinstance(ds.features, GraphFeatures):  # node features, edge index, offsets (see GraphFeatures.state)
+        tensors = {**ds.features.state(), "labels": ds.labels.contiguous()}
+    else:
+        tensors = {"features": ds.features.contiguous(), "labels": ds.labels.contiguous()}
     tensors.update({f"extra.{k}": v.contiguous() for k, v in ds.extras.items()})
     save_file(tensors, directory / TENSORS_FILE)
     meta = {
@@ -123,8 +143,14 @@ def load_dataset(directory: Path) -> Dataset:
     meta = json.loads((directory / META_FILE).read_text())
     frame = pl.read_parquet(directory / SAMPLES_FILE).sort("row")
     tensors = load_file(directory / TENSORS_FILE)
+    if meta["modality"] == "graph":
+        features = GraphFeatures.from_state(tensors, where=str(directory / TENSORS_FILE))
+    elif "features" in tensors:
+        features = tensors["features"]
+    else:
+        raise ArtifactError(f"{directory / TENSORS_FILE}: no 'features' tensor")
     ds = Dataset(
-        features=tensors["features"],
+        features=features,
         labels=tensors["labels"],
         sample_ids=frame["sample_id"].to_list(),
         splits=frame["split"].to_list(),

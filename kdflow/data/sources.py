@@ -1,4 +1,4 @@
-"""Data sources by spec: ``sklearn:digits``, ``mnist1d``, ``idx:<dir>``, ``parquet:<file>``.
+"""Data sources by spec: ``sklearn:digits``, ``mnist1d``, ``idx:<dir>``, ``parquet:<file>``, ``tu:<NAME>``.
 
 A source loader turns ``(argument, seed, options)`` into a ``RawSource`` (numpy arrays);
 ``load_source`` assigns the splits and returns a validated ``Dataset``.
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import polars as pl
 import torch
 
 from kdflow.data.dataset import Dataset
+from kdflow.data.graph_features import GraphFeatures
 from kdflow.data.idx import read_idx
 from kdflow.data.split import stratified_split
 from kdflow.errors import DataError, ParamsError, UnknownNameError
@@ -27,7 +29,7 @@ from schemas.frames import MAX_SHOWN, format_failures
 log = logging.getLogger(__name__)
 
 DEFAULT_SOURCE = "sklearn:digits"
-SPEC_EXAMPLES = "sklearn:digits, mnist1d, idx:<dir>, parquet:<file>"
+SPEC_EXAMPLES = "sklearn:digits, mnist1d, idx:<dir>, parquet:<file>, tu:<NAME>"
 
 
 @dataclass
@@ -35,7 +37,7 @@ class RawSource:
     """What a loader returns before splitting.
 
     Attributes:
-        features: float32 array with samples on the first axis.
+        features: float32 array with samples on the first axis, or ``GraphFeatures`` for graphs.
         labels: int64 array ``[N]``.
         sample_ids: ``N`` unique strings.
         num_classes: number of classes.
@@ -111,7 +113,8 @@ def load_source(
     meta = {"source": spec, "options": options, "seed": seed, "val_fraction": val_fraction,
             "test_fraction": test_fraction, **raw.meta}
     ds = Dataset(
-        features=torch.from_numpy(np.ascontiguousarray(raw.features, dtype=np.float32)),
+        features=raw.features if isinstance(raw.features, GraphFeatures)
+        else torch.from_numpy(np.ascontiguousarray(raw.features, dtype=np.float32)),
         labels=torch.from_numpy(np.asarray(raw.labels, dtype=np.int64)),
         sample_ids=raw.sample_ids,
         splits=splits,
@@ -401,3 +404,30 @@ def _parquet(arg: str, *, seed: int, options: dict) -> RawSource:
     ids = frame[id_col].cast(pl.Utf8).to_list() if id_col in frame.columns else _ids("row", len(y))
     return RawSource(x, y, ids, num_classes, "tabular",
                      meta={"file": arg, "feature_columns": features})
+
+
+# --- tu (TU graph datasets) ------------------------------------------------------------------
+
+TU_ROOT_ENV = "KDFLOW_TU_ROOT"
+
+
+@SOURCES.register("tu")
+def _tu(arg: str, *, seed: int, options: dict) -> RawSource:
+    """A TU graph dataset (https://chrsmrrs.github.io/datasets/) read through torch_geometric's ``TUDataset``.
+
+    Options: ``root`` (folder holding ``<NAME>/raw/<NAME>_A.txt``; default ``$KDFLOW_TU_ROOT``,
+    relative paths are resolved by ``prepare`` against the project root), ``download`` (let
+    torch_geometric download the files when they are absent; default false: never online).
+    """
+    from kdflow.data.tu import load_tu
+
+    _check_options("tu", options, ["root", "download"])
+    if not arg:
+        raise DataError(f"the tu source needs a dataset name, e.g. tu:MUTAG ({SPEC_EXAMPLES})")
+    root = options.get("root") or os.environ.get(TU_ROOT_ENV)
+    if not root:
+        raise ParamsError([f"options.root: where the TU files are (<root>/{arg}/raw/{arg}_A.txt); "
+                           f"set data.options.root or ${TU_ROOT_ENV}"], source="data source 'tu'")
+    graphs, labels, meta = load_tu(Path(root).expanduser(), arg, download=bool(options.get("download", False)))
+    ids = _ids(arg, len(labels))
+    return RawSource(graphs, labels, ids, int(meta["num_classes"]), "graph", meta=meta)

@@ -9,14 +9,21 @@ Files ``<NAME>_<part>.txt``, one value (or a comma-separated row) per line, ids 
 - ``node_attributes`` (optional): comma-separated floats per node.
 
 Without node labels (IMDB-BINARY), the degree of each node is its label.
+
+:func:`read_tu` reads the files into a ``GraphSet`` (categorical labels, used by Mirage's tests and
+benchmark); :func:`load_tu` reads them through torch_geometric's ``TUDataset`` into the pipeline's
+``GraphFeatures`` (one-hot node labels + node attributes, one-hot edge labels + edge attributes).
 """
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from kdflow.data.graph_features import GraphFeatures
 from kdflow.data.graphs import GraphSet
 from kdflow.errors import DataError
 
@@ -171,3 +178,99 @@ def _read_floats(path: Path, expect: int) -> np.ndarray:
                     f"{path}: line {i + 1}: expected {width} comma-separated numbers, got {line!r}"
                 ) from None
     return values.reshape(len(lines), width)
+
+
+def load_tu(root: Path, name: str, *, download: bool = False) -> tuple[GraphFeatures, np.ndarray, dict]:
+    """A TU dataset through torch_geometric's ``TUDataset``, as pipeline graph features.
+
+    The raw files (``<root>/<name>/raw/<name>_*.txt`` or ``<root>/<name>/<name>_*.txt``) are copied
+    into a temporary ``TUDataset`` root, so it finds them, never downloads, and writes its
+    ``processed/`` cache there rather than next to the user's files. Only when the files are
+    absent and ``download`` is true does ``TUDataset`` download into ``<root>/<name>``.
+
+    Node features are ``[node attributes | one-hot node labels]``, edge features
+    ``[edge attributes | one-hot edge labels]``; without node labels (IMDB-BINARY) the node degree
+    is the label (one-hot over the degrees that occur).
+
+    Returns:
+        The graphs, class ids ``[G]`` in ``0..C-1`` and metadata (``num_classes``, the column
+        ranges of the label one-hots, ``num_node_attributes`` ...).
+
+    Raises:
+        DataError: files missing (and no download) or malformed, naming the file and line.
+    """
+    from torch_geometric.datasets import TUDataset
+
+    root = Path(root)
+    try:
+        folder, _ = find_tu_files(root / name, name)
+    except DataError:
+        if not download:
+            raise DataError(
+                f"{root / name}: no TU files {name}_*.txt (looked in raw/ too); put the extracted "
+                f"dataset there, or set data.options.download: true to let torch_geometric fetch it"
+            ) from None
+        folder = None
+    with tempfile.TemporaryDirectory(prefix="kdflow-tu-") as tmp:
+        if folder is not None:
+            raw = Path(tmp) / name / "raw"
+            raw.mkdir(parents=True)
+            for f in folder.glob(f"{name}_*.txt"):
+                shutil.copy(f, raw / f.name)
+        try:
+            ds = TUDataset(tmp if folder is not None else str(root), name, use_node_attr=True, use_edge_attr=True)
+        except (ValueError, RuntimeError, IndexError, OSError) as exc:
+            if folder is not None:
+                read_tu(folder, name)  # raises a DataError naming the file and line when it can
+            raise DataError(f"{folder or root}: torch_geometric cannot read TU dataset {name!r}: {exc}") from None
+        graphs, labels, meta = _from_pyg(ds, name)
+    meta.update(loader="torch_geometric.datasets.TUDataset", name=name)
+    return graphs, labels, meta
+
+
+def _from_pyg(ds, name: str) -> tuple[GraphFeatures, np.ndarray, dict]:
+    """Concatenated tensors of an in-memory ``TUDataset`` (its ``_data`` + ``slices``)."""
+    import torch
+
+    data, slices = ds._data, ds.slices
+    e_off = slices["edge_index"].to(torch.int64)
+    if data.x is not None:
+        n_off = slices["x"].to(torch.int64)
+    else:
+        counts = torch.as_tensor(data._num_nodes, dtype=torch.int64)
+        n_off = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    edge_graph = torch.repeat_interleave(torch.arange(len(n_off) - 1), e_off.diff())
+    edge_index = data.edge_index.to(torch.int64) + n_off[:-1][edge_graph]  # local -> global ids
+    n_attr, n_lab = ds.num_node_attributes, ds.num_node_labels
+    if data.x is not None:
+        x, node_cols = _compact(data.x.float(), n_attr, n_attr + n_lab)
+    else:  # no node labels: the degree is the label
+        log.info("%s: no node labels; using node degrees as labels", name)
+        degree = torch.bincount(edge_index[1], minlength=int(n_off[-1]))
+        _, label = torch.unique(degree, return_inverse=True)
+        x = torch.nn.functional.one_hot(label).float()
+        node_cols = [0, x.shape[1]]
+    e_attr, e_lab = ds.num_edge_attributes, ds.num_edge_labels
+    edge_attr, edge_cols = (None, None) if data.edge_attr is None else _compact(data.edge_attr.float(), e_attr, e_attr + e_lab)
+    y = data.y.numpy().astype(np.int64)
+    graphs = GraphFeatures(x.contiguous(), edge_index.contiguous(), n_off, e_off,
+                           None if edge_attr is None else edge_attr.contiguous())
+    meta = {
+        "num_classes": int(y.max()) + 1,
+        "num_graphs": len(y),
+        "node_label_columns": node_cols,
+        "num_node_attributes": int(n_attr) if data.x is not None else 0,
+        "node_labels_from_degree": data.x is None,
+        "edge_label_columns": edge_cols,
+    }
+    log.info("%s: %d graphs, %d nodes x %d features, %d edges%s", name, len(y), x.shape[0], x.shape[1],
+             edge_index.shape[1], f", edge features {edge_attr.shape[1]}" if edge_attr is not None else "")
+    return graphs, y, meta
+
+
+def _compact(features, lo: int, hi: int):
+    """Drop the one-hot columns in ``[lo, hi)`` that no row uses (torch_geometric one-hots label
+    ``l - min`` up to the largest label, so gaps in the label values leave empty columns)."""
+    used = features[:, lo:hi].abs().sum(0) > 0
+    keep = [*range(lo), *(lo + i for i in used.nonzero().flatten().tolist()), *range(hi, features.shape[1])]
+    return features[:, keep].contiguous(), [lo, lo + int(used.sum())]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ def measure_latency(
     repeats: int = 20,
     warmup: int = 3,
     threads: int | None = None,
+    inputs: Any | None = None,
 ) -> dict:
     """Times ``model`` forward passes on a random ``[batch_size, *input_shape]`` float32 input.
 
@@ -29,6 +31,8 @@ def measure_latency(
         repeats: timed forward passes.
         warmup: untimed forward passes first.
         threads: intra-op threads while timing (``None`` keeps the current setting).
+        inputs: a real batch of ``batch_size`` samples to time instead of random input (graphs,
+            whose shape alone does not define an input); anything with ``.to(device)``.
 
     Returns:
         ``median_ms``, ``p90_ms``, ``repeats`` and ``batch_size``.
@@ -38,7 +42,10 @@ def measure_latency(
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     generator = torch.Generator().manual_seed(0)  # leaves the global RNG untouched
-    x = torch.randn((batch_size, *input_shape), generator=generator).to(device)  # [B, *input_shape]
+    if inputs is not None:
+        x = inputs.to(device)
+    else:
+        x = torch.randn((batch_size, *input_shape), generator=generator).to(device)  # [B, *input_shape]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     old_threads = torch.get_num_threads()

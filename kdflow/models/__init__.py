@@ -56,6 +56,6 @@ def model_bytes(model: nn.Module) -> int:
 
 
 # Registration side effects; imported last because they use MODELS.
-from kdflow.models import convnet, mlp, resnet  # noqa: E402,F401
+from kdflow.models import convnet, gnn, mlp, resnet  # noqa: E402,F401
 
 __all__ = ["MODELS", "count_params", "create_model", "model_bytes"]

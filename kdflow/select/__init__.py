@@ -43,4 +43,21 @@ def rank(candidates: dict[str, nn.Module], data: SelectionData, strategy: str, *
     return rows
 
 
+def ranking_weights(scores: list[float], temperature: float) -> list[float]:
+    """Weights of the chosen teachers from their scores: ``softmax(score / temperature)``.
+
+    The best-scored teacher weighs most; equal scores weigh equally; one teacher weighs 1.
+    """
+    if not temperature > 0:
+        raise ValueError(f"weight temperature must be > 0, got {temperature}")
+    z = torch.tensor(scores, dtype=torch.float64) / temperature
+    return [float(w) for w in torch.softmax(z, dim=0)]
+
+
+def choose(rows: list[dict], top: int, temperature: float) -> tuple[list[str], list[float]]:
+    """The ``top`` best rows of a ranking (sorted best first) and their weights."""
+    chosen = rows[: max(1, top)]
+    return [r["teacher"] for r in chosen], ranking_weights([r["score"] for r in chosen], temperature)
+
+
 from kdflow.select import probe, val_accuracy  # noqa: E402,F401  (register)

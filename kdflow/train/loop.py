@@ -29,6 +29,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
 Pair = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+BatchFn = Callable[[torch.Tensor, int], dict[str, torch.Tensor]]  # (indices [B], epoch) -> batch
 
 
 @dataclass
@@ -85,6 +86,7 @@ def fit(
     resume: bool = False,
     fingerprint: str = "",
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    batch_fn: BatchFn | None = None,
 ) -> FitResult:
     """Train ``model`` in place on ``train`` and return the history.
 
@@ -105,6 +107,10 @@ def fit(
         resume: continue from ``checkpoint_dir``'s checkpoint when it matches this run.
         fingerprint: identifies the run; a checkpoint with another fingerprint is ignored.
         on_epoch: called with each history row, after the checkpoint is written.
+        batch_fn: ``batch_fn(indices, epoch)`` builds each batch instead of slicing ``train``
+            (e.g. replayed augmented views and teacher rows read from a cache); ``train`` then
+            only fixes N and is checked. It must be a pure function of its arguments (and of
+            the torch RNG, which is seeded per epoch) for resumed runs to stay bit-identical.
     """
     n = _check_train(train, batch_size, epochs)
     val = _check_val(val)
@@ -120,7 +126,8 @@ def fit(
     for epoch in range(start + 1, epochs + 1):
         if progress.stopped_early:
             break
-        row = _run_epoch(model, train, loss_fn, optimizer, n, batch_size, seed, epoch, device)
+        row = _run_epoch(model, train, loss_fn, optimizer, n, batch_size, seed, epoch, device,
+                         batch_fn)
         scheduler.step()
         if val is not None:
             eval_bs = max(batch_size, 512)
@@ -184,6 +191,7 @@ def _run_epoch(
     seed: int,
     epoch: int,
     device: torch.device,
+    batch_fn: BatchFn | None = None,
 ) -> dict[str, float]:
     """One pass over ``train`` in an order fixed by ``(seed, epoch)``; returns the history row."""
     t0 = time.perf_counter()
@@ -198,7 +206,8 @@ def _run_epoch(
         idx = order[i : i + batch_size]
         if len(idx) == 1 and n > 1:  # a lone sample breaks batch norm; it is seen in other epochs
             continue
-        batch = {k: _to_device(v[idx], device) for k, v in train.items()}
+        cpu = batch_fn(idx, epoch) if batch_fn is not None else {k: v[idx] for k, v in train.items()}
+        batch = {k: _to_device(v, device) for k, v in cpu.items()}
         terms = _step(model, batch, loss_fn, optimizer, device)
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v.detach().float() * len(idx)

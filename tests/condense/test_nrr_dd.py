@@ -84,7 +84,7 @@ def test_bn_matching_term_decreases_under_refinement() -> None:
         assert float(bn_matching_loss(model, x)) < 0.5 * before
 
 
-@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 16, 16), (1, 28, 28)])
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 8, 8), (3, 16, 16), (1, 28, 28)])
 def test_nrr_dd_shapes_and_extras(shape: tuple[int, int, int]) -> None:
     out = condense("nrr_dd", toy(shape), teacher=teacher(shape), ipc=2, seed=0, device=CPU, **FAST)
     out.validate()
@@ -108,8 +108,9 @@ def test_dbr_distances_recomputed_from_the_teacher_match_the_stored_ones() -> No
     assert torch.allclose(d_org, ref, atol=1e-6)
 
 
-def test_nrr_dd_is_deterministic_given_the_seed() -> None:
-    model, ds = teacher((1, 8, 8)), toy((1, 8, 8))
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 8, 8)])
+def test_nrr_dd_is_deterministic_given_the_seed(shape: tuple[int, int, int]) -> None:
+    model, ds = teacher(shape), toy(shape)
     run = lambda seed: condense("nrr_dd", ds, teacher=model, ipc=2, seed=seed, device=CPU, **FAST)  # noqa: E731
     a, b, c = run(1), run(1), run(2)
     assert torch.equal(a.features, b.features)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from kdflow.data.tu import read_tu
 from kdflow.errors import DataError
@@ -132,3 +133,59 @@ def test_graph_set_checks_shapes(tmp_path):
     both = g.subset(np.array([1, 0]))
     assert both.graph_labels.tolist() == [1, 0] and both.node_labels.tolist() == [1, 1, 0, 1, 0]
     assert both.edge_index.tolist() == [[0, 1, 2, 3, 3, 4], [1, 0, 3, 2, 4, 3]]
+
+
+# ---------------------------------------------------------------- the tu source (torch_geometric)
+
+
+def tu_source(root: Path, name: str = "TOY", **options):
+    from kdflow.data.sources import load_source
+
+    return load_source(f"tu:{name}", seed=0, val_fraction=0.1, test_fraction=0.1, options={"root": str(root), **options})
+
+
+def test_tu_source_one_hot_features_match_the_reader(tmp_path):
+    write_tu(tmp_path / "TOY", TOY)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    from kdflow.data.tu import load_tu
+
+    g, labels, meta = load_tu(tmp_path, "TOY")  # two graphs: too few to split, so the loader alone
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written next to the files
+    ref = read_tu(tmp_path / "TOY")
+    assert len(g) == 2 and g.shape == (2, 2) and labels.tolist() == [0, 1]
+    assert g.x.argmax(1).tolist() == ref.node_labels.tolist() and g.x.sum(1).eq(1).all()
+    assert g.edge_attr.argmax(1).tolist() == [0, 0, 1, 1, 0, 0] and g.node_offsets.tolist() == [0, 3, 5]
+    assert sorted(map(tuple, g.edge_index.T.tolist())) == sorted(map(tuple, ref.edge_index.T.tolist()))
+    assert meta["node_label_columns"] == [0, 2] and meta["edge_label_columns"] == [0, 2]
+
+
+def test_tu_source_errors(tmp_path, monkeypatch):
+    from kdflow.errors import ParamsError
+
+    with pytest.raises(DataError, match="no TU files TOY_.*download"):
+        tu_source(tmp_path)
+    monkeypatch.delenv("KDFLOW_TU_ROOT", raising=False)
+    from kdflow.data.sources import load_source
+
+    with pytest.raises(ParamsError, match="options.root"):
+        load_source("tu:TOY", seed=0, val_fraction=0.1, test_fraction=0.1)
+    with pytest.raises(ParamsError, match="unknown option"):
+        tu_source(tmp_path, roots="x")
+    write_tu(tmp_path / "TOY", {**TOY, "A": "1, 2\n2, x\n"})
+    with pytest.raises(DataError, match=r"TOY_A.txt: line 2"):
+        tu_source(tmp_path)
+
+
+def test_tu_source_mutag_and_imdb_stratified_80_10_10():
+    mutag = tu_source(tu_dir("MUTAG").parent, "MUTAG")
+    assert len(mutag) == 188 and mutag.input_shape == (7,) and mutag.features.edge_attr.shape == (7442, 4)
+    assert mutag.features.x.shape == (3371, 7) and mutag.labels.bincount().tolist() == [63, 125]
+    counts = {s: mutag.splits.count(s) for s in ("train", "val", "test")}
+    assert counts == {"train": 150, "val": 19, "test": 19}
+    for s in ("val", "test"):  # stratified: each split keeps the class ratio
+        assert abs(mutag.split(s).labels.float().mean() - 125 / 188) < 0.06
+    imdb = tu_source(tu_dir("IMDB-BINARY").parent, "IMDB-BINARY")
+    g = imdb.features
+    degree = torch.bincount(g.edge_index[1], minlength=g.x.shape[0])
+    assert imdb.meta["node_labels_from_degree"] and g.edge_attr is None
+    assert torch.equal(torch.unique(degree)[g.x.argmax(1)], degree)  # one-hot of the degree

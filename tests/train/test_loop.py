@@ -217,3 +217,31 @@ def test_resume_of_finished_run_trains_nothing(tmp_path: Path) -> None:
     )
     assert result.resumed_from == 4 and result.history == done.history
     assert same_weights(first, again)  # both hold the best epoch's weights
+
+
+def test_batch_fn_builds_each_batch_and_resumes_bit_identically(tmp_path: Path) -> None:
+    data = toy()
+    calls: list[tuple[int, int]] = []
+
+    def batch_fn(idx: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
+        """A per-epoch input shift (a replayed 'view') plus the sliced tensors."""
+        calls.append((epoch, len(idx)))
+        shift = torch.Generator().manual_seed(epoch)
+        return {"x": data["x"][idx] + torch.randn(4, generator=shift), "y": data["y"][idx]}
+
+    full = new_model()
+    run(full, batch_fn=batch_fn)
+    assert {e for e, _ in calls} == {1, 2, 3, 4} and sum(n for e, n in calls if e == 1) == 96
+    plain = new_model()
+    run(plain)
+    assert not same_weights(full, plain)  # the batches came from batch_fn
+
+    def kill_after_2(row: dict[str, float]) -> None:
+        if row["epoch"] == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(new_model(), batch_fn=batch_fn, checkpoint_dir=tmp_path, fingerprint="fp", on_epoch=kill_after_2)
+    resumed = new_model(seed=99)
+    result = run(resumed, batch_fn=batch_fn, checkpoint_dir=tmp_path, fingerprint="fp", resume=True)
+    assert result.resumed_from == 2 and same_weights(full, resumed)

@@ -1,0 +1,274 @@
+"""Image dataset distillation: student test accuracy from condensed sets, per method and label mode.
+
+For each dataset (sklearn digits 8x8; MNIST 28x28 from the 10k IDX test images, split 8k train /
+2k test, stratified from ``--split-seed``) one teacher is trained once (seeded). Then, for each IPC
+and each seed, every method condenses the training split through ``kdflow.condense.condense`` and
+a fresh student is trained on the result with ``kdflow.train.loop.fit``:
+
+- methods: ``random``, ``herding``, ``k_center`` (real images), ``rded``, ``nrr_dd`` (synthetic),
+  ``full`` (the whole training split, IPC-independent), each with the library's default params;
+  ``--ablations`` adds ``rded_factor1``/``nrr_dd_factor1`` (no stitching) and ``nrr_dd_no_refine``;
+- label modes: ``soft`` for every method (``kd`` T=4, alpha=0.9 on augmented views relabelled by
+  the live teacher every step: FKD-style, i.e. an unbounded view cache, not the logit cache),
+  ``hard`` for random and full (``ce`` on augmented views), ``dbr`` for nrr_dd (``dbr`` loss, beta 1,
+  on the one stored mixed view per instance, no augmentation: the stored distances belong to
+  that view);
+- augmentation (hard/soft): ``kdflow.data.augment`` random resized crops, area 50-100%, no flip;
+- teacher: ``convnet`` [16, 32, 64], hidden 128 (33k params), trained once per dataset on the full
+  training split (digits 20 epochs, MNIST 6, batch 128, seeded by ``--split-seed``);
+- the same student (``convnet`` [8, 16, 32], hidden 32: 7.3k params) and the same budget for all:
+  ``--steps`` (200) AdamW steps (lr 3e-3, cosine, weight decay 5e-4) of batch ``min(64, N)``,
+  i.e. ``epochs = round(steps / ceil(N / batch))``, no validation, no early stop; test accuracy
+  of the last weights.
+
+Reported: test accuracy mean +- std over seeds, the ratio to ``random`` with the same labels
+(``soft`` for dbr), bytes of the images (float32) and of the labels one stored view needs (hard:
+int64 labels; soft: fp16 logits ``[N, K]`` as the dense logit cache; dbr: the five ``dbr_*`` extras),
+soft labels for every view the student saw (``label_bytes_all_views``), condensation seconds, and
+the teacher's accuracy on the condensed images (a diagnostic).
+
+    .venv/bin/python benchmarks/condense_images.py --out condense_images.json
+    .venv/bin/python benchmarks/condense_images.py --quick          # seconds: smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from kdflow.condense import condense
+from kdflow.condense.nrr_dd import dbr_batch
+from kdflow.data.augment import Augment, apply_views, boxes_from_seeds
+from kdflow.data.dataset import Dataset
+from kdflow.data.sources import load_source
+from kdflow.losses import create_loss
+from kdflow.models import count_params, create_model
+from kdflow.train.device import seed_everything
+from kdflow.train.loop import accuracy_of, fit, predict
+
+CPU = torch.device("cpu")
+METHODS = ["random", "herding", "k_center", "rded", "nrr_dd"]
+MODES = {"random": ["hard", "soft"], "herding": ["soft"], "k_center": ["soft"], "rded": ["soft"],
+         "nrr_dd": ["soft", "dbr"], "full": ["hard", "soft"]}
+ABLATIONS = {  # --ablations: variants that separate the parts of rded/nrr_dd (soft labels, + dbr)
+    "rded_factor1": ("rded", {"factor": 1}),            # no stitching: one crop per image
+    "nrr_dd_factor1": ("nrr_dd", {"factor": 1}),
+    "nrr_dd_no_refine": ("nrr_dd", {"iterations": 0}),  # CAM crop discovery only
+}
+TEACHER = {"arch": "convnet", "args": {"channels": [16, 32, 64], "hidden": 128, "dropout": 0.1}}
+STUDENT = {"arch": "convnet", "args": {"channels": [8, 16, 32], "hidden": 32}}
+TEACHER_EPOCHS = {"digits": 20, "mnist": 6}
+AUG = Augment(scale_min=0.5, scale_max=1.0, flip=False)
+BATCH, LR, WD = 64, 3e-3, 5e-4
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    shared = Path(os.environ.get("KDFLOW_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--datasets", nargs="+", default=["digits", "mnist"], choices=["digits", "mnist"])
+    p.add_argument("--mnist", type=Path, default=shared / "mnist-t10k", help="folder of the MNIST IDX files")
+    p.add_argument("--ipc", nargs="+", type=int, default=[1, 10, 50])
+    p.add_argument("--methods", nargs="+", default=METHODS + ["full"], choices=METHODS + ["full"])
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..n-1 (condensation + student)")
+    p.add_argument("--steps", type=int, default=200, help="student optimiser steps, for every run")
+    p.add_argument("--teacher-epochs", type=int, default=None, help="default: digits 20, mnist 6")
+    p.add_argument("--ablations", action="store_true", help=f"also run {sorted(ABLATIONS)}")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/test split and the teacher")
+    p.add_argument("--nrr-iterations", type=int, default=100, help="nrr_dd refinement steps (library default 100)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a loaded machine)")
+    p.add_argument("--quick", action="store_true", help="tiny run for a smoke test")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.datasets, args.ipc, args.seeds, args.steps = ["digits"], [1], 2, 8
+        args.teacher_epochs, args.nrr_iterations, args.ablations = 1, 2, False
+    return args
+
+
+def load(name: str, args: argparse.Namespace) -> tuple[Dataset, Dataset]:
+    """Train and test splits (80/20, stratified, from ``--split-seed``)."""
+    spec = "sklearn:digits" if name == "digits" else f"idx:{args.mnist}"
+    ds = load_source(spec, seed=args.split_seed, val_fraction=0.0, test_fraction=0.2)
+    ds.meta["bench_name"] = name
+    return ds.split("train"), ds.split("test")
+
+
+def epochs_for(n: int, steps: int) -> tuple[int, int]:
+    """Batch size and epochs giving about ``steps`` optimiser steps over ``n`` samples."""
+    batch = min(BATCH, n)
+    return batch, max(1, round(steps / math.ceil(n / batch)))
+
+
+class Augmented(nn.Module):
+    """Training-mode wrapper: fresh random-resized-crop views of every batch (``kdflow.data.augment``,
+    boxes drawn from torch's RNG, which ``fit`` reseeds per epoch); with a teacher, its logits on
+    the same views are kept in ``teacher_logits`` for the loss (FKD-style relabelling)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        super().__init__()
+        self.student = student
+        self._teacher = [teacher.eval()] if teacher is not None else []  # not a submodule: frozen
+        self.teacher_logits: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            seeds = torch.randint(0, 2**62, (len(x),))
+            box, flip = boxes_from_seeds(seeds, tuple(x.shape[1:]), AUG)
+            x = apply_views(x, box, flip)
+            if self._teacher:
+                with torch.no_grad():
+                    self.teacher_logits = self._teacher[0](x)  # [B, K]
+        return self.student(x)
+
+
+def train_teacher(train: Dataset, args: argparse.Namespace) -> tuple[nn.Module, float]:
+    seed_everything(args.split_seed)
+    model = create_model(TEACHER["arch"], train.input_shape, train.num_classes, **TEACHER["args"])
+    t0 = time.perf_counter()
+    epochs = args.teacher_epochs or TEACHER_EPOCHS[train.meta["bench_name"]]
+    fit(model, {"x": train.features, "y": train.labels}, create_loss("ce"), epochs=epochs,
+        lr=LR, weight_decay=WD, batch_size=128, seed=args.split_seed, device=CPU)
+    return model.eval(), time.perf_counter() - t0
+
+
+def train_student(small: Dataset, mode: str, teacher: nn.Module, steps: int, seed: int) -> nn.Module:
+    """A fresh student trained on ``small`` with the label ``mode``, ``steps`` steps."""
+    seed_everything(seed)
+    student = create_model(STUDENT["arch"], small.input_shape, small.num_classes, **STUDENT["args"])
+    if mode == "dbr":
+        model, tensors = student, dbr_batch(small)
+        loss = create_loss("dbr", temperature=float(small.meta.get("dbr_temperature", 1.0)), beta=1.0)
+    else:
+        model = Augmented(student, teacher if mode == "soft" else None)
+        tensors = {"x": small.features, "y": small.labels}
+        if mode == "soft":
+            kd = create_loss("kd", temperature=4.0, alpha=0.9)
+            loss = lambda logits, batch: kd(logits, {**batch, "teacher_logits": model.teacher_logits})  # noqa: E731
+        else:
+            loss = create_loss("ce")
+    batch, epochs = epochs_for(len(tensors["x"]), steps)
+    fit(model, tensors, loss, epochs=epochs, lr=LR, weight_decay=WD, batch_size=batch, seed=seed, device=CPU)
+    return student.eval()
+
+
+def label_bytes(small: Dataset, mode: str) -> int:
+    """Bytes of the labels one stored view needs in ``mode``."""
+    n, k = len(small), small.num_classes
+    if mode == "hard":
+        return n * 8
+    if mode == "soft":
+        return n * k * 2  # fp16 dense logit cache
+    return sum(small.extras[key].numel() * small.extras[key].element_size()
+               for key in ("dbr_partner", "dbr_y_aug", "dbr_lambda", "dbr_d_org", "dbr_d_aug"))
+
+
+def summarise(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def bench_dataset(name: str, args: argparse.Namespace, console: Console) -> dict:
+    train, test = load(name, args)
+    teacher, teacher_s = train_teacher(train, args)
+    teacher_acc = accuracy_of(teacher, test.features, test.labels, batch_size=512, device=CPU)
+    console.print(f"{name}: train {len(train)}, test {len(test)}, teacher test acc {teacher_acc:.4f} "
+                  f"({count_params(teacher)} params, {teacher_s:.1f} s)")
+    variants = {m: (m, {}) for m in args.methods}
+    if args.ablations:
+        variants.update(ABLATIONS)
+    rows = []
+    for ipc in args.ipc:
+        for method, (base, options) in variants.items():
+            if base == "nrr_dd":
+                options = {"iterations": args.nrr_iterations, **options}
+            if method == "full" and ipc != args.ipc[0]:
+                continue  # IPC-independent: measured once
+            modes = MODES[base]
+            runs: dict[str, list[float]] = {m: [] for m in modes}
+            seconds, teacher_on_set, small = [], [], None
+            for seed in range(args.seeds):
+                t0 = time.perf_counter()
+                if method == "full":
+                    small = train
+                else:
+                    small = condense(base, train, teacher=teacher, ipc=ipc, seed=seed, device=CPU, **options)
+                seconds.append(time.perf_counter() - t0)
+                teacher_on_set.append(float((predict(teacher, small.features).argmax(-1) == small.labels).float().mean()))
+                for mode in modes:
+                    student = train_student(small, mode, teacher, args.steps, seed)
+                    runs[mode].append(accuracy_of(student, test.features, test.labels, batch_size=512, device=CPU))
+            for mode, accs in runs.items():
+                mean, std = summarise(accs)
+                n_epochs = epochs_for(len(small), args.steps)[1]
+                one_view = label_bytes(small, mode)
+                rows.append({
+                    "dataset": name, "ipc": None if method == "full" else ipc, "method": method, "labels": mode,
+                    "n": len(small), "accuracy_mean": mean, "accuracy_std": std, "accuracies": accs,
+                    "image_bytes": small.features.numel() * 4, "label_bytes": one_view,
+                    "label_bytes_all_views": one_view * (n_epochs if mode == "soft" else 1),
+                    "condense_seconds_mean": statistics.fmean(seconds),
+                    "teacher_acc_on_set": statistics.fmean(teacher_on_set),
+                })
+                console.print(f"  {name} ipc={ipc} {method}/{mode}: {mean:.4f} +- {std:.4f} "
+                              f"(condense {statistics.fmean(seconds):.2f} s)")
+    add_ratios(rows)
+    return {"dataset": name, "n_train": len(train), "n_test": len(test), "teacher_accuracy": teacher_acc,
+            "teacher_params": count_params(teacher), "teacher_seconds": teacher_s, "rows": rows}
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """``vs_random``: accuracy over ``random`` with the same labels (``soft`` for dbr), same IPC;
+    ``full`` rows are compared with the random rows of each IPC in the table instead."""
+    base = {(r["ipc"], r["labels"]): r["accuracy_mean"] for r in rows if r["method"] == "random"}
+    for r in rows:
+        ref = base.get((r["ipc"], "soft" if r["labels"] == "dbr" else r["labels"]))
+        r["vs_random"] = r["accuracy_mean"] / ref if ref else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    console = Console(width=170)
+    t0 = time.perf_counter()
+    results = []
+    for name in args.datasets:
+        if name == "mnist" and not args.mnist.exists():
+            console.print(f"[yellow]skip mnist: {args.mnist} not found[/]")
+            continue
+        results.append(bench_dataset(name, args, console))
+    wall = time.perf_counter() - t0
+    table = Table(title=f"condensed-set student accuracy ({args.seeds} seeds, {args.steps} steps, wall {wall:.0f} s)")
+    for col in ("data", "ipc", "method", "labels", "acc mean +- std", "vs random", "img KB", "label KB",
+                "label KB all views", "condense s", "teacher on set"):
+        table.add_column(col, justify="right")
+    for res in results:
+        for r in res["rows"]:
+            ratio = f"{r['vs_random']:.2f}" if r["vs_random"] else "-"
+            table.add_row(res["dataset"], str(r["ipc"] or "all"), r["method"], r["labels"],
+                          f"{r['accuracy_mean']:.4f} +- {r['accuracy_std']:.4f}", ratio,
+                          f"{r['image_bytes'] / 1e3:.1f}", f"{r['label_bytes'] / 1e3:.2f}",
+                          f"{r['label_bytes_all_views'] / 1e3:.1f}", f"{r['condense_seconds_mean']:.2f}",
+                          f"{r['teacher_acc_on_set']:.2f}")
+    console.print(table)
+    if args.out:
+        meta = {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
+                "threads": torch.get_num_threads(), "wall_seconds": wall, "student": STUDENT, "teacher": TEACHER,
+                "augment": AUG.as_dict(), "batch": BATCH, "lr": LR, "weight_decay": WD}
+        args.out.write_text(json.dumps({"meta": meta, "args": {k: str(v) for k, v in vars(args).items()},
+                                        "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
