@@ -8,13 +8,46 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdflow.errors import DataError
-from kdflow.losses import LOSSES, check_args, check_batch, kl_rows, weighted_mean
-from kdflow.losses.ce import ce_rows
+from kdflow.losses import LOSSES, check_args, check_batch
+
+
+class _FusedKD(torch.autograd.Function):
+    """``alpha * T^2 * KL + (1 - alpha) * CE`` as one autograd node.
+
+    The gradient with respect to the student logits has a closed form,
+    ``w_i / W * [alpha * T * (q_i - p_i) + (1 - alpha) * (r_i - onehot(y_i))]`` with
+    ``p = softmax(t/T)``, ``q = softmax(s/T)``, ``r = softmax(s)``, per-sample weights ``w`` and
+    ``W = sum(w)``; computing it in the forward pass skips a dozen small autograd nodes, which is
+    most of what KD costs over plain CE on small students (``benchmarks/train_from_cache.py``).
+    """
+
+    @staticmethod
+    def forward(ctx, s: Tensor, t: Tensor, y: Tensor, w: Tensor, T: float, alpha: float):
+        log_p = F.log_softmax(t / T, dim=-1)  # [B, C]
+        log_q = F.log_softmax(s / T, dim=-1)  # [B, C]
+        log_r = F.log_softmax(s, dim=-1)  # [B, C]
+        p = log_p.exp()
+        w = w / w.sum()  # [B]
+        kd = (w * (p * (log_p - log_q)).sum(-1)).sum() * T**2
+        ce = -(w * log_r.gather(1, y[:, None])[:, 0]).sum()
+        grad_ce = log_r.exp()
+        grad_ce.scatter_add_(1, y[:, None], torch.full_like(y[:, None], -1, dtype=s.dtype))
+        grad = (alpha * T) * (log_q.exp() - p) + (1.0 - alpha) * grad_ce  # [B, C]
+        ctx.save_for_backward(grad * w[:, None])
+        ctx.mark_non_differentiable(kd, ce)
+        return alpha * kd + (1.0 - alpha) * ce, kd, ce
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _kd: Tensor, _ce: Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss, None, None, None, None, None
 
 
 @LOSSES.register("kd")
 class KD:
     """``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)``.
+
+    Only ``"loss"`` carries gradients; ``"kd"`` and ``"ce"`` are its terms, for logging.
 
     Args:
         temperature: softening temperature T.
@@ -36,13 +69,11 @@ class KD:
             raise DataError(
                 f"loss 'kd': teacher logits {tuple(t.shape)} != student logits {tuple(s.shape)}"
             )
-        T = self.temperature
-        log_p = F.log_softmax(t / T, dim=-1)  # [B, C]
-        log_q = F.log_softmax(s / T, dim=-1)  # [B, C]
-        kd = weighted_mean(kl_rows(log_p, log_q), batch) * T**2
-        ce = weighted_mean(ce_rows(s, batch["y"]), batch)
-        return {"loss": self.alpha * kd + (1.0 - self.alpha) * ce, "kd": kd, "ce": ce}
+        y = batch["y"].to(s.device).long()  # [B]
+        w = batch.get("weight")
+        w = torch.ones_like(s[:, 0]) if w is None else w.to(device=s.device, dtype=torch.float32)
+        loss, kd, ce = _FusedKD.apply(s, t, y, w.detach(), self.temperature, self.alpha)
+        return {"loss": loss, "kd": kd, "ce": ce}
 
     def __repr__(self) -> str:
         return f"KD(temperature={self.temperature}, alpha={self.alpha})"
-

@@ -230,3 +230,22 @@ def test_missing_batch_key_names_it(data) -> None:
 def test_reference_self_check() -> None:
     p = ref_softmax([1.0, 2.0, 3.0])
     assert np.isclose(sum(p), 1.0) and ref_kl(p, p) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize(("T", "alpha", "weighted"), [(4.0, 0.9, False), (1.0, 0.5, True), (2.5, 0.0, True)])
+def test_kd_gradient_equals_autograd_of_the_plain_formula(data, T: float, alpha: float, weighted: bool) -> None:
+    """The fused KD's closed-form gradient against autograd through the textbook expression."""
+    w = data["w"] if weighted else torch.ones(B)
+    s1 = data["s"].clone().double().requires_grad_(True)
+    log_p = torch.log_softmax(data["t"].double() / T, -1)
+    log_q = torch.log_softmax(s1 / T, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    ce = torch.nn.functional.cross_entropy(s1, data["y"], reduction="none")
+    ref = alpha * T * T * (kl * w).sum() / w.sum() + (1 - alpha) * (ce * w).sum() / w.sum()
+    ref.backward()
+    s2 = data["s"].clone().requires_grad_(True)
+    batch = {"y": data["y"], "teacher_logits": data["t"]} | ({"weight": w} if weighted else {})
+    out = create_loss("kd", temperature=T, alpha=alpha)(s2, batch)
+    (out["loss"] * 3.0).backward()  # an upstream gradient scales it
+    assert out["loss"].item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(s2.grad.double(), 3.0 * s1.grad, rtol=1e-5, atol=1e-6)
