@@ -9,26 +9,24 @@ missing shard is recomputed alone. Only the current keys' builds are kept under 
 With ``views: K > 1`` every sample gets K seeded augmented views (``kdflow.data.augment``); the
 cache holds ``N * K`` rows, sample-major, and ``views.safetensors`` records each view's seed, crop
 box and flip so the student can replay them. With ``runner: dask`` the missing shards are tasks
-of a Prefect flow on a ``DaskTaskRunner``; the cache is byte-identical to the local run.
+of a Prefect flow on a ``DaskTaskRunner`` (``flows/shards.py``); the cache is byte-identical to
+the local run. The teacher's rows and shard jobs live in ``kdflow.cache.teacher_rows``.
 """
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset as TorchDataset
 
+from flows.shards import run_shards_on_dask
 from kdflow.cache import CacheReader, cache_key, fidelity, link_cache, size_metrics
+from kdflow.cache.teacher_rows import ShardJob, TeacherRows
 from kdflow.cache.views import write_views
-from kdflow.cache.writer import CacheBuild, CacheSpec, write_shard
-from kdflow.data.augment import Augment, apply_views, draw_views
+from kdflow.cache.writer import CacheBuild, CacheSpec
+from kdflow.data.augment import Augment, draw_views
 from kdflow.data.dataset import load_dataset
 from kdflow.models.io import load_model
-from kdflow.train.device import resolve_device
-from kdflow.train.loop import predict
 from schemas.manifest import Manifest
 from schemas.params import LogitsParams
 from tasks.common import STAGES, StageContext, code_hash
@@ -36,95 +34,6 @@ from tasks.select import chosen_teachers
 
 FIDELITY_ROWS = 512
 TRANSFORM: dict = {"features": "as stored"}  # the input transform of a cache without views
-
-
-@dataclass
-class TeacherRows:
-    """The teacher's logits for cache rows: inputs (stored samples, or replayable views) and
-    the forward pass. Pickles as paths (models and data are loaded where it runs, e.g. a Dask
-    worker); ``loaded()`` gives a private copy with both in memory."""
-
-    teacher_dir: Path
-    data_dir: Path
-    views: dict[str, torch.Tensor] | None
-    num_views: int
-    batch_size: int
-    workers: int = 0
-    model: torch.nn.Module | None = None
-    features: torch.Tensor | None = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "model": None, "features": None}
-
-    def loaded(self) -> TeacherRows:
-        return replace(self, model=load_model(self.teacher_dir),
-                       features=load_dataset(self.data_dir).features)
-
-    def inputs(self, rows: torch.Tensor) -> torch.Tensor:
-        """The teacher's inputs for cache ``rows``: the samples, or their augmented views."""
-        return row_inputs(self.features, self.views, self.num_views, rows)
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return predict(self.model, x, batch_size=self.batch_size, device=resolve_device("auto"))
-
-    def batches(self, start: int, stop: int, size: int) -> Iterator[torch.Tensor]:
-        """Logits of rows ``[start, stop)``, ``size`` rows at a time, in order (the inputs are
-        built by ``workers`` DataLoader processes when > 0)."""
-        ranges = [(a, min(a + size, stop)) for a in range(start, stop, size)]
-        if self.workers == 0:
-            inputs: object = (self.inputs(torch.arange(a, b)) for a, b in ranges)
-        else:
-            inputs = DataLoader(_RangeInputs(self.features, self.views, self.num_views, ranges),
-                                batch_size=None,
-                                num_workers=self.workers, shuffle=False)
-        for x in inputs:
-            yield self.logits(x)
-
-
-def row_inputs(features: torch.Tensor, views: dict[str, torch.Tensor] | None, num_views: int,
-               rows: torch.Tensor) -> torch.Tensor:
-    """Inputs of cache ``rows``: ``features[rows]``, or with views the view of row
-    ``sample * num_views + view`` rebuilt from its stored box and flip."""
-    if views is None:  # contiguous rows as a slice (also for tensor-like feature containers)
-        return features[int(rows[0]) : int(rows[-1]) + 1] if _contiguous(rows) else features[rows]
-    x = features[rows // num_views]
-    return apply_views(x, views["box"][rows], views["flip"][rows])
-
-
-def _contiguous(rows: torch.Tensor) -> bool:
-    return len(rows) > 0 and int(rows[-1]) - int(rows[0]) + 1 == len(rows) \
-        and bool((rows.diff() == 1).all())
-
-
-class _RangeInputs(TorchDataset):
-    """One item per row range: the teacher's input batch (built in DataLoader workers)."""
-
-    def __init__(self, features: torch.Tensor, views: dict[str, torch.Tensor] | None,
-                 num_views: int, ranges: list[tuple[int, int]]) -> None:
-        self.features, self.views, self.num_views, self.ranges = features, views, num_views, ranges
-
-    def __len__(self) -> int:
-        return len(self.ranges)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return row_inputs(self.features, self.views, self.num_views, torch.arange(*self.ranges[i]))
-
-
-@dataclass(frozen=True)
-class ShardJob:
-    """One shard to compute and write (picklable: a Dask task argument)."""
-
-    directory: Path
-    spec: CacheSpec
-    number: int
-    start: int
-    stop: int
-    rows: TeacherRows
-
-    def __call__(self) -> dict:
-        rows = self.rows if self.rows.model is not None else self.rows.loaded()
-        batches = rows.batches(self.start, self.stop, self.rows.batch_size)
-        return write_shard(self.directory, self.spec, self.number, self.start, self.stop, batches)
 
 
 def _files_digest(ctx: StageContext, stage: str, prefix: str = "") -> dict[str, str]:
@@ -147,43 +56,6 @@ def _clear_other_caches(work: Path, keep: set[Path]) -> None:
     for other in work.iterdir():
         if other not in keep and other.is_dir():
             shutil.rmtree(other, ignore_errors=True)
-
-
-def _run_on_dask(builds: list[tuple[CacheBuild, TeacherRows]], params: LogitsParams,
-                 ctx: StageContext) -> None:
-    """Compute every missing shard as a task of a Prefect flow on a ``DaskTaskRunner`` (an
-    existing scheduler at ``dask_address``, else a local cluster), recording each as it lands."""
-    from prefect import flow, task
-    from prefect.cache_policies import NO_CACHE
-    from prefect.futures import as_completed
-    from prefect_dask import DaskTaskRunner
-
-    if params.dask_address:
-        runner = DaskTaskRunner(address=params.dask_address)
-    else:
-        runner = DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
-            "n_workers": params.dask_workers, "threads_per_worker": 1,
-            "processes": params.dask_processes, "dashboard_address": ":0"})
-    shard = task(_compute_shard, name="logits-shard", cache_policy=NO_CACHE, persist_result=False)
-
-    @flow(name="logits-shards", task_runner=runner, validate_parameters=False, persist_result=False)
-    def shards() -> None:
-        jobs = {}
-        for which, (build, rows) in enumerate(builds):
-            portable = replace(rows, model=None, features=None)
-            for number, start, stop in build.todo:
-                job = ShardJob(build.directory, build.spec, number, start, stop, portable)
-                jobs[shard.with_options(task_run_name=f"{build.directory.name}-{number}").submit(job)] = (which, number)
-        for future in as_completed(list(jobs)):
-            which, number = jobs[future]
-            builds[which][0].record(number, future.result())
-            ctx.report("teacher logit shards", sum(len(b.computed) for b, _ in builds), len(jobs))
-
-    shards()
-
-
-def _compute_shard(job: ShardJob) -> dict:
-    return job()
 
 
 def run(params: LogitsParams, ctx: StageContext) -> Manifest:
@@ -214,7 +86,8 @@ def run(params: LogitsParams, ctx: StageContext) -> Manifest:
     _clear_other_caches(ctx.work, keep={b.directory for b, _ in builds})
 
     if params.runner == "dask" and any(b.todo for b, _ in builds):
-        _run_on_dask(builds, params, ctx)
+        run_shards_on_dask(builds, address=params.dask_address, workers=params.dask_workers,
+                           processes=params.dask_processes, report=ctx.report)
     else:
         for build, rows in builds:
             for number, start, stop in build.todo:

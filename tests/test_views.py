@@ -96,7 +96,7 @@ def test_view_choice_depends_on_seed_and_epoch_only() -> None:
 
 @pytest.mark.slow
 def test_student_replays_exactly_the_view_the_teacher_saw(tmp_path: Path, monkeypatch) -> None:
-    import tasks.logits as logits_stage
+    import kdflow.cache.teacher_rows as teacher_rows
 
     raw = tiny_params(logits={"views": 3, "shard_rows": 1000, "batch_size": 256},
                       student={"train": {"epochs": 2, "lr": 0.01, "batch_size": 128, "patience": None}})
@@ -104,15 +104,15 @@ def test_student_replays_exactly_the_view_the_teacher_saw(tmp_path: Path, monkey
     for stage in STAGE_ORDER[: STAGE_ORDER.index("condense") + 1]:
         execute_stage(stage, pp, tmp_path)
     seen: list[torch.Tensor] = []
-    real = logits_stage.predict
+    real = teacher_rows.predict
 
     def recording(model, x, **kwargs):
         seen.append(x.clone())
         return real(model, x, **kwargs)
 
-    monkeypatch.setattr(logits_stage, "predict", recording)
+    monkeypatch.setattr(teacher_rows, "predict", recording)
     m, _ = execute_stage("logits", pp, tmp_path)
-    monkeypatch.setattr(logits_stage, "predict", real)
+    monkeypatch.setattr(teacher_rows, "predict", real)
     art = tmp_path / "artifacts/tiny"
     ds = load_dataset(art / "condense")
     n = len(ds)
@@ -161,7 +161,7 @@ def test_an_altered_views_table_is_caught(tmp_path: Path) -> None:
 
 def test_dataloader_workers_give_the_same_logits() -> None:
     from kdflow.models import create_model
-    from tasks.logits import TeacherRows
+    from kdflow.cache.teacher_rows import TeacherRows
 
     torch.manual_seed(0)
     model = create_model("tiny_convnet", (1, 8, 8), 10)

@@ -7,13 +7,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from kdflow.condense.mirage import (
-    auto_threshold,
-    frequent_itemsets,
-    mirage,
-    transactions,
-    tree_ids,
-)
+from kdflow.condense.itemsets import auto_threshold, frequent_itemsets
+from kdflow.condense.mirage import mirage, transactions, tree_ids
 from kdflow.data.graphs import GraphSet
 from tests.conftest import shared_data
 
