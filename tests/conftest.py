@@ -103,3 +103,29 @@ def write_params(root: Path, raw: dict, name: str = "params.yaml") -> Path:
     path = root / name
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+def dvc_project(root: Path, raw: dict, env: dict[str, str] | None = None) -> tuple[Path, dict[str, str]]:
+    """A fresh git + DVC repo at ``root`` holding the pipeline code and ``raw`` as params.yaml.
+
+    DVC reads params keys from the file itself, so ``raw`` should spell out every key.
+    Returns ``(root, env)``, the environment to run ``git``/``dvc``/``kdflow`` there.
+    """
+    import shutil
+    import subprocess
+    import sys
+
+    for item in ("dvc.yaml", ".dvcignore", ".gitignore", "kdflow", "tasks", "schemas", "flows"):
+        src = REPO / item
+        if src.is_dir():
+            shutil.copytree(src, root / item, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, root / item)
+    write_params(root, raw)
+    env = {**os.environ, **(env or {}), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"], ["git", "add", "-A"],
+                ["git", "commit", "-qm", "pipeline"]):
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
+    return root, env

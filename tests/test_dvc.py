@@ -1,8 +1,6 @@
 """dvc.yaml agrees with the stage specs and the schema; `dvc repro` works in a fresh git repo."""
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, tiny_params, write_params
+from conftest import REPO, dvc_project, tiny_params
 from schemas.params import parse_params, schema_keys
 from tasks.common import COMMON_CODE, STAGES
 
@@ -47,21 +45,9 @@ def _sh(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_dvc_repro_builds_everything_then_nothing_then_an_experiment(tmp_path: Path) -> None:
-    for item in ("dvc.yaml", ".dvcignore", ".gitignore", "kdflow", "tasks", "schemas", "flows"):
-        src = REPO / item
-        if src.is_dir():
-            shutil.copytree(src, tmp_path / item, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, tmp_path / item)
     # DVC reads the params keys from the file itself, so give it every key (defaults resolved)
-    write_params(tmp_path, parse_params(tiny_params()).model_dump(mode="json"))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    _, env = dvc_project(tmp_path, parse_params(tiny_params()).model_dump(mode="json"))
     dvc = [sys.executable, "-m", "dvc"]
-    _sh(["git", "init", "-q"], tmp_path, env)
-    _sh([*dvc, "init", "-q"], tmp_path, env)
-    _sh(["git", "add", "-A"], tmp_path, env)
-    _sh(["git", "commit", "-qm", "pipeline"], tmp_path, env)
 
     first = _sh([*dvc, "repro"], tmp_path, env).stdout
     for name in STAGES:

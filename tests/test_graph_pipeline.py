@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, shared_data, tiny_params, write_params
+from conftest import REPO, dvc_project, shared_data, tiny_params, write_params
 from schemas.params import apply_overrides, parse_params, read_params_file
 from tasks.common import STAGE_ORDER, STAGES, execute_stage
 
@@ -80,19 +79,8 @@ def test_config_runs_with_kdflow_run(tmp_path: Path, config: str) -> None:
 
 @pytest.mark.integration
 def test_nci1_mirage_with_dvc_repro(tmp_path: Path) -> None:
-    for item in ("dvc.yaml", ".dvcignore", ".gitignore", "kdflow", "tasks", "schemas", "flows"):
-        src = REPO / item
-        if src.is_dir():
-            shutil.copytree(src, tmp_path / item, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, tmp_path / item)
-    write_params(tmp_path, fast_config("nci1-mirage"))  # DVC reads params.yaml: the config, every key spelt out
-    env = {**os.environ, **ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    _, env = dvc_project(tmp_path, fast_config("nci1-mirage"), ENV)  # the config, every key spelt out
     run = lambda *cmd: subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)  # noqa: E731
-    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"], ["git", "add", "-A"],
-                ["git", "commit", "-qm", "pipeline"]):
-        assert run(*cmd).returncode == 0, cmd
     first = run(sys.executable, "-m", "dvc", "repro")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     for name in STAGES:
