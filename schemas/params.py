@@ -184,7 +184,7 @@ class StudentParams(Section):
         "weighted_mean",
         description="With several teachers (select.top > 1): weighted_mean of their probabilities at the loss temperature (dense caches), or per_sample: each sample learns from the teacher giving its true class the highest probability.",
     )
-    cache_in_memory_mb: float = Field(1024.0, ge=0, le=1_000_000, description="Load the logit cache(s) into memory up to this size; larger caches are read per batch from the memory-mapped shards.")
+    cache_in_memory_mb: float = Field(1024.0, ge=0, le=1_000_000, description="Load the logit cache(s) into memory up to this decoded size (float32 values, int64 indices: several times the size on disk); larger caches are read per batch from the memory-mapped shards.")
 
 
 class EvaluateParams(Section):

@@ -117,3 +117,16 @@ def test_two_teachers_one_cache_each_through_the_stages(tmp_path: Path, combine_
     for e in entries:
         CacheReader(tmp_path / "artifacts/tiny/logits" / e["dir"]).verify()
     assert ms["student"].metrics["epochs_run"] == 2
+
+
+def test_memory_limit_counts_the_decoded_rows_not_the_bytes_on_disk(tmp_path: Path) -> None:
+    n, c = 2000, 100
+    logits = 3 * torch.randn(n, c, generator=torch.Generator().manual_seed(0))
+    info = write_cache(tmp_path, [logits], num_rows=n, num_classes=c, format="topk_q8", k=20, dtype="float16",
+                       capture_temperature=1.0, shard_rows=500)
+    reader = CacheReader(tmp_path, info)
+    decoded = sum(v.element_size() * v.numel() for v in reader.load_all().values())
+    assert decoded > 3 * reader.nbytes  # uint8 values and narrow indices decode to float32 / int64
+    tensors = {"x": torch.zeros(n, 2), "y": logits.argmax(1)}
+    assert not CachedBatches(tensors, [reader], [1.0], memory_limit=decoded - 1).in_memory
+    assert CachedBatches(tensors, [reader], [1.0], memory_limit=decoded).in_memory

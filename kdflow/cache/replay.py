@@ -27,6 +27,16 @@ log = logging.getLogger(__name__)
 DEFAULT_MEMORY_LIMIT = 1 << 30  # bytes of cache loaded into memory before streaming instead
 
 
+def decoded_nbytes(reader: CacheReader, sample_rows: int = 64) -> int:
+    """Bytes ``reader.load_all()`` would hold: the decoded size of a few rows, scaled up."""
+    n = len(reader)
+    if n == 0:
+        return 0
+    head = reader.get(torch.arange(min(n, sample_rows)))
+    per_row = sum(v.element_size() * v.numel() for v in head.values()) / len(head[next(iter(head))])
+    return int(per_row * n)
+
+
 class CachedBatches:
     """``fit``'s ``batch_fn``: per-sample tensors + replayed views + combined teacher rows.
 
@@ -37,8 +47,9 @@ class CachedBatches:
         combine_mode: ``weighted_mean`` or ``per_sample`` (see ``kdflow.cache.combine``).
         temperature: the distillation temperature (used by ``weighted_mean``).
         seed: with ``epoch``, picks the view each sample replays.
-        memory_limit: load the caches into memory when their shards total at most this many
-            bytes; stream rows from the memory-mapped shards otherwise (0: always stream).
+        memory_limit: load the caches into memory when, decoded (float32 values, int64
+            indices: several times their size on disk), they total at most this many bytes;
+            stream rows from the memory-mapped shards otherwise (0: always stream).
 
     Raises:
         DataError: the caches do not match the samples or each other.
@@ -64,7 +75,7 @@ class CachedBatches:
         self.combine_mode, self.temperature, self.seed = combine_mode, float(temperature), seed
         self.k = readers[0].num_views
         self.views = self._check_views()
-        self.in_memory = sum(r.nbytes for r in readers) <= memory_limit
+        self.in_memory = sum(decoded_nbytes(r) for r in readers) <= memory_limit
         self._rows = [r.load_all() for r in readers] if self.in_memory else None
         self._epoch: tuple[int, torch.Tensor] | None = None
         log.info("teacher rows from %d cache(s), %d view(s) per sample, %s", len(readers), self.k,
