@@ -272,11 +272,14 @@ def run_gnn(name: str, args: argparse.Namespace) -> dict:
                   "mirage": {"graphs": len(small), "bytes": small.features.nbytes, "per_class": info["sets_per_class"]}},
         "models": {},
     }
+    rands = [_same_bytes_subset(train, small.features.nbytes, seed) for seed in range(args.seeds)]  # one per seed
+    per_seed = [{"graphs": len(r), "bytes": r.features.nbytes} for r in rands]
+    row["sizes"]["random_same_bytes"] = {
+        "graphs": round(sum(p["graphs"] for p in per_seed) / len(per_seed)),  # means over the seeds
+        "bytes": round(sum(p["bytes"] for p in per_seed) / len(per_seed)), "per_seed": per_seed}
     for arch in args.models:
         results: dict[str, list[dict]] = {"full": [], "mirage_weight": [], "mirage_uniform": [], "random_same_bytes": []}
-        for seed in range(args.seeds):
-            rand = _same_bytes_subset(train, small.features.nbytes, seed)
-            row["sizes"]["random_same_bytes"] = {"graphs": len(rand), "bytes": rand.features.nbytes}
+        for seed, rand in enumerate(rands):
             for key, data in (("full", train), ("mirage_weight", small), ("mirage_uniform", uniform), ("random_same_bytes", rand)):
                 results[key].append(_train_eval(arch, data, val, test, args, seed, args.hops))
         row["models"][arch] = {

@@ -59,7 +59,7 @@ from kdflow.train.device import resolve_device, seed_everything
 from kdflow.train.loop import epoch_seeds, fit, predict
 
 Batch = dict[str, torch.Tensor]
-TeacherFn = Callable[[torch.Tensor, torch.Tensor], Batch]  # (indices [B], x [B, ...]) -> keys
+TeacherFn = Callable[[torch.Tensor, torch.Tensor, int], Batch]  # (indices [B], x [B, ...], epoch) -> keys
 MODES = ("plain", "cache", "live")
 GOAL_CACHE_OVER_PLAIN = 1.10
 
@@ -154,19 +154,19 @@ def teacher_sources(teacher: nn.Module, reader: CacheReader,
     """Per mode, how a batch gets its teacher keys."""
     teacher.to(device).eval()
 
-    def live(idx: torch.Tensor, xb: torch.Tensor) -> Batch:
+    def live(idx: torch.Tensor, xb: torch.Tensor, epoch: int) -> Batch:
         with torch.inference_mode():
             out = teacher(xb)  # [B, C]
         return {"teacher_logits": out}
 
-    def cached(idx: torch.Tensor, xb: torch.Tensor) -> Batch:
+    def cached(idx: torch.Tensor, xb: torch.Tensor, epoch: int) -> Batch:
         return {k: v.to(device) for k, v in reader.get(idx).items()}
 
-    def replayed(idx: torch.Tensor, xb: torch.Tensor) -> Batch:
-        batch = views(idx, 1)  # the replayed input (key "x") and its view's teacher row
+    def replayed(idx: torch.Tensor, xb: torch.Tensor, epoch: int) -> Batch:
+        batch = views(idx, epoch + 1)  # this epoch's replayed input (key "x") and its view's row
         return {k: v.to(device) for k, v in batch.items() if k != "y"}
 
-    sources = {"plain": lambda idx, xb: {}, "cache": cached, "live": live}
+    sources = {"plain": lambda idx, xb, epoch: {}, "cache": cached, "live": live}
     return sources if views is None else {**sources, "views": replayed}
 
 
@@ -192,7 +192,7 @@ def run_epoch(student: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Los
             continue
         xb, yb = x[idx].to(device), y[idx].to(device)
         t = time.perf_counter()
-        batch = {"x": xb, "y": yb, **teacher_fn(idx, xb)}
+        batch = {"x": xb, "y": yb, **teacher_fn(idx, xb, epoch)}
         teacher_s += time.perf_counter() - t
         terms = loss_fn(student(batch["x"]).float(), batch)  # "views" replaces "x"
         optimizer.zero_grad(set_to_none=True)

@@ -56,7 +56,7 @@ STAGES: dict[str, StageSpec] = {
             "logits",
             ("condense", "select", "teachers"),
             ("seed", "logits"),
-            ("tasks/logits.py", "flows/shards.py", "kdflow/cache", "kdflow/models", "kdflow/train", "kdflow/data/augment.py"),
+            ("tasks/logits.py", "tasks/fanout.py", "kdflow/cache", "kdflow/models", "kdflow/train", "kdflow/data/augment.py"),
         ),
         StageSpec(
             "student",

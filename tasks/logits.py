@@ -9,7 +9,7 @@ missing shard is recomputed alone. Only the current keys' builds are kept under 
 With ``views: K > 1`` every sample gets K seeded augmented views (``kdflow.data.augment``); the
 cache holds ``N * K`` rows, sample-major, and ``views.safetensors`` records each view's seed, crop
 box and flip so the student can replay them. With ``runner: dask`` the missing shards are tasks
-of a Prefect flow on a ``DaskTaskRunner`` (``flows/shards.py``); the cache is byte-identical to
+of a Prefect flow on a ``DaskTaskRunner`` (``tasks/fanout.py``); the cache is byte-identical to
 the local run. The teacher's rows and shard jobs live in ``kdflow.cache.teacher_rows``.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from flows.shards import run_shards_on_dask
+from tasks.fanout import run_shards_on_dask
 from kdflow.cache import CacheReader, cache_key, fidelity, link_cache, size_metrics
 from kdflow.cache.teacher_rows import ShardJob, TeacherRows
 from kdflow.cache.views import write_views

@@ -12,9 +12,9 @@ from conftest import tiny_params
 from kdflow.condense.nrr_dd import dbr_distances, mix
 from kdflow.data.dataset import load_dataset
 from kdflow.models.io import load_model
-from kdflow.train.loop import predict
+from kdflow.train.loop import fit, predict
 from schemas.params import parse_params
-from tasks.student import training_tensors
+import tasks.student as student_stage
 from test_stages import run_until
 
 NRR = {"method": "nrr_dd", "ipc": 2, "images_per_class": 5, "crops_per_image": 2, "iterations": 2}
@@ -42,22 +42,37 @@ def test_rded_and_nrr_dd_condense_and_the_student_trains_on_rded(tmp_path: Path)
 
 
 @pytest.mark.parametrize("loss", ["dbr", "ce"])
-def test_the_student_trains_with_each_label_mode_on_nrr_dd(tmp_path: Path, loss: str) -> None:
+def test_the_student_trains_with_each_label_mode_on_nrr_dd(tmp_path: Path, loss: str, monkeypatch) -> None:
+    seen: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []  # (idx, batch) of every step fit took
+
+    def spy_fit(*args, batch_fn, **kwargs):
+        def recording(idx, epoch):
+            batch = batch_fn(idx, epoch)
+            seen.append((idx.clone(), batch))
+            return batch
+        return fit(*args, batch_fn=recording, **kwargs)
+
+    monkeypatch.setattr(student_stage, "fit", spy_fit)
     raw = tiny_params(condense=NRR, student={"loss": {"name": loss, "beta": 0.5}})
     ms = run_until(tmp_path, raw, "student")
     art = tmp_path / "artifacts/tiny"
     small = load_dataset(art / "condense")
     history = json.loads((art / "student/history.json").read_text())
     assert len(history) == 3 and ms["student"].metrics["epochs_run"] == 3
-    tensors = training_tensors(small, loss)
+    assert seen, "the student stage did not train through its batch_fn"
     e = small.extras
-    if loss == "dbr":  # trained on the stored mixed views with the DBR term
+    mixed = mix(small.features, e["dbr_partner"], e["dbr_lambda"])
+    for idx, batch in seen:
+        if loss == "dbr":  # the stored mixed views with their labels and distances
+            assert torch.equal(batch["x"], mixed[idx])
+            assert torch.equal(batch["y_aug"], e["dbr_y_aug"][idx])
+            assert torch.equal(batch["d_org"], e["dbr_d_org"][idx]) and torch.equal(batch["d_aug"], e["dbr_d_aug"][idx])
+        else:  # hard labels on the refined images themselves
+            assert torch.equal(batch["x"], small.features[idx]) and "d_org" not in batch
+    if loss == "dbr":
         assert {"train_dbr", "train_ce"} <= set(history[0])
-        assert torch.equal(tensors["x"], mix(small.features, e["dbr_partner"], e["dbr_lambda"]))
-        assert torch.equal(tensors["d_org"], e["dbr_d_org"])
-    else:  # hard labels on the refined images themselves
+    else:
         assert "train_dbr" not in history[0]
-        assert torch.equal(tensors["x"], small.features)
 
 
 def test_stored_dbr_distances_match_the_saved_teacher(tmp_path: Path) -> None:

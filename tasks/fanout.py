@@ -1,4 +1,4 @@
-"""The ``logits-shards`` flow: missing logit-cache shards as tasks on a ``DaskTaskRunner``.
+"""Fan-out for the logits stage: missing logit-cache shards as tasks of a Prefect flow on a ``DaskTaskRunner``.
 
 Each task computes and writes one shard (``kdflow.cache.teacher_rows.ShardJob``); the parent
 records each shard as it lands, so the cache is byte-identical to a local run. Prefect is
