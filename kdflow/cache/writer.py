@@ -296,7 +296,7 @@ def write_shard(directory: Path, spec: CacheSpec, number: int, start: int, stop:
 
 def build_cache(
     directory: Path,
-    compute: Callable[[int, int], Batch] | None = None,
+    compute: Callable[[int, int], Batch],
     *,
     num_rows: int,
     num_classes: int,
@@ -308,8 +308,6 @@ def build_cache(
     batch_size: int,
     seq_len: int | None = None,
     key: str = "",
-    extra: dict | None = None,
-    compute_batches: Callable[[int, int, int], Iterable[Batch]] | None = None,
 ) -> tuple[dict, list[str]]:
     """Build a cache, or resume or repair one: compute only the shards that are not intact.
 
@@ -323,10 +321,6 @@ def build_cache(
             ``batch_size`` rows, never across a shard boundary.
         key: the cache key (teacher + data + transform + format); shards of another key are
             never reused.
-        extra: more ``cache.json`` fields that must match for reuse (see ``CacheBuild``).
-        compute_batches: instead of ``compute``, ``(start, stop, batch_size)`` -> the logits of
-            rows ``[start, stop)`` as an iterable of batches in row order (lets the caller
-            prefetch inputs, e.g. with DataLoader workers).
 
     The other arguments are the fields of ``CacheSpec``.
 
@@ -335,15 +329,10 @@ def build_cache(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if (compute is None) == (compute_batches is None):
-        raise ValueError("build_cache needs exactly one of compute and compute_batches")
-    if compute_batches is None:
-        def compute_batches(start: int, stop: int, size: int) -> Iterable[Batch]:
-            return (compute(a, min(a + size, stop)) for a in range(start, stop, size))
     spec = CacheSpec(num_rows, num_classes, format, k, dtype, capture_temperature, shard_rows,
                      seq_len)
-    build = CacheBuild(directory, spec, key, extra)
+    build = CacheBuild(directory, spec, key)
     for number, start, stop in build.todo:
-        batches = compute_batches(start, stop, batch_size)
+        batches = (compute(a, min(a + batch_size, stop)) for a in range(start, stop, batch_size))
         build.record(number, write_shard(build.directory, spec, number, start, stop, batches))
     return build.finish(), build.computed
