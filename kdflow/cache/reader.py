@@ -39,6 +39,7 @@ class CacheReader:
         self.keys = FORMATS.get(self.format).keys + (("lengths",) if self.seq_len else ())
         self._starts = torch.tensor([s["rows"][0] for s in self.info["shards"]], dtype=torch.long)
         self._open: dict[int, tuple[object, Stored]] = {}
+        self._verified = False  # set by verify(): views() then skips re-hashing the views table
 
     def __len__(self) -> int:
         return int(self.info["num_rows"])
@@ -63,11 +64,13 @@ class CacheReader:
         Raises:
             CacheCorruptError: naming the first missing, truncated or altered file.
         """
+        self._verified = False
         for number in range(len(self.info["shards"])):
             self.verify_shard(number)
         entry = self.info.get("views")
         if entry is not None and (problem := views_problem(self.directory, entry)) is not None:
             raise corrupt(self.directory / entry["file"], problem)
+        self._verified = True
 
     @property
     def num_views(self) -> int:
@@ -75,9 +78,10 @@ class CacheReader:
         return int(self.info["views"]["k"]) if self.info.get("views") else 1
 
     def views(self) -> dict[str, torch.Tensor] | None:
-        """The verified views table (``kdflow.cache.views``), or None for a cache without views."""
+        """The verified views table (``kdflow.cache.views``), or None for a cache without views;
+        hashed here unless ``verify()`` already checked it."""
         entry = self.info.get("views")
-        return None if entry is None else load_views(self.directory, entry)
+        return None if entry is None else load_views(self.directory, entry, verify=not self._verified)
 
     @property
     def nbytes(self) -> int:

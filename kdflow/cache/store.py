@@ -52,17 +52,18 @@ def load_info(directory: Path) -> dict:
         raise corrupt(path, f"info is unreadable ({err})") from None
 
 
-def shard_problem(directory: Path, shard: dict) -> str | None:
-    """Why the shard recorded as ``shard`` (a ``cache.json`` entry) is unusable; None if intact."""
+def shard_problem(directory: Path, shard: dict, what: str = "shard") -> str | None:
+    """Why the file recorded as ``shard`` (a ``cache.json`` entry with ``file``, ``bytes`` and
+    ``sha256``: a shard, or the views table) is unusable; None if intact."""
     path = Path(directory) / shard["file"]
     if not path.is_file():
-        return f"shard {shard['file']} is missing"
+        return f"{what} {shard['file']} is missing"
     size = path.stat().st_size
     if size != shard["bytes"]:
-        return (f"shard {shard['file']} has {size} bytes, expected {shard['bytes']} "
+        return (f"{what} {shard['file']} has {size} bytes, expected {shard['bytes']} "
                 "(truncated or altered)")
     if sha256_file(path) != shard["sha256"]:
-        return f"shard {shard['file']} fails its sha256 (corrupt or altered)"
+        return f"{what} {shard['file']} fails its sha256 (corrupt or altered)"
     return None
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from kdflow.cache.store import corrupt, replace_atomically, sha256_file
+from kdflow.cache.store import corrupt, replace_atomically, sha256_file, shard_problem
 
 VIEWS_FILE = "views.safetensors"
 VIEW_KEYS = ("sample", "view", "seed", "box", "flip")
@@ -36,24 +36,18 @@ def write_views(directory: Path, table: dict[str, torch.Tensor], *, views: int,
 
 def views_problem(directory: Path, entry: dict) -> str | None:
     """Why the views file recorded as ``entry`` is unusable; None if intact."""
-    path = Path(directory) / entry["file"]
-    if not path.is_file():
-        return f"views table {entry['file']} is missing"
-    if path.stat().st_size != entry["bytes"]:
-        return f"views table {entry['file']} has {path.stat().st_size} bytes, expected {entry['bytes']}"
-    if sha256_file(path) != entry["sha256"]:
-        return f"views table {entry['file']} fails its sha256 (corrupt or altered)"
-    return None
+    return shard_problem(directory, entry, what="views table")
 
 
-def load_views(directory: Path, entry: dict) -> dict[str, torch.Tensor]:
-    """The verified views table of a cache (``entry`` is ``cache.json``'s ``views``).
+def load_views(directory: Path, entry: dict, verify: bool = True) -> dict[str, torch.Tensor]:
+    """The views table of a cache (``entry`` is ``cache.json``'s ``views``), its size and sha256
+    checked first unless ``verify`` is False (the caller already checked them).
 
     Raises:
         CacheCorruptError: naming the file when it is missing, altered or malformed.
     """
     path = Path(directory) / entry["file"]
-    problem = views_problem(directory, entry)
+    problem = views_problem(directory, entry) if verify else None
     if problem is not None:
         raise corrupt(path, problem)
     table = load_file(path)
