@@ -49,4 +49,4 @@ def chosen_teacher(ctx: StageContext) -> str:
 def chosen_teachers(ctx: StageContext) -> list[tuple[str, float]]:
     """Every chosen teacher with its weight, best ranked first."""
     info = ctx.upstream["select"].info
-    return list(zip(info["teachers"], info.get("weights", [1.0] * len(info["teachers"]))))
+    return list(zip(info["teachers"], info["weights"]))

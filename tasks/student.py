@@ -43,11 +43,10 @@ def training_tensors(train: Dataset, loss: str) -> dict[str, torch.Tensor]:
 
 def cache_readers(ctx: StageContext) -> tuple[list[CacheReader], list[float]]:
     """The verified logit cache of every chosen teacher (one folder each when several) and the
-    teachers' weights, from the logits stage's manifest."""
-    info = ctx.upstream["logits"].info
-    entries = info.get("teachers") or [{"dir": "", "weight": 1.0}]
-    readers = [CacheReader(ctx.input("logits") / e["dir"], info["cache"] if not e["dir"] else None)
-               for e in entries]
+    teachers' weights, from the logits stage's manifest (each cache's ``cache.json`` is part of
+    the stage output, covered by its sha256)."""
+    entries = ctx.upstream["logits"].info["teachers"]
+    readers = [CacheReader(ctx.input("logits") / e["dir"]) for e in entries]
     for reader in readers:
         reader.verify()
     return readers, [float(e["weight"]) for e in entries]
