@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from kdflow.errors import UnknownNameError
 
@@ -23,15 +23,27 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._meta: dict[str, dict[str, Any]] = {}
 
-    def register(self, name: str) -> Callable[[T], T]:
+    def register(self, name: str, **meta: Any) -> Callable[[T], T]:
+        """Register under ``name``; ``meta`` is what the rest derives from (a params model,
+        what the entry needs and provides, the tracks it serves, ...)."""
         def deco(obj: T) -> T:
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
             self._items[name] = obj
+            self._meta[name] = dict(meta)
             return obj
 
         return deco
+
+    def meta(self, name: str) -> dict[str, Any]:
+        """The metadata ``name`` was registered with (UnknownNameError if unknown)."""
+        self.get(name)
+        return self._meta[name]
+
+    def items(self) -> list[tuple[str, T]]:
+        return sorted(self._items.items())
 
     def get(self, name: str) -> T:
         try:
