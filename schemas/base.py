@@ -6,10 +6,54 @@ and subclass ``Section``; ``schemas/params.py`` assembles them into discriminate
 """
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+import difflib
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from kdflow.errors import ParamsError
 
 
 class Section(BaseModel):
     """A params section: ``extra="forbid"`` (a misspelt key is an error), frozen."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+S = TypeVar("S", bound=Section)
+
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
+def _num(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _message(model: type[BaseModel], err: dict[str, Any]) -> str:
+    """One problem in words: ``unknown key; did you mean 'factor'?``, ``must be >= 1 (got 0)``."""
+    kind, ctx, got = err["type"], err.get("ctx") or {}, err.get("input")
+    if kind in _BOUNDS:
+        bound = next(iter(ctx.values()))
+        return f"must be {_BOUNDS[kind]} {_num(bound)} (got {_num(got)})"
+    if kind == "extra_forbidden":
+        close = difflib.get_close_matches(str(err["loc"][-1]), list(model.model_fields), n=1, cutoff=0.5)
+        return "unknown key" + (f"; did you mean '{close[0]}'?" if close else f" (allowed: {', '.join(model.model_fields)})")
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')} (got {got!r})"
+    msg = err["msg"].removeprefix("Value error, ")
+    return msg if kind == "value_error" or isinstance(got, dict | list) or got is None else f"{msg} (got {got!r})"
+
+
+def parse_section(model: type[S], raw: dict[str, Any], where: str) -> S:
+    """Validate ``raw`` as ``model``; raises ``ParamsError`` with one ``where.key: message`` line
+    per problem (e.g. ``condense.factr: unknown key; did you mean 'factor'?``)."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            problems.append(f"{where}.{key}: {_message(model, err)}" if key else f"{where}: {_message(model, err)}")
+        raise ParamsError(problems, source=where) from None

@@ -1,30 +1,77 @@
-"""Dataset-condensation methods, registered by name.
+"""Dataset-condensation methods, registered by name with their params model.
 
 A method takes the training split (and the chosen teacher) and returns a smaller training set in
 the same ``Dataset`` format, optionally with label extras, so the rest of the pipeline does not
-change. NRR-DD, RDED and Mirage join this registry.
+change. Each method file defines its params model (a ``Section`` whose ``method`` literal is the
+registry name) next to the method and registers both::
+
+    @CONDENSERS.register("rded", params=RdedParams, tracks=("classify",), needs_teacher=True, provides=())
+    def rded(train, *, teacher, seed, device, report, ipc, factor, ...): ...
+
+Metadata: ``params`` (the model), ``tracks`` (the tracks that offer it), ``needs_teacher``
+(whether it runs the teacher) and ``provides`` (batch keys the condensed data adds for the
+student's loss, e.g. ``weight``).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from kdflow.data.dataset import Dataset
 from kdflow.registry import Registry
+from schemas.base import Section, parse_section
+
+Report = Callable[[int, int], None]  # report(done, total)
 
 
 class Condenser(Protocol):
-    def __call__(self, train: Dataset, *, teacher: nn.Module | None, seed: int, device: torch.device, **kwargs: Any) -> Dataset: ...
+    """``fn(train, *, teacher, seed, device, report, **knobs) -> Dataset``.
+
+    The knobs are exactly the fields of the method's params model (less ``method``), as keyword
+    arguments without defaults: the model holds the defaults and bounds, ``condense`` validates.
+    ``teacher`` is None for a method registered with ``needs_teacher=False``; ``report`` (or None)
+    is called as ``report(classes_done, classes)``.
+    """
+
+    def __call__(
+        self, train: Dataset, *, teacher: nn.Module | None, seed: int, device: torch.device,
+        report: Report | None, **knobs: Any,
+    ) -> Dataset: ...
 
 
 CONDENSERS: Registry[Condenser] = Registry("condensation method")
 
 
-def condense(method: str, train: Dataset, **kwargs: Any) -> Dataset:
-    """Run a registered method on the training split."""
-    return CONDENSERS.get(method)(train, **kwargs)
+def condense_params(method: str) -> type[Section]:
+    """The params model registered with ``method`` (UnknownNameError if unknown)."""
+    return CONDENSERS.meta(method)["params"]
+
+
+def condense(
+    method: str, train: Dataset, *, teacher: nn.Module | None = None, seed: int = 0,
+    device: torch.device = torch.device("cpu"), report: Report | None = None, **options: Any,
+) -> Dataset:
+    """Run a registered method on the training split.
+
+    Args:
+        options: the method's knobs; validated by its params model (missing ones take the
+            model's defaults).
+
+    Raises:
+        ParamsError: an unknown knob or a value out of bounds, one ``condense.<key>: ...`` line each.
+    """
+    params = parse_section(condense_params(method), {"method": method, **options}, "condense")
+    knobs = params.model_dump(exclude={"method"})
+    return CONDENSERS.get(method)(train, teacher=teacher, seed=seed, device=device, report=report, **knobs)
+
+
+def ipc_field() -> Any:
+    """The ``ipc`` knob of the methods that keep or make samples per class (one definition)."""
+    return Field(10, ge=1, le=1_000_000, description="Samples (or synthetic images) per class.")
 
 
 def per_class_indices(labels: torch.Tensor, num_classes: int) -> list[torch.Tensor]:

@@ -2,23 +2,52 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from kdflow.condense import CONDENSERS, per_class_indices
+from kdflow.condense import CONDENSERS, Report, ipc_field, per_class_indices
 from kdflow.data.dataset import Dataset
 from kdflow.train.loop import extract_features
+from schemas.base import Section
+
+BOTH = ("classify", "graph")  # the tracks these methods serve (any features the teacher embeds)
 
 
-@CONDENSERS.register("none")
-def keep_all(train: Dataset, **_: object) -> Dataset:
+class NoneParams(Section):
+    method: Literal["none"] = Field("none", description="Keep the whole training split.")
+
+
+class RandomParams(Section):
+    method: Literal["random"] = Field("random", description="Samples drawn uniformly per class.")
+    ipc: int = ipc_field()
+
+
+class HerdingParams(Section):
+    method: Literal["herding"] = Field("herding", description="Herding in the teacher's feature space.")
+    ipc: int = ipc_field()
+
+
+class KCenterParams(Section):
+    method: Literal["k_center"] = Field("k_center", description="Greedy k-center in the teacher's feature space.")
+    ipc: int = ipc_field()
+
+
+@CONDENSERS.register("none", params=NoneParams, tracks=BOTH, needs_teacher=False, provides=())
+def keep_all(
+    train: Dataset, *, teacher: nn.Module | None, seed: int, device: torch.device, report: Report | None,
+) -> Dataset:
     """The whole training split."""
     return train
 
 
-@CONDENSERS.register("random")
-def random_per_class(train: Dataset, *, ipc: int, seed: int, **_: object) -> Dataset:
+@CONDENSERS.register("random", params=RandomParams, tracks=BOTH, needs_teacher=False, provides=())
+def random_per_class(
+    train: Dataset, *, teacher: nn.Module | None, seed: int, device: torch.device, report: Report | None,
+    ipc: int,
+) -> Dataset:
     """``ipc`` samples drawn uniformly per class (all of a class when it has fewer)."""
     g = torch.Generator().manual_seed(seed)
     keep = []
@@ -79,7 +108,7 @@ def k_center_order(features: torch.Tensor, count: int) -> list[int]:
 
 def _per_class_in_feature_space(
     order: Callable[[torch.Tensor, int], list[int]], train: Dataset, teacher: nn.Module, ipc: int,
-    device: torch.device, report: Callable[[int, int], None] | None,
+    device: torch.device, report: Report | None,
 ) -> Dataset:
     """Pick ``ipc`` rows per class with ``order`` on L2-normalised teacher features."""
     feats = extract_features(teacher, train.features, device=device)  # [N, D]
@@ -92,10 +121,10 @@ def _per_class_in_feature_space(
     return train.select(torch.cat(keep).sort().values)
 
 
-@CONDENSERS.register("herding")
+@CONDENSERS.register("herding", params=HerdingParams, tracks=BOTH, needs_teacher=True, provides=())
 def herding(
-    train: Dataset, *, teacher: nn.Module, ipc: int, device: torch.device,
-    report: Callable[[int, int], None] | None = None, **_: object,
+    train: Dataset, *, teacher: nn.Module, seed: int, device: torch.device, report: Report | None,
+    ipc: int,
 ) -> Dataset:
     """``ipc`` samples per class by herding in the teacher's penultimate feature space.
 
@@ -104,10 +133,10 @@ def herding(
     return _per_class_in_feature_space(herding_order, train, teacher, ipc, device, report)
 
 
-@CONDENSERS.register("k_center")
+@CONDENSERS.register("k_center", params=KCenterParams, tracks=BOTH, needs_teacher=True, provides=())
 def k_center(
-    train: Dataset, *, teacher: nn.Module, ipc: int, device: torch.device,
-    report: Callable[[int, int], None] | None = None, **_: object,
+    train: Dataset, *, teacher: nn.Module, seed: int, device: torch.device, report: Report | None,
+    ipc: int,
 ) -> Dataset:
     """``ipc`` samples per class by greedy k-center in the teacher's penultimate feature space.
 

@@ -36,23 +36,40 @@ Choices where the paper's description is open (all exposed as parameters):
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from kdflow.condense import CONDENSERS, per_class_indices
+from kdflow.condense import CONDENSERS, Report, per_class_indices
 from kdflow.condense.rded import (
-    Box, candidate_crops, check_image_args, rank_candidates, sample_class_images, stitch,
-    synthetic_dataset,
+    TEACHER_BATCH, Box, CropParams, candidate_crops, check_image_args, rank_candidates,
+    sample_class_images, stitch, synthetic_dataset,
 )
 from kdflow.data.dataset import Dataset
 from kdflow.errors import DataError
 from kdflow.train.device import eval_mode
 from kdflow.train.loop import predict
+
+DBR_PROVIDES = ("y_aug", "d_org", "d_aug", "lam")  # what dbr_batch adds to x and y
+
+
+class NrrDdParams(CropParams):
+    method: Literal["nrr_dd"] = Field(
+        "nrr_dd", description="RDED-style crops refined outside the teacher's critical regions, with DBR label extras."
+    )
+    cam_pool: float = Field(0.5, gt=0, le=1, description="Share of crops (highest CAM ratio) eligible before low confidence picks.")
+    correct_only: bool = Field(True, description="Prefer crops the teacher classifies correctly before picking the least confident.")
+    eps: float = Field(0.5, ge=0, le=2, description="CAM threshold of the refinement mask max(0, eps - CAM); 0 freezes all pixels.")
+    iterations: int = Field(100, ge=0, le=100_000, description="Refinement steps on the non-critical pixels.")
+    lr: float = Field(0.05, gt=0, le=10, description="Adam step size of the refinement.")
+    bn_weight: float = Field(1.0, ge=0, le=10_000, description="Weight of the BatchNorm-statistics matching term.")
+    temperature: float = Field(1.0, gt=0, le=100, description="Softmax temperature of the stored DBR distances.")
 
 
 def last_spatial_layer(model: nn.Module, x: torch.Tensor) -> nn.Module | None:
@@ -247,20 +264,21 @@ def initial_images(
     return torch.stack([stitch(p, factor, size) for p in grid])
 
 
-@CONDENSERS.register("nrr_dd")
+@CONDENSERS.register(
+    "nrr_dd", params=NrrDdParams, tracks=("classify",), needs_teacher=True, provides=DBR_PROVIDES
+)
 def nrr_dd(
-    train: Dataset, *, teacher: nn.Module, ipc: int, seed: int, device: torch.device,
-    factor: int = 2, crops_per_image: int = 5, images_per_class: int = 100,
-    scale: tuple[float, float] = (0.5, 1.0), cam_pool: float = 0.5, correct_only: bool = True,
-    eps: float = 0.5,
-    iterations: int = 100, lr: float = 0.05, bn_weight: float = 1.0, temperature: float = 1.0,
-    batch_size: int = 512, report: Callable[[int, int], None] | None = None, **_: object,
+    train: Dataset, *, teacher: nn.Module, seed: int, device: torch.device, report: Report | None,
+    ipc: int, factor: int, crops_per_image: int, images_per_class: int, scale_min: float, scale_max: float,
+    cam_pool: float, correct_only: bool, eps: float, iterations: int, lr: float, bn_weight: float,
+    temperature: float,
 ) -> Dataset:
     """``ipc`` refined synthetic images per class with DBR label extras.
 
     Args:
         ipc: synthetic images per class.
-        factor, crops_per_image, images_per_class, scale: crop discovery, as in ``rded``.
+        factor, crops_per_image, images_per_class, scale_min, scale_max: crop discovery, as in
+            ``rded``.
         cam_pool: fraction of crops (highest CAM ratio) eligible before low confidence decides.
         correct_only: crops the teacher misclassifies come only after all others (the paper's
             "low confidence" read as "least confident among the recognised ones"; without it,
@@ -271,7 +289,6 @@ def nrr_dd(
         lr: Adam step size on the pixels.
         bn_weight: weight of the BN-statistics matching term.
         temperature: softmax temperature of the DBR distances.
-        batch_size: teacher inference batch size.
         report: called as ``report(classes_done, classes)`` during discovery.
 
     Returns:
@@ -279,6 +296,7 @@ def nrr_dd(
         ``dbr_y_aug`` (its label), ``dbr_lambda``, ``dbr_d_org``, ``dbr_d_aug`` (float32, ``[N]``)
         and ``soft_labels`` (teacher logits ``[N, K]`` of the refined images, for the soft mode).
     """
+    scale = (scale_min, scale_max)
     check_image_args(train, factor, scale, "nrr_dd")
     if not 0 < cam_pool <= 1:
         raise DataError(f"nrr_dd: cam_pool must be in (0, 1] (got {cam_pool})")
@@ -290,7 +308,7 @@ def nrr_dd(
         images.append(initial_images(
             train, teacher, c, rows, g, ipc=ipc, factor=factor, crops_per_image=crops_per_image,
             images_per_class=images_per_class, scale=scale, cam_pool=cam_pool,
-            correct_only=correct_only, device=device, batch_size=batch_size,
+            correct_only=correct_only, device=device, batch_size=TEACHER_BATCH,
         ))
         labels.append(torch.full((ipc,), c, dtype=torch.long))
         if report is not None:
@@ -302,12 +320,12 @@ def nrr_dd(
     y = y.cpu()
     partner = torch.randperm(len(y), generator=g)  # [N]
     lam = torch.rand(len(y), generator=g)  # [N]
-    logits = predict(teacher, mix(x, partner, lam), batch_size=batch_size, device=device)
+    logits = predict(teacher, mix(x, partner, lam), batch_size=TEACHER_BATCH, device=device)
     d_org, d_aug = dbr_distances(logits, y, y[partner], temperature)
     extras = {
         "dbr_partner": partner, "dbr_y_aug": y[partner], "dbr_lambda": lam,
         "dbr_d_org": d_org, "dbr_d_aug": d_aug,
-        "soft_labels": predict(teacher, x, batch_size=batch_size, device=device),
+        "soft_labels": predict(teacher, x, batch_size=TEACHER_BATCH, device=device),
     }
     ds = synthetic_dataset(train, x, y, "nrr_dd", extras)
     ds.meta["dbr_temperature"] = temperature

@@ -10,18 +10,43 @@ The crop machinery here (boxes, crops, stitching, candidate ranking) is shared w
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 
-from kdflow.condense import CONDENSERS, per_class_indices
+from kdflow.condense import CONDENSERS, Report, ipc_field, per_class_indices
 from kdflow.data.dataset import Dataset
 from kdflow.errors import DataError
 from kdflow.train.loop import predict
+from schemas.base import Section
 
 Box = tuple[int, int, int, int]  # top, left, height, width
+TEACHER_BATCH = 512  # teacher inference batch size of rded and nrr_dd
+
+
+class CropParams(Section):
+    """The crop-discovery knobs rded and nrr_dd share (each narrows ``method`` to its name)."""
+
+    method: str
+    ipc: int = ipc_field()
+    factor: int = Field(2, ge=1, le=16, description="Each synthetic image is a factor x factor grid of real crops.")
+    crops_per_image: int = Field(5, ge=1, le=1000, description="Random-resized crops scored per real image.")
+    images_per_class: int = Field(100, ge=1, le=1_000_000, description="Real images per class used as crop sources.")
+    scale_min: float = Field(0.5, gt=0, le=1, description="Smallest crop area as a fraction of the image.")
+    scale_max: float = Field(1.0, gt=0, le=1, description="Largest crop area as a fraction of the image.")
+
+    @model_validator(mode="after")
+    def _scale_range(self) -> CropParams:
+        if self.scale_min > self.scale_max:
+            raise ValueError(f"scale_min ({self.scale_min}) must be <= scale_max ({self.scale_max})")
+        return self
+
+
+class RdedParams(CropParams):
+    method: Literal["rded"] = Field("rded", description="Stitched confident crops with the teacher's soft labels.")
 
 
 def random_resized_box(
@@ -155,12 +180,10 @@ def synthetic_dataset(
     )
 
 
-@CONDENSERS.register("rded")
+@CONDENSERS.register("rded", params=RdedParams, tracks=("classify",), needs_teacher=True, provides=())
 def rded(
-    train: Dataset, *, teacher: nn.Module, ipc: int, seed: int, device: torch.device,
-    factor: int = 2, crops_per_image: int = 5, images_per_class: int = 100,
-    scale: tuple[float, float] = (0.5, 1.0), batch_size: int = 512,
-    report: Callable[[int, int], None] | None = None, **_: object,
+    train: Dataset, *, teacher: nn.Module, seed: int, device: torch.device, report: Report | None,
+    ipc: int, factor: int, crops_per_image: int, images_per_class: int, scale_min: float, scale_max: float,
 ) -> Dataset:
     """``ipc`` stitched synthetic images per class, labelled with the teacher's soft labels.
 
@@ -169,15 +192,15 @@ def rded(
         factor: each image is a ``factor x factor`` grid of crops (1 keeps single crops).
         crops_per_image: random-resized crops scored per real image.
         images_per_class: real images sampled per class as crop sources.
-        scale: area fraction range of the random-resized crops (RDED's own default for small
-            images; ImageNet setups use a wider range).
-        batch_size: teacher inference batch size.
+        scale_min, scale_max: area fraction range of the random-resized crops (RDED's own
+            default for small images is 0.5-1; ImageNet setups use a wider range).
         report: called as ``report(classes_done, classes)``.
 
     Returns:
         ``ipc * num_classes`` images (fewer for a class without images) with
         ``extras["soft_labels"]``: teacher logits ``[N, K]`` of the synthetic images.
     """
+    scale = (scale_min, scale_max)
     check_image_args(train, factor, scale, "rded")
     g = torch.Generator().manual_seed(seed)
     size = tuple(train.features.shape[-2:])
@@ -187,7 +210,7 @@ def rded(
             continue
         source = train.features[sample_class_images(rows, images_per_class, g)]  # [n, C, H, W]
         crops, _ = candidate_crops(source, crops_per_image, scale, g)  # [n*k, C, H, W]
-        logits = predict(teacher, crops, batch_size=batch_size, device=device)  # [n*k, K]
+        logits = predict(teacher, crops, batch_size=TEACHER_BATCH, device=device)  # [n*k, K]
         loss = F.cross_entropy(logits, torch.full((len(crops),), c), reduction="none")  # [n*k]
         order = rank_candidates(loss, crops_per_image)
         need = ipc * factor * factor
@@ -198,5 +221,5 @@ def rded(
         if report is not None:
             report(c + 1, train.num_classes)
     x = torch.cat(images)  # [N, C, H, W]
-    soft = predict(teacher, x, batch_size=batch_size, device=device)  # [N, K]
+    soft = predict(teacher, x, batch_size=TEACHER_BATCH, device=device)  # [N, K]
     return synthetic_dataset(train, x, torch.cat(labels), "rded", {"soft_labels": soft})

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from kdflow.condense import CONDENSERS, condense
-from kdflow.condense.rded import cell_edges, random_resized_box, rank_candidates, stitch
+from kdflow.condense.rded import RdedParams, cell_edges, random_resized_box, rank_candidates, rded, stitch
 from kdflow.data.dataset import Dataset
-from kdflow.errors import DataError
+from kdflow.errors import DataError, ParamsError
 from kdflow.models import create_model
 from kdflow.train.loop import predict
 
@@ -97,7 +97,28 @@ def test_rded_is_deterministic_given_the_seed() -> None:
 
 def test_rded_rejects_bad_arguments() -> None:
     teacher = create_model("tiny_convnet", (1, 8, 8), 3)
-    with pytest.raises(DataError, match="factor"):
+    with pytest.raises(DataError, match="factor"):  # within the params' bounds, too large for 8x8 images
         condense("rded", toy((1, 8, 8)), teacher=teacher, ipc=1, seed=0, device=CPU, factor=9)
-    with pytest.raises(DataError, match="scale"):
-        condense("rded", toy((1, 8, 8)), teacher=teacher, ipc=1, seed=0, device=CPU, scale=(0.0, 1.0))
+    with pytest.raises(ParamsError, match=r"condense\.scale_min: must be > 0 \(got 0\)"):
+        condense("rded", toy((1, 8, 8)), teacher=teacher, ipc=1, seed=0, device=CPU, scale_min=0.0)
+    with pytest.raises(ParamsError, match=r"scale_min \(0.9\) must be <= scale_max \(0.5\)"):
+        condense("rded", toy((1, 8, 8)), teacher=teacher, ipc=1, seed=0, device=CPU, scale_min=0.9, scale_max=0.5)
+    with pytest.raises(DataError, match="scale"):  # a direct call is checked by the method itself
+        rded(toy((1, 8, 8)), teacher=teacher, seed=0, device=CPU, report=None,
+             **{**RdedParams().model_dump(exclude={"method"}), "scale_min": 0.0})
+
+
+def test_a_misspelt_knob_is_an_error_naming_it() -> None:
+    teacher = create_model("tiny_convnet", (1, 8, 8), 3)
+    with pytest.raises(ParamsError, match=r"condense\.factr: unknown key; did you mean 'factor'\?") as err:
+        condense("rded", toy((1, 8, 8)), teacher=teacher, ipc=1, seed=0, device=CPU, factr=2)
+    assert err.value.problems == ["condense.factr: unknown key; did you mean 'factor'?"]
+
+
+def test_the_model_defaults_reach_the_method() -> None:
+    """``condense`` without knobs equals a direct call with the params model's defaults."""
+    teacher, ds = create_model("tiny_convnet", (1, 8, 8), 3), toy((1, 8, 8))
+    a = condense("rded", ds, teacher=teacher, seed=3, device=CPU)
+    b = rded(ds, teacher=teacher, seed=3, device=CPU, report=None, ipc=10, factor=2, crops_per_image=5,
+             images_per_class=100, scale_min=0.5, scale_max=1.0)
+    assert torch.equal(a.features, b.features) and len(a) == 30
