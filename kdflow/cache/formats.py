@@ -43,6 +43,7 @@ class Format:
         encode: ``(logits [n, C] float32, *, k, dtype, capture_temperature) -> stored``.
         decode: ``stored -> loss batch keys`` (float32 and int64).
         topk: keeps k classes per row (``indices`` + ``tail``).
+        provides: the batch keys ``decode`` yields (what a loss's ``needs`` is checked against).
         fixed_dtype: stored value dtype when the ``dtype`` argument does not apply.
     """
 
@@ -50,6 +51,7 @@ class Format:
     encode: Encoder
     decode: Decoder
     topk: bool
+    provides: tuple[str, ...]
     fixed_dtype: torch.dtype | None = None
 
 
@@ -163,13 +165,16 @@ def _decode_topk_q8(stored: Stored) -> dict[str, torch.Tensor]:
     }
 
 
-FORMATS.register("dense")(Format(("values",), _encode_dense, _decode_dense, topk=False))
+TOPK_PROVIDES = ("teacher_logprobs", "teacher_indices", "teacher_tail")
+FORMATS.register("dense")(
+    Format(("values",), _encode_dense, _decode_dense, topk=False, provides=("teacher_logits",))
+)
 FORMATS.register("topk")(
-    Format(("values", "indices", "tail"), _encode_topk, _decode_topk, topk=True)
+    Format(("values", "indices", "tail"), _encode_topk, _decode_topk, topk=True, provides=TOPK_PROVIDES)
 )
 FORMATS.register("topk_q8")(
     Format(("values", "scale", "offset", "indices", "tail"), _encode_topk_q8, _decode_topk_q8,
-           topk=True, fixed_dtype=torch.uint8)
+           topk=True, provides=TOPK_PROVIDES, fixed_dtype=torch.uint8)
 )
 
 

@@ -1,8 +1,15 @@
 """Registry of distillation losses, one method per file (like mdistiller's ``KD.py``).
 
-A loss is built by name, ``create_loss("kd", temperature=4.0)``, and called as
-``loss(student_logits, batch)``. It returns a dict of named scalar terms whose
-``"loss"`` entry is the total to backpropagate. ``needs`` names the batch keys it reads:
+A loss is built by name, ``create_loss("kd", temperature=4.0)``, or from its params model,
+``build_loss(KDParams(), cache_info, data_meta)``, and called as ``loss(student_logits, batch)``.
+It returns a dict of named scalar terms whose ``"loss"`` entry is the total to backpropagate.
+Each loss subclasses ``LossBase`` and registers with its params model (a ``Section`` whose
+``name`` literal is the registry name) and the tracks that offer it::
+
+    @LOSSES.register("kd", params=KDParams, tracks=("classify", "graph"))
+    class KD(LossBase): ...
+
+``needs`` (a class attribute, see ``loss_needs``) names the batch keys it reads:
 
 - ``"y"``: int64 labels ``[B]``;
 - ``"teacher_logits"``: dense teacher logits ``[B, C]`` (any float dtype);
@@ -14,13 +21,18 @@ A loss is built by name, ``create_loss("kd", temperature=4.0)``, and called as
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from kdflow.errors import DataError, ParamsError
 from kdflow.registry import Registry
+from schemas.base import Section
+
+if TYPE_CHECKING:
+    from kdflow.data.dataset import Dataset
 
 
 class Loss(Protocol):
@@ -33,7 +45,45 @@ class Loss(Protocol):
     ) -> dict[str, Tensor]: ...
 
 
-LOSSES: Registry[type[Loss]] = Registry("loss")
+class LossBase:
+    """The base of every registered loss: ``needs`` and two hooks with defaults.
+
+    ``context`` reads constructor arguments from upstream artifacts (a cache's capture
+    temperature, the temperature a condenser stored distances at); ``inputs`` lets a loss train
+    on tensors of its own instead of the track's samples.
+    """
+
+    needs: tuple[str, ...] = ()
+
+    @classmethod
+    def context(cls, cache_info: dict[str, Any], data_meta: dict[str, Any]) -> dict[str, Any]:
+        """Extra constructor arguments from the logit cache's info and the training data's meta.
+
+        Default: none.
+        """
+        return {}
+
+    @classmethod
+    def inputs(cls, ds: Dataset) -> dict[str, Tensor] | None:
+        """The per-sample training tensors (``x``, ``y`` and what ``needs`` reads from the data),
+        or None for the track's default ``{"x": features, "y": labels}``."""
+        return None
+
+    def __call__(self, student_logits: Tensor, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+LOSSES: Registry[type[LossBase]] = Registry("loss")
+
+
+def temperature_field() -> Any:
+    """The softening temperature knob of the KD losses (one definition)."""
+    return Field(4.0, gt=0, le=100, description="Softmax temperature T (KD terms are scaled by T^2).")
+
+
+def alpha_field() -> Any:
+    """The distillation weight knob of the KD losses (one definition)."""
+    return Field(0.9, ge=0, le=1, description="Weight of the distillation term; 1 - alpha weighs cross-entropy.")
 
 
 def create_loss(name: str, **kwargs: float) -> Loss:
@@ -43,6 +93,31 @@ def create_loss(name: str, **kwargs: float) -> Loss:
         return cls(**kwargs)
     except TypeError as err:  # unknown or missing keyword
         raise ParamsError([f"loss {name!r}: {err}"], source="loss") from None
+
+
+def loss_params(name: str) -> type[Section]:
+    """The params model registered with loss ``name`` (UnknownNameError if unknown)."""
+    return LOSSES.meta(name)["params"]
+
+
+def loss_needs(name: str) -> tuple[str, ...]:
+    """The batch keys loss ``name`` reads (its class's ``needs``)."""
+    return LOSSES.get(name).needs
+
+
+def build_loss(params: Section, cache_info: dict[str, Any], data_meta: dict[str, Any]) -> Loss:
+    """Build the loss ``params.name`` from its params model plus what its ``context`` reads.
+
+    Args:
+        params: an instance of the loss's registered params model.
+        cache_info: the logit cache's info (``cache.json``), e.g. ``capture_temperature``.
+        data_meta: the condensed training data's ``meta``, e.g. ``dbr_temperature``.
+    """
+    cls = LOSSES.get(params.name)
+    expected = loss_params(params.name)
+    if not isinstance(params, expected):
+        raise TypeError(f"loss {params.name!r} is built from {expected.__name__}, got {type(params).__name__}")
+    return cls(**params.model_dump(exclude={"name"}), **cls.context(cache_info, data_meta))
 
 
 def check_args(name: str, temperature: float | None = None, alpha: float | None = None) -> None:
@@ -105,4 +180,7 @@ def kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
 # Importing the method modules registers them.
 from kdflow.losses import ce, dbr, kd, topk_kd  # noqa: E402, F401
 
-__all__ = ["LOSSES", "Loss", "check_args", "check_batch", "create_loss", "kl_rows", "weighted_mean"]
+__all__ = [
+    "LOSSES", "Loss", "LossBase", "alpha_field", "build_loss", "check_args", "check_batch", "create_loss",
+    "kl_rows", "loss_needs", "loss_params", "temperature_field", "weighted_mean",
+]

@@ -2,11 +2,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal
 
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
-from kdflow.losses import LOSSES, check_batch, weighted_mean
+from kdflow.losses import LOSSES, LossBase, check_batch, weighted_mean
+from schemas.base import Section
+
+
+class CEParams(Section):
+    name: Literal["ce"] = Field("ce", description="Cross-entropy with the hard labels (no teacher signal).")
 
 
 def ce_rows(student_logits: Tensor, labels: Tensor) -> Tensor:
@@ -14,8 +21,8 @@ def ce_rows(student_logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(student_logits.float(), labels.long(), reduction="none")
 
 
-@LOSSES.register("ce")
-class CE:
+@LOSSES.register("ce", params=CEParams, tracks=("classify", "graph"))
+class CE(LossBase):
     """Cross-entropy with the hard labels."""
 
     needs: tuple[str, ...] = ("y",)

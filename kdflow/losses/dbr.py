@@ -9,18 +9,33 @@ the squared error between distances is our choice (the paper leaves it open).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
 from kdflow.errors import ParamsError
-from kdflow.losses import LOSSES, check_args, check_batch, weighted_mean
+from kdflow.losses import LOSSES, LossBase, check_args, check_batch, weighted_mean
 from kdflow.losses.ce import ce_rows
+from schemas.base import Section
+
+if TYPE_CHECKING:
+    from kdflow.data.dataset import Dataset
 
 
-@LOSSES.register("dbr")
-class DBR:
+class DBRParams(Section):
+    name: Literal["dbr"] = Field(
+        "dbr", description="NRR-DD distance labels on the stored mixed views (needs condense.method nrr_dd)."
+    )
+    beta: float = Field(
+        1.0, ge=0, le=10_000, description="Weight of the distance-matching term (its temperature is the one stored by nrr_dd)."
+    )
+
+
+@LOSSES.register("dbr", params=DBRParams, tracks=("classify",))
+class DBR(LossBase):
     """``CE + beta * [(d_org^S - d_org^T)^2 + (d_aug^S - d_aug^T)^2]`` on mixed views.
 
     Batch keys: ``y`` (original labels), ``y_aug`` (labels of the mixed-in partner), ``d_org`` and
@@ -40,6 +55,18 @@ class DBR:
             raise ParamsError([f"dbr.beta: must be >= 0 (got {beta})"], source="loss")
         self.temperature = float(temperature)
         self.beta = float(beta)
+
+    @classmethod
+    def context(cls, cache_info: dict[str, Any], data_meta: dict[str, Any]) -> dict[str, Any]:
+        """The temperature nrr_dd stored the distances at (the student must match it)."""
+        return {"temperature": float(data_meta.get("dbr_temperature", 1.0))}
+
+    @classmethod
+    def inputs(cls, ds: Dataset) -> dict[str, Tensor]:
+        """The stored mixed views and distances (``kdflow.condense.nrr_dd.dbr_batch``)."""
+        from kdflow.condense.nrr_dd import dbr_batch  # the condenser imports the training loop
+
+        return dbr_batch(ds)
 
     def __call__(self, student_logits: Tensor, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         check_batch("dbr", self.needs, student_logits, batch)

@@ -2,13 +2,22 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
 from kdflow.errors import DataError
-from kdflow.losses import LOSSES, check_args, check_batch
+from kdflow.losses import LOSSES, LossBase, alpha_field, check_args, check_batch, temperature_field
+from schemas.base import Section
+
+
+class KDParams(Section):
+    name: Literal["kd"] = Field("kd", description="Hinton KD on dense teacher logits (logits.format dense).")
+    temperature: float = temperature_field()
+    alpha: float = alpha_field()
 
 
 class _FusedKD(torch.autograd.Function):
@@ -43,8 +52,8 @@ class _FusedKD(torch.autograd.Function):
         return grad * grad_loss, None, None, None, None, None
 
 
-@LOSSES.register("kd")
-class KD:
+@LOSSES.register("kd", params=KDParams, tracks=("classify", "graph"))
+class KD(LossBase):
     """``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)``.
 
     Only ``"loss"`` carries gradients; ``"kd"`` and ``"ce"`` are its terms, for logging.

@@ -16,14 +16,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
 from kdflow.errors import DataError, ParamsError
-from kdflow.losses import LOSSES, check_args, check_batch, kl_rows, weighted_mean
+from kdflow.losses import (
+    LOSSES, LossBase, alpha_field, check_args, check_batch, kl_rows, temperature_field, weighted_mean,
+)
 from kdflow.losses.ce import ce_rows
+from schemas.base import Section
 
 TAIL_LOG_FLOOR = -100.0  # log of a mass below float32's smallest normal number
 
@@ -65,8 +70,16 @@ def student_bucket_logprobs(student_logits: Tensor, indices: Tensor, temperature
     return torch.cat([log_q_top, log_q_tail.unsqueeze(-1)], dim=-1)
 
 
-@LOSSES.register("topk_kd")
-class TopKKD:
+class TopKKDParams(Section):
+    name: Literal["topk_kd"] = Field(
+        "topk_kd", description="KD on a top-k cache's k classes plus a tail bucket (logits.format topk or topk_q8)."
+    )
+    temperature: float = temperature_field()
+    alpha: float = alpha_field()
+
+
+@LOSSES.register("topk_kd", params=TopKKDParams, tracks=("classify", "graph"))
+class TopKKD(LossBase):
     """``alpha * T^2 * KL(p || q) + (1 - alpha) * CE`` over k cached classes + a tail bucket.
 
     With k = C (tail 0) and ``temperature == capture_temperature`` this equals ``kd``.
@@ -89,6 +102,11 @@ class TopKKD:
         self.temperature = float(temperature)
         self.alpha = float(alpha)
         self.capture_temperature = float(capture_temperature)
+
+    @classmethod
+    def context(cls, cache_info: dict[str, Any], data_meta: dict[str, Any]) -> dict[str, Any]:
+        """The cache's capture temperature (the cached log-probabilities are at it)."""
+        return {"capture_temperature": float(cache_info["capture_temperature"])}
 
     def __call__(self, student_logits: Tensor, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         check_batch("topk_kd", self.needs, student_logits, batch)

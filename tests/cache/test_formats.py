@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kdflow.cache import CacheReader, decode_to_batch, encode, fidelity, write_cache
-from kdflow.cache.formats import Q8_LEVELS, topk_logprobs
+from kdflow.cache.formats import FORMATS, Q8_LEVELS, topk_logprobs
 from kdflow.losses import create_loss
 from kdflow.losses.topk_kd import teacher_bucket_logprobs
 
@@ -109,3 +109,10 @@ def test_retempering_is_exact_among_the_cached_classes(fmt: str) -> None:
         # relative log-probs of the cached classes match softmax(z / T) up to storage error
         got, want = buckets - buckets[:, :1], ref - ref[:, :1]
         assert (got - want).abs().max() <= 2.0 / T * 2 * err + 1e-5, T
+
+
+@pytest.mark.parametrize("fmt", FORMATS.names())
+def test_provides_is_what_decode_yields(fmt: str) -> None:
+    stored = _enc(_logits(4, 10), fmt, 3, 1.0)
+    assert tuple(FORMATS.get(fmt).decode(stored)) == FORMATS.get(fmt).provides
+    assert tuple(decode_to_batch(stored, fmt)) == FORMATS.get(fmt).provides
