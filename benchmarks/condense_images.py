@@ -48,11 +48,11 @@ from rich.table import Table
 from torch import nn
 
 from kdflow.condense import condense
-from kdflow.condense.nrr_dd import dbr_batch
 from kdflow.data.augment import Augment, apply_views, boxes_from_seeds
 from kdflow.data.dataset import Dataset
 from kdflow.data.sources import load_source
-from kdflow.losses import create_loss
+from kdflow.losses import build_loss, create_loss
+from kdflow.losses.dbr import DBRParams
 from kdflow.models import count_params, create_model
 from kdflow.train.device import seed_everything
 from kdflow.train.loop import accuracy_of, fit, predict
@@ -146,9 +146,9 @@ def train_student(small: Dataset, mode: str, teacher: nn.Module, steps: int, see
     """A fresh student trained on ``small`` with the label ``mode``, ``steps`` steps."""
     seed_everything(seed)
     student = create_model(STUDENT["arch"], small.input_shape, small.num_classes, **STUDENT["args"])
-    if mode == "dbr":
-        model, tensors = student, dbr_batch(small)
-        loss = create_loss("dbr", temperature=float(small.meta.get("dbr_temperature", 1.0)), beta=1.0)
+    if mode == "dbr":  # the loss reads nrr_dd's temperature from the data and trains on the stored views
+        loss = build_loss(DBRParams(beta=1.0), {}, small.meta)
+        model, tensors = student, loss.inputs(small)
     else:
         model = Augmented(student, teacher if mode == "soft" else None)
         tensors = {"x": small.features, "y": small.labels}
