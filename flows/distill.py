@@ -17,11 +17,16 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
+from flows.shards import run_shards_on_dask
 from kdflow import progress
 from kdflow.lineage import open_tracker
+from kdflow.tracks import get_track
 from schemas.manifest import Manifest
 from schemas.params import PipelineParams, load_params
-from tasks.common import STAGE_ORDER, STAGES, artifact_root, check_output, execute_stage, fingerprint
+from schemas.stages import STAGE_ORDER, STAGES
+from tasks.common import artifact_root, check_output, execute_stage, fingerprint
+
+RUNNERS = {"dask": run_shards_on_dask}  # fan-out engines the logits stage may use
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +42,8 @@ def run_stage(stage: str, fp: str, pp: PipelineParams, root: str, tracker: Any =
     """Run one stage (the same code path as ``kdflow stage <name>``)."""
     logger = get_run_logger()
     report = progress.fan_out(progress.LogProgress(logger, every=10.0), progress.active())
-    manifest, executed = execute_stage(stage, pp, Path(root), tracker=tracker, resume=resume, progress=report)
+    manifest, executed = execute_stage(stage, pp, Path(root), tracker=tracker, resume=resume, progress=report,
+                                       runners=RUNNERS)
     if manifest.fingerprint != fp:
         raise RuntimeError(f"{stage}: fingerprint changed while running ({manifest.fingerprint} != {fp})")
     logger.info("%s: %s in %.1fs", stage, "done" if executed else "up to date", manifest.seconds)
@@ -64,18 +70,16 @@ def run_pipeline(pp: PipelineParams, root: Path, *, tracker: Any = None, resume:
     return status
 
 
-def summary_markdown(name: str, status: dict[str, dict], m: dict, mlflow_run: str | None) -> str:
-    """The flow run's summary as markdown: stages, then teacher vs. student."""
+def summary_markdown(name: str, status: dict[str, dict], m: dict, mlflow_run: str | None, track: str = "classify") -> str:
+    """The flow run's summary as markdown: stages, then teacher vs. student (rows from the track)."""
     lines = [f"# kdflow pipeline `{name}`", "", "| stage | state | seconds | fingerprint |", "|---|---|---|---|"]
     for stage, s in status.items():
         mf = s["manifest"]
         lines.append(f"| {stage} | {s['state']} | {'-' if s['cached'] else f'{mf.seconds:.1f}'} | `{mf.fingerprint[:12]}` |")
-    t, st, c = m["teacher"], m["student"], m["compression"]
-    lines += ["", "| | teacher | student | ratio |", "|---|---|---|---|",
-              f"| accuracy | {t['accuracy']:.4f} | {st['accuracy']:.4f} | gap {m['accuracy_gap'] * 100:+.2f} pts |",
-              f"| params | {t['params']:,} | {st['params']:,} | {c['params_ratio']:.1f}x |",
-              f"| latency b1 (ms) | {t['latency_ms_b1']:.3f} | {st['latency_ms_b1']:.3f} | {c['latency_ratio_b1']:.1f}x |",
-              "", f"agreement {m['agreement']:.4f}, KL(teacher||student) {m['kl_teacher_student']:.4f}, teacher `{t['name']}`"]
+    t = get_track(track)
+    lines += ["", "| | teacher | student | ratio |", "|---|---|---|---|"]
+    lines += [f"| {label} | {a} | {b} | {r} |" for label, a, b, r in t.summary_rows(m)]
+    lines += ["", t.summary_line(m)]
     if mlflow_run:
         link = f"[{mlflow_run}]({mlflow_run})" if mlflow_run.startswith("http") else f"`{mlflow_run}`"
         lines += ["", f"MLflow parent run: {link}"]
@@ -101,12 +105,13 @@ def distill(params_file: str = "params.yaml", overrides: list[str] | None = None
     tracker.end_pipeline("FINISHED")
     metrics_file = artifact_root(root_path, pp.name) / "evaluate" / "metrics.json"
     create_markdown_artifact(
-        markdown=summary_markdown(pp.name, status, json.loads(metrics_file.read_text()), tracker.run_url()),
+        markdown=summary_markdown(pp.name, status, json.loads(metrics_file.read_text()), tracker.run_url(), pp.track),
         key=f"kdflow-{pp.name.lower().replace('_', '-').replace('.', '-')}-summary",
         description=f"kdflow pipeline {pp.name}: stages and teacher vs. student",
     )
     return {
         "pipeline": pp.name,
+        "track": pp.track,
         "stages": {s: {"state": v["state"], "cached": v["cached"], "seconds": v["manifest"].seconds} for s, v in status.items()},
         "metrics_file": str(metrics_file),
         "mlflow_run": tracker.run_url(),

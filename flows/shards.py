@@ -1,4 +1,4 @@
-"""Fan-out for the logits stage: missing logit-cache shards as tasks of a Prefect flow on a ``DaskTaskRunner``.
+"""Fan-out for the logits stage (injected by the flow and the CLI as ``ctx.runners["dask"]``): missing logit-cache shards as tasks of a Prefect flow on a ``DaskTaskRunner``.
 
 Each task computes and writes one shard (``kdflow.cache.teacher_rows.ShardJob``); the parent
 records each shard as it lands, so the cache is byte-identical to a local run. Prefect is

@@ -1,4 +1,8 @@
-"""The ``kdflow`` command line: run, stage, validate."""
+"""The ``kdflow`` command line: run, stage, validate, list, dvc-yaml, report, lineage, serve.
+
+The one module of ``kdflow/`` that imports ``tasks/`` and ``flows/``: the entry point wires the
+library, the stages and the orchestration together (always lazily, inside a command).
+"""
 from __future__ import annotations
 
 import json
@@ -52,20 +56,71 @@ def _fail(exc: BaseException, debug: bool) -> None:
     raise typer.Exit(code)
 
 
-def _load(config: Path, overrides: list[str] | None):
+def _load(config: Path, overrides: list[str] | None, *, check: bool = True):
+    """Read and validate a pipeline file, then check what the run will need (architectures,
+    constructor arguments, paths): every problem at once, exit 2, before any compute."""
+    from kdflow.errors import ParamsError
     from schemas.params import load_params
 
-    return load_params(config, overrides or [])
+    pp = load_params(config, overrides or [])
+    if check:
+        from kdflow.checks import pipeline_problems
+
+        problems = pipeline_problems(pp, Path.cwd())
+        if problems:
+            raise ParamsError(problems, str(config))
+    return pp
 
 
 @app.command()
 def validate(config: ConfigOpt = Path("params.yaml"), set_: SetOpt = None, debug: DebugOpt = False) -> None:
-    """Validate a pipeline file and print every problem."""
+    """Validate a pipeline file and print every problem (schema, methods, architectures, paths)."""
     try:
         pp = _load(config, set_)
     except KdflowError as exc:
         _fail(exc, debug)
-    out.print(f"[green]ok[/] {config}: pipeline {pp.name!r}, {len(pp.teachers)} teacher candidate(s)")
+    out.print(f"[green]ok[/] {config}: pipeline {pp.name!r}, track {pp.track!r}, "
+              f"{len(pp.teachers)} teacher candidate(s)")
+
+
+@app.command("list")
+def list_(debug: DebugOpt = False) -> None:
+    """List the tracks and what each offers (architectures, losses, condensers, cache formats, ...)."""
+    try:
+        from kdflow.data.sources import SOURCES
+        from kdflow.tracks import DEFAULT_TRACK, discovered, get_track
+
+        for name in discovered():
+            track = get_track(name)
+            sources = [s for s in SOURCES.names() if SOURCES.meta(s).get("track", DEFAULT_TRACK) == name]
+            out.print(f"[bold]{name}[/]: {track.summary}", highlight=False)
+            rows = {"sources": sources, "architectures": track.architectures(),
+                    **{f"{k}s": track.offers(k) for k in ("loss", "condenser", "format", "strategy")}}
+            for key, names in rows.items():
+                out.print(f"  {key}: {', '.join(names) or '-'}", highlight=False, markup=False, soft_wrap=True)
+    except KdflowError as exc:
+        _fail(exc, debug)
+
+
+@app.command("dvc-yaml")
+def dvc_yaml(
+    config: ConfigOpt = Path("params.yaml"),
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write here (default: print).")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Print (or write) dvc.yaml, generated from the stage specs and each stage's imports."""
+    try:
+        from tasks.dvcgen import dvc_yaml as generate
+
+        track = _load(config, None, check=False).track if config.exists() else "classify"
+        text = generate(track)
+    except KdflowError as exc:
+        _fail(exc, debug)
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text)
+        out.print(f"wrote {output}", highlight=False)
 
 
 @app.command()
@@ -80,20 +135,23 @@ def stage(
     """Run one stage (what dvc.yaml calls), without Prefect."""
     _setup_logging(debug)
     try:
-        from tasks.common import STAGES, execute_stage
+        from flows.distill import RUNNERS
+        from schemas.stages import STAGES
+        from tasks.common import execute_stage
 
         if name not in STAGES:
             raise KdflowError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
         pp = _load(config, set_)
         tracker = _tracker(pp)
         with _reporter(in_flow=False) as report:
-            manifest, executed = execute_stage(name, pp, Path.cwd(), tracker=tracker, resume=resume, force=force, progress=report)
+            manifest, executed = execute_stage(name, pp, Path.cwd(), tracker=tracker, resume=resume, force=force,
+                                               progress=report, runners=RUNNERS)
     except (KdflowError, OSError) as exc:
         _fail(exc, debug)
     verb = "done" if executed else "up to date"
     out.print(f"{name}: {verb} ({manifest.fingerprint[:12]}, {manifest.seconds:.1f}s)")
     if name == "evaluate":
-        _print_summary(json.loads((Path.cwd() / "artifacts" / pp.name / "evaluate" / "metrics.json").read_text()))
+        _print_summary(json.loads((Path.cwd() / "artifacts" / pp.name / "evaluate" / "metrics.json").read_text()), pp.track)
 
 
 @app.command()
@@ -116,7 +174,7 @@ def run(
     except (KdflowError, OSError) as exc:
         _fail(exc, debug)
     _print_stages(result["stages"], time.perf_counter() - started)
-    _print_summary(json.loads(Path(result["metrics_file"]).read_text()))
+    _print_summary(json.loads(Path(result["metrics_file"]).read_text()), result["track"])
     if result.get("tracking_unavailable"):
         console.print(f"[yellow]lineage was not recorded:[/] {result['tracking_unavailable']}")
     elif result.get("mlflow_run"):
@@ -132,7 +190,7 @@ def serve(
     """Register the Prefect deployment 'distill/default' and serve it (needs PREFECT_API_URL)."""
     _setup_logging(debug)
     try:
-        _load(config, None)
+        _load(config, None, check=False)
         from flows.deployments import serve as serve_deployment
 
         serve_deployment(Path.cwd(), params_file=str(config), limit=limit)
@@ -153,7 +211,7 @@ def lineage(
     try:
         from kdflow.lineage.query import open_store, trace
 
-        uri = tracking_uri or (_load(config, None).tracking.uri if config.exists() else None)
+        uri = tracking_uri or (_load(config, None, check=False).tracking.uri if config.exists() else None)
         chain = trace(open_store(uri, Path.cwd()), ref)
     except (KdflowError, OSError) as exc:
         _fail(exc, debug)
@@ -182,7 +240,7 @@ def report(
     try:
         from kdflow.report import build_report
 
-        pp = _load(config, None)
+        pp = _load(config, None, check=False)
         artifacts = Path.cwd() / "artifacts" / pp.name
         path = build_report(artifacts, output if output is not None else artifacts / "report.html")
     except (KdflowError, OSError) as exc:
@@ -230,20 +288,17 @@ def _print_stages(stages: dict[str, dict], wall: float) -> None:
     out.print(table)
 
 
-def _print_summary(m: dict) -> None:
+def _print_summary(m: dict, track: str) -> None:
+    from kdflow.tracks import get_track
+
+    t = get_track(track)
     table = Table(title="teacher vs. student (test split)")
     for col in ("", "teacher", "student", "ratio"):
         table.add_column(col, justify="right")
-    t, s, c = m["teacher"], m["student"], m["compression"]
-    table.add_row("accuracy", f"{t['accuracy']:.4f}", f"{s['accuracy']:.4f}", f"gap {m['accuracy_gap'] * 100:+.2f} pts")
-    table.add_row("macro-F1", f"{t['macro_f1']:.4f}", f"{s['macro_f1']:.4f}", "")
-    table.add_row("ECE", f"{t['ece']:.4f}", f"{s['ece']:.4f}", "")
-    table.add_row("params", f"{t['params']:,}", f"{s['params']:,}", f"{c['params_ratio']:.1f}x")
-    table.add_row("bytes", f"{t['bytes']:,}", f"{s['bytes']:,}", f"{c['bytes_ratio']:.1f}x")
-    table.add_row("latency b1 (ms)", f"{t['latency_ms_b1']:.3f}", f"{s['latency_ms_b1']:.3f}", f"{c['latency_ratio_b1']:.1f}x")
-    table.add_row("latency b256 (ms)", f"{t['latency_ms_b256']:.2f}", f"{s['latency_ms_b256']:.2f}", f"{c['latency_ratio_b256']:.1f}x")
+    for row in t.summary_rows(m):
+        table.add_row(*row)
     out.print(table)
-    out.print(f"agreement {m['agreement']:.4f}   KL(teacher||student) {m['kl_teacher_student']:.4f}   teacher: {t['name']}")
+    out.print(t.summary_line(m))
 
 
 def main() -> None:

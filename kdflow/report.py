@@ -29,17 +29,6 @@ CAPTIONS = {
 }
 _ORDER = {stem: i for i, stem in enumerate(CAPTIONS)}
 
-# (label, key in the teacher/student dicts, format, key of the ratio in metrics["compression"])
-COMPARED = [
-    ("accuracy", "accuracy", "{:.4f}", None),
-    ("macro-F1", "macro_f1", "{:.4f}", None),
-    ("ECE", "ece", "{:.4f}", None),
-    ("params", "params", "{:,}", "params_ratio"),
-    ("bytes", "bytes", "{:,}", "bytes_ratio"),
-    ("latency b1 (ms)", "latency_ms_b1", "{:.3f}", "latency_ratio_b1"),
-    ("latency b256 (ms)", "latency_ms_b256", "{:.2f}", "latency_ratio_b256"),
-]
-
 CSS = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 72em; padding: 0 1em; color: #222; }
 h1 { font-size: 1.6em; margin-bottom: .2em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; }
@@ -71,9 +60,9 @@ def build_report(artifacts_dir: Path, out: Path) -> Path:
     body = [
         f"<h1>kdflow report: {escape(name)}</h1>",
         f'<p class="meta">{_meta(manifests)}</p>',
-        "<h2>Stages</h2>", _stage_table(manifests),
+        "<h2>Stages</h2>", _stagetable(manifests),
         "<h2>Teacher ranking</h2>", _ranking(artifacts_dir / "select"),
-        "<h2>Teacher vs. student (test split)</h2>", _comparison(metrics),
+        "<h2>Teacher vs. student (test split)</h2>", _comparison(artifacts_dir, metrics),
         "<h2>Figures</h2>", _figures(artifacts_dir, [m.stage for m in manifests]),
     ]
     html = (
@@ -109,7 +98,7 @@ def _meta(manifests: list[Manifest]) -> str:
     return escape(f"kdflow {last.kdflow_version} · last stage finished {last.finished_at}")
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
     if isinstance(value, int) or float(value).is_integer() and abs(value) < 1e15:
@@ -117,13 +106,13 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}"
 
 
-def _table(headers: list[str], rows: list[list[Any]], numeric: tuple[int, ...] = ()) -> str:
+def table(headers: list[str], rows: list[list[Any]], numeric: tuple[int, ...] = ()) -> str:
     """An HTML table; numbers and the ``numeric`` columns are right-aligned."""
     head = "".join(f"<th>{escape(h)}</th>" for h in headers)
     lines = []
     for row in rows:
         cells = "".join(
-            f'<td class="num">{escape(_fmt(c))}</td>'
+            f'<td class="num">{escape(fmt(c))}</td>'
             if i in numeric or isinstance(c, (int, float)) and not isinstance(c, bool)
             else f"<td>{escape(str(c))}</td>"
             for i, c in enumerate(row)
@@ -132,12 +121,12 @@ def _table(headers: list[str], rows: list[list[Any]], numeric: tuple[int, ...] =
     return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(lines) + "\n</tbody>\n</table>"
 
 
-def _stage_table(manifests: list[Manifest]) -> str:
+def _stagetable(manifests: list[Manifest]) -> str:
     rows = []
     for m in manifests:
-        headline = ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(m.metrics.items()))
+        headline = ", ".join(f"{k} {fmt(v)}" for k, v in sorted(m.metrics.items()))
         rows.append([m.stage, m.fingerprint[:12], f"{m.seconds:.1f}", headline])
-    return _table(["stage", "fingerprint", "seconds", "headline metrics"], rows, numeric=(2,))
+    return table(["stage", "fingerprint", "seconds", "headline metrics"], rows, numeric=(2,))
 
 
 def _ranking(select_dir: Path) -> str:
@@ -147,34 +136,22 @@ def _ranking(select_dir: Path) -> str:
     frame = pl.read_parquet(path)
     if "rank" in frame.columns:
         frame = frame.sort("rank").select(["rank", *[c for c in frame.columns if c != "rank"]])
-    table = _table(frame.columns, [list(r) for r in frame.iter_rows()])
+    table = table(frame.columns, [list(r) for r in frame.iter_rows()])
     chosen_file = select_dir / "chosen.json"
     if not chosen_file.is_file():
         return table
     chosen = json.loads(chosen_file.read_text())
-    picked = ", ".join(f"{t} (weight {_fmt(w)})" for t, w in zip(chosen.get("teachers", []), chosen.get("weights", [])))
+    picked = ", ".join(f"{t} (weight {fmt(w)})" for t, w in zip(chosen.get("teachers", []), chosen.get("weights", [])))
     return f"{table}\n<p>Chosen: {escape(picked)}; strategy <code>{escape(str(chosen.get('strategy', '?')))}</code>.</p>"
 
 
-def _comparison(m: dict[str, Any]) -> str:
-    t, s, ratios = m.get("teacher", {}), m.get("student", {}), m.get("compression", {})
-    rows = []
-    for label, key, fmt, ratio_key in COMPARED:
-        if key not in t or key not in s:
-            continue
-        if ratio_key is not None and ratio_key in ratios:
-            ratio = f"{ratios[ratio_key]:.2f}x"
-        elif key == "accuracy" and "accuracy_gap" in m:
-            ratio = f"gap {m['accuracy_gap'] * 100:+.2f} pts"
-        else:
-            ratio = ""
-        rows.append([label, fmt.format(t[key]), fmt.format(s[key]), ratio])
-    table = _table(["", f"teacher ({t.get('name', '?')})", "student", "teacher / student"], rows, numeric=(1, 2, 3))
-    extra = {"agreement": "top-1 agreement", "kl_teacher_student": "KL(teacher || student)", "n_test": "test samples"}
-    shown = [f"{label} {_fmt(m[k])}" for k, label in extra.items() if k in m]
-    if shown:
-        table += "\n<p>" + escape(" · ".join(shown)) + "</p>"
-    return table
+def _comparison(artifacts_dir: Path, metrics: dict[str, Any]) -> str:
+    """The track's section: teacher vs. student (the track is recorded by ``prepare``)."""
+    from kdflow.tracks import DEFAULT_TRACK, get_track
+
+    prepare = artifacts_dir / "prepare" / MANIFEST_FILE
+    track = Manifest.load(prepare.parent).info.get("track", DEFAULT_TRACK) if prepare.is_file() else DEFAULT_TRACK
+    return get_track(track).report_section(metrics)
 
 
 def _figures(artifacts_dir: Path, stages: list[str]) -> str:

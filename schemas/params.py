@@ -9,16 +9,22 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_validator, model_validator
 
+from kdflow.condense import CONDENSERS
 from kdflow.errors import ParamsError
+from kdflow.losses import LOSSES
+from kdflow.registry import Registry
+from kdflow.tracks import discovered, get_track, infer_track
+from kdflow.tracks.compat import compatibility
+from schemas.base import Section
+from schemas.stages import STAGE_ORDER
 
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
+STAGE_NAMES = tuple(STAGE_ORDER)
 
 
 class DataParams(Section):
@@ -82,54 +88,19 @@ class SelectParams(Section):
     )
 
 
-class CondenseParams(Section):
-    method: Literal["none", "random", "herding", "k_center", "rded", "nrr_dd", "mirage"] = Field(
-        "none", description="Condensation method applied to the training split."
-    )
-    ipc: int = Field(10, ge=1, le=1_000_000, description="Samples (or synthetic images) per class.")
-    factor: int = Field(2, ge=1, le=16, description="rded/nrr_dd: each synthetic image is a factor x factor grid of real crops.")
-    crops_per_image: int = Field(5, ge=1, le=1000, description="rded/nrr_dd: random-resized crops scored per real image.")
-    images_per_class: int = Field(100, ge=1, le=1_000_000, description="rded/nrr_dd: real images per class used as crop sources.")
-    scale_min: float = Field(0.5, gt=0, le=1, description="rded/nrr_dd: smallest crop area as a fraction of the image.")
-    scale_max: float = Field(1.0, gt=0, le=1, description="rded/nrr_dd: largest crop area as a fraction of the image.")
-    cam_pool: float = Field(0.5, gt=0, le=1, description="nrr_dd: share of crops (highest CAM ratio) eligible before low confidence picks.")
-    correct_only: bool = Field(True, description="nrr_dd: prefer crops the teacher classifies correctly before picking the least confident.")
-    eps: float = Field(0.5, ge=0, le=2, description="nrr_dd: CAM threshold of the refinement mask max(0, eps - CAM); 0 freezes all pixels.")
-    iterations: int = Field(100, ge=0, le=100_000, description="nrr_dd: refinement steps on the non-critical pixels.")
-    lr: float = Field(0.05, gt=0, le=10, description="nrr_dd: Adam step size of the refinement.")
-    bn_weight: float = Field(1.0, ge=0, le=10_000, description="nrr_dd: weight of the BatchNorm-statistics matching term.")
-    temperature: float = Field(1.0, gt=0, le=100, description="nrr_dd: softmax temperature of the stored DBR distances.")
-    hops: int = Field(2, ge=0, le=10, description="mirage: depth of the computation trees (match the GNN's number of layers).")
-    thresholds: int | list[int] | None = Field(
-        None, description="mirage: absolute support threshold per class (one int for all classes); null: automatic (target_graphs)."
-    )
-    target_graphs: int | None = Field(
-        None, ge=1, le=1_000_000, description="mirage: automatic thresholds aim at about this many condensed graphs in all (with thresholds null)."
-    )
-    frequency: Literal["weight", "uniform"] = Field(
-        "weight", description="mirage: weigh each condensed graph's loss by its support (frequency-proportional), or uniformly."
-    )
-    max_set_size: int | None = Field(None, ge=1, le=1000, description="mirage: largest tree set mined (null: no bound).")
+def _method_union(registry: Registry, key: str, default: str) -> Any:
+    """A discriminated union of the params models registered in ``registry`` (keyed on ``key``),
+    filling the default tag when a section leaves it out."""
+    members = tuple(registry.meta(n)["params"] for n in registry.names())
 
-    @field_validator("thresholds")
-    @classmethod
-    def _positive_thresholds(cls, value: int | list[int] | None) -> int | list[int] | None:
-        values = [value] if isinstance(value, int) else (value or [])
-        if any(v < 1 for v in values) or value == []:
-            raise ValueError(f"mirage thresholds must be integers >= 1, one per class or one for all (got {value})")
-        return value
+    def fill(value: Any) -> Any:
+        return {key: default, **value} if isinstance(value, dict) and key not in value else value
 
-    @model_validator(mode="after")
-    def _mirage_mode(self) -> CondenseParams:
-        if self.method == "mirage" and (self.thresholds is None) == (self.target_graphs is None):
-            raise ValueError("mirage: give exactly one of 'thresholds' (per class) or 'target_graphs' (automatic)")
-        return self
+    return Annotated[Union[members], Field(discriminator=key), BeforeValidator(fill)]  # noqa: UP007
 
-    @model_validator(mode="after")
-    def _scale_range(self) -> CondenseParams:
-        if self.scale_min > self.scale_max:
-            raise ValueError(f"scale_min ({self.scale_min}) must be <= scale_max ({self.scale_max})")
-        return self
+
+CondenseParams = _method_union(CONDENSERS, "method", "none")
+LossParams = _method_union(LOSSES, "name", "kd")
 
 
 class AugmentParams(Section):
@@ -164,22 +135,12 @@ class LogitsParams(Section):
     dask_processes: bool = Field(True, description="runner dask: local cluster workers are processes (true) or threads of this process (false).")
 
 
-class LossParams(Section):
-    name: Literal["ce", "kd", "topk_kd", "dbr"] = Field(
-        "kd",
-        description="Training loss, i.e. the label mode: ce (hard labels), kd/topk_kd (teacher soft labels from the logit cache), dbr (NRR-DD distance labels; needs condense.method nrr_dd).",
-    )
-    temperature: float = Field(4.0, gt=0, le=100, description="Softmax temperature T (KD terms are scaled by T^2).")
-    alpha: float = Field(0.9, ge=0, le=1, description="Weight of the distillation term; 1 - alpha weighs cross-entropy.")
-    beta: float = Field(1.0, ge=0, le=10_000, description="dbr: weight of the distance-matching term (its temperature is the one stored by nrr_dd).")
-
-
 class StudentParams(Section):
     arch: str = Field("mlp", min_length=1, description="Registry architecture of the student.")
     args: dict[str, Any] = Field(default_factory=dict, description="Constructor arguments of the student.")
-    loss: LossParams = Field(default_factory=LossParams, description="Training loss.")
+    loss: LossParams = Field(default_factory=lambda: LOSSES.meta("kd")["params"](), description="Training loss (its `name` picks the method; each takes only its own keys).")
     train: TrainParams = Field(default_factory=TrainParams, description="Training budget.")
-    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto (cuda, then mps, then cpu), cpu, cuda[:i], mps.")
+    device: str | None = Field(None, pattern=DEVICE_PATTERN, description="Training device: auto (cuda, then mps, then cpu), cpu, cuda[:i], mps; null: runtime.device.")
     combine: Literal["weighted_mean", "per_sample"] = Field(
         "weighted_mean",
         description="With several teachers (select.top > 1): weighted_mean of their probabilities at the loss temperature (dense caches), or per_sample: each sample learns from the teacher giving its true class the highest probability.",
@@ -193,6 +154,18 @@ class EvaluateParams(Section):
     ece_bins: int = Field(15, ge=2, le=1000, description="Confidence bins of the expected calibration error.")
 
 
+class StageRuntimeParams(Section):
+    device: str | None = Field(None, pattern=DEVICE_PATTERN, description="Device of this stage (null: runtime.device).")
+    threads: int | None = Field(None, ge=1, le=1024, description="CPU threads of this stage (null: runtime.threads).")
+
+
+class RuntimeParams(Section):
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="Device of every stage's torch work: auto (cuda, then mps, then cpu), cpu, cuda[:i], mps.")
+    threads: int | None = Field(None, ge=1, le=1024, description="CPU threads torch uses in every stage (null: torch's default; a busy machine is often much faster with 1-2).")
+    stages: dict[Literal[STAGE_NAMES], StageRuntimeParams] = Field(  # type: ignore[valid-type]
+        default_factory=dict, description="Per-stage overrides, e.g. {student: {device: cuda}, logits: {threads: 4}}.")
+
+
 class TrackingParams(Section):
     enabled: bool = Field(True, description="Record runs in MLflow.")
     uri: str | None = Field(None, description="Tracking URI; default MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the project.")
@@ -202,6 +175,7 @@ class TrackingParams(Section):
 
 class PipelineParams(Section):
     name: str = Field("digits", pattern=r"^[A-Za-z0-9_.-]+$", description="Pipeline name: artifacts go to artifacts/<name>/.")
+    track: str | None = Field(None, description="Kind of distillation (a folder of kdflow/tracks: classify, graph, ...); null: inferred from data.source.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of every random choice in the pipeline.")
     data: DataParams = Field(default_factory=DataParams, description="Where the data comes from and how it is split.")
     teachers: list[TeacherParams] = Field(..., min_length=1, description="Teacher candidates.")
@@ -211,6 +185,7 @@ class PipelineParams(Section):
     student: StudentParams = Field(default_factory=StudentParams, description="The student and how it is trained.")
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams, description="Evaluation settings.")
     tracking: TrackingParams = Field(default_factory=TrackingParams, description="MLflow tracking.")
+    runtime: RuntimeParams = Field(default_factory=RuntimeParams, description="Devices and CPU threads (not part of any fingerprint).")
 
     @field_validator("teachers")
     @classmethod
@@ -223,22 +198,21 @@ class PipelineParams(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> PipelineParams:
-        problems = []
-        loss, fmt = self.student.loss.name, self.logits.format
-        if loss == "kd" and fmt != "dense":
-            problems.append("student.loss.name: 'kd' needs logits.format 'dense' (or use 'topk_kd')")
-        if loss == "topk_kd" and fmt not in ("topk", "topk_q8"):
-            problems.append("student.loss.name: 'topk_kd' needs logits.format 'topk' or 'topk_q8'")
-        if loss == "dbr" and self.condense.method != "nrr_dd":
-            problems.append("student.loss.name: 'dbr' needs condense.method 'nrr_dd' (it stores the DBR distances)")
-        if loss == "dbr" and self.logits.views > 1:
-            problems.append("logits.views: 'dbr' trains on the stored DBR views; use logits.views 1")
+        if self.track is None:
+            object.__setattr__(self, "track", infer_track(self.data.source))
+        known = discovered()
+        if self.track not in known:
+            close = difflib.get_close_matches(self.track, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"track: unknown track {self.track!r}; {hint}(known: {', '.join(known)})")
+        problems = compatibility(get_track(self.track), loss=self.student.loss.name, fmt=self.logits.format,
+                                 method=self.condense.method, views=self.logits.views)
         if self.select.top > len(self.teachers):
             problems.append(f"select.top: {self.select.top} teachers asked for, {len(self.teachers)} candidate(s) declared")
-        if self.select.top > 1 and self.student.combine == "weighted_mean" and fmt != "dense":
+        if self.select.top > 1 and self.student.combine == "weighted_mean" and self.logits.format != "dense":
             problems.append("student.combine: 'weighted_mean' is defined for logits.format 'dense' only; use 'per_sample' or select.top 1")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("\n".join(problems))  # one line each, with its own key path
         return self
 
 
@@ -247,23 +221,43 @@ class PipelineParams(Section):
 _BOUND_WORDS = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}", "less_than": "< {lt}", "less_than_equal": "<= {le}"}
 
 
-def _model_at(loc: tuple, root: type[BaseModel] = None) -> type[BaseModel] | None:
-    """The pydantic model class that holds the last key of ``loc`` (for did-you-mean)."""
-    model = root or PipelineParams
-    for part in loc[:-1]:
-        if isinstance(part, int):
+def _sub_models(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation may hold (itself, a union's members, a list's items)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    out = []
+    for arg in getattr(annotation, "__args__", None) or ():
+        out += _sub_models(arg)
+    return out
+
+
+def _walk(loc: tuple) -> tuple[tuple, type[BaseModel] | None]:
+    """``loc`` without the union tags pydantic inserts (``condense.rded.factr`` ->
+    ``condense.factr``) and the model that holds its last key (for did-you-mean)."""
+    model: type[BaseModel] | None = PipelineParams
+    clean: list = []
+    parts = list(loc)
+    i = 0
+    while i < len(parts):
+        part = parts[i]
+        clean.append(part)
+        if isinstance(part, int) or model is None or i == len(parts) - 1:
+            i += 1
             continue
         field = model.model_fields.get(part)
-        if field is None:
-            return None
-        ann = field.annotation
-        inner = getattr(ann, "__args__", None)
-        candidates = [ann, *(inner or ())]
-        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if nxt is None:
-            return None
-        model = nxt
-    return model
+        members = _sub_models(field.annotation) if field is not None else []
+        if len(members) > 1:  # a discriminated union: the next element is the tag
+            tag = parts[i + 1] if i + 1 < len(parts) else None
+            key = field.discriminator if field is not None else None
+            match = [m for m in members if key and m.model_fields.get(key) is not None
+                     and tag in (getattr(m.model_fields[key].annotation, "__args__", None) or ())]
+            if match:
+                model = match[0]
+                i += 2
+                continue
+        model = members[0] if members else None
+        i += 1
+    return tuple(clean), model
 
 
 def _path(loc: tuple) -> str:
@@ -283,7 +277,7 @@ def _describe(err: dict) -> str:
         bounds = {k: _num(v) for k, v in ctx.items()}
         return f"must be {_BOUND_WORDS[kind].format(**bounds)} (got {_num(got)})"
     if kind == "extra_forbidden":
-        model = _model_at(err["loc"])
+        model = _walk(err["loc"])[1]
         key = str(err["loc"][-1])
         close = difflib.get_close_matches(key, list(model.model_fields) if model else [], n=1, cutoff=0.5)
         hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -291,6 +285,8 @@ def _describe(err: dict) -> str:
         return f"unknown key{hint}{allowed}"
     if kind == "missing":
         return "required key is missing"
+    if kind == "union_tag_invalid":
+        return f"must be one of [{ctx.get('expected_tags')}] (got {ctx.get('tag')!r})"
     if kind == "literal_error":
         return f"must be one of {ctx.get('expected')} (got {got!r})"
     msg = err["msg"].removeprefix("Value error, ")
@@ -303,8 +299,15 @@ def format_validation_error(exc: ValidationError) -> list[str]:
     """One ``key.path: message`` line per problem."""
     lines = []
     for err in exc.errors():
-        loc = tuple(p for p in err["loc"] if p not in ("function-after[_one_origin(), TeacherParams]",))
-        lines.append(f"{_path(loc)}: {_describe(err)}")
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        loc = _walk(loc)[0]
+        if err["type"] == "union_tag_invalid":
+            loc = (*loc, str(err["ctx"]["discriminator"]).strip("'"))
+        message = _describe(err)
+        if not loc and err["type"] == "value_error":  # cross-section checks name their own keys
+            lines += message.split("\n")
+        else:
+            lines.append(f"{_path(loc)}: {message}")
     return lines
 
 
@@ -378,9 +381,6 @@ def schema_keys(model: type[BaseModel] = PipelineParams, prefix: str = "") -> se
     for name, field in model.model_fields.items():
         path = f"{prefix}{name}"
         keys.add(path)
-        ann = field.annotation
-        candidates = [ann, *(getattr(ann, "__args__", None) or ())]
-        sub = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if sub is not None:
+        for sub in _sub_models(field.annotation):
             keys |= schema_keys(sub, path + ".")
     return keys

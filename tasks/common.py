@@ -5,6 +5,8 @@ Prefect task in ``flows/distill.py``, so both produce the same artifacts for the
 """
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
 import importlib
 import json
@@ -12,70 +14,99 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import kdflow
 from kdflow.errors import ArtifactError
 from kdflow.progress import Reporter
+from kdflow.tracks import Track, get_track
+from kdflow.train.device import resolve_device
 from schemas.manifest import MANIFEST_FILE, FileEntry, Manifest
+from schemas.outputs import OUTPUTS, Output
 from schemas.params import PipelineParams
+from schemas.stages import STAGE_ORDER, STAGES
 
 log = logging.getLogger(__name__)
 
-COMMON_CODE = ["tasks/common.py", "schemas/manifest.py", "schemas/frames.py", "kdflow/data/dataset.py", "kdflow/data/graph_features.py"]
+PACKAGES = ("kdflow", "tasks", "schemas")  # the code a stage's identity covers
 
 
-@dataclass(frozen=True)
-class StageSpec:
-    """What a stage reads: upstream stages, params keys (dotted) and code paths."""
+def _module_file(module: str) -> Path | None:
+    """The source file of a project module (``a.b`` -> ``a/b.py`` or ``a/b/__init__.py``)."""
+    if module.split(".")[0] not in PACKAGES:
+        return None
+    base = code_root().joinpath(*module.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
 
-    name: str
-    upstream: tuple[str, ...]
-    params: tuple[str, ...]
-    code: tuple[str, ...]
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(code_root()).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
 
 
-STAGES: dict[str, StageSpec] = {
-    s.name: s
-    for s in [
-        StageSpec("prepare", (), ("seed", "data"), ("tasks/prepare.py", "kdflow/data")),
-        StageSpec("teachers", ("prepare",), ("seed", "teachers"), ("tasks/teachers.py", "kdflow/models", "kdflow/train")),
-        StageSpec(
-            "select",
-            ("prepare", "teachers"),
-            ("seed", "select", "student.arch", "student.args"),
-            ("tasks/select.py", "kdflow/select", "kdflow/losses", "kdflow/models", "kdflow/train", "kdflow/metrics/plots.py"),
-        ),
-        StageSpec("condense", ("prepare", "select", "teachers"), ("seed", "condense"), ("tasks/condense.py", "kdflow/condense", "kdflow/models", "kdflow/train")),
-        StageSpec(
-            "logits",
-            ("condense", "select", "teachers"),
-            ("seed", "logits"),
-            ("tasks/logits.py", "tasks/fanout.py", "kdflow/cache", "kdflow/models", "kdflow/train", "kdflow/data/augment.py"),
-        ),
-        StageSpec(
-            "student",
-            ("prepare", "condense", "logits"),
-            ("seed", "student"),
-            (
-                "tasks/student.py", "kdflow/train", "kdflow/losses", "kdflow/models", "kdflow/cache",
-                "kdflow/condense/nrr_dd.py", "kdflow/data/augment.py",
-            ),
-        ),
-        StageSpec(
-            "evaluate",
-            ("prepare", "teachers", "select", "student"),
-            ("evaluate",),
-            ("tasks/evaluate.py", "kdflow/metrics", "kdflow/models", "kdflow/train"),
-        ),
-    ]
-}
-STAGE_ORDER = list(STAGES)
+def _imports(path: Path) -> set[str]:
+    """Every project module ``path`` imports, at any depth of its code (lazy imports too), with
+    the packages whose ``__init__`` importing it runs."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    here = _module_name(path)
+    package = here if path.name == "__init__.py" else here.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*anchor, *([base] if base else [])])
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)  # submodules imported by name
+    out = set()
+    for name in found:
+        parts = name.split(".")
+        out.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))  # parents' __init__ run too
+    return {m for m in out if _module_file(m) is not None}
+
+
+@functools.lru_cache(maxsize=None)
+def import_closure(module: str) -> tuple[str, ...]:
+    """Source files (relative to the code root) that importing ``module`` executes."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = _module_file(name)
+        if path is not None:
+            todo.extend(_imports(path) - seen)
+    files = {_module_file(m) for m in seen} - {None}
+    return tuple(sorted(p.relative_to(code_root()).as_posix() for p in files))
+
+
+def stage_code(stage: str, track: str) -> tuple[str, ...]:
+    """The code a stage runs: the import closure of ``tasks/<stage>.py`` and of its track."""
+    get_track(track)  # the track's folder must exist (and be importable)
+    return tuple(sorted({*import_closure(f"tasks.{stage}"), *import_closure(f"kdflow.tracks.{track}")}))
+
+
+def stage_keys(stage: str, pp: PipelineParams) -> tuple[str, ...]:
+    """The params keys a stage reads for these params (select reads the student only to probe)."""
+    spec = STAGES[stage]
+    probe = spec.probe_params if stage == "select" and pp.select.strategy == "probe" else ()
+    return (*spec.params, *probe)
 
 
 def _get(tree: dict, dotted: str) -> Any:
@@ -83,14 +114,6 @@ def _get(tree: dict, dotted: str) -> Any:
     for part in dotted.split("."):
         node = node[part]
     return node
-
-
-def stage_keys(stage: str, pp: PipelineParams) -> tuple[str, ...]:
-    """The params keys a stage reads for these params (select reads the student only to probe)."""
-    keys = STAGES[stage].params
-    if stage == "select" and pp.select.strategy != "probe":
-        keys = tuple(k for k in keys if not k.startswith("student."))
-    return keys
 
 
 def stage_params(stage: str, pp: PipelineParams) -> dict[str, Any]:
@@ -120,7 +143,7 @@ def fingerprint(stage: str, pp: PipelineParams, upstream: dict[str, str]) -> str
     spec = STAGES[stage]
     doc = {
         "stage": stage,
-        "code": code_hash([*spec.code, *COMMON_CODE]),
+        "code": code_hash(stage_code(stage, pp.track)),
         "params": stage_params(stage, pp),
         "upstream": {u: upstream[u] for u in spec.upstream},
     }
@@ -163,6 +186,9 @@ def check_output(directory: Path, expected_fp: str | None = None) -> str | None:
     return None
 
 
+Runner = Callable[..., None]  # a fan-out engine (e.g. Prefect on Dask), injected by flows/ or the CLI
+
+
 @dataclass
 class StageContext:
     """What a stage receives besides its params section."""
@@ -176,6 +202,7 @@ class StageContext:
     tracker: Any = None
     resume: bool = False
     progress: Reporter | None = None
+    runners: dict[str, Runner] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
 
     @property
@@ -186,9 +213,23 @@ class StageContext:
     def seed(self) -> int:
         return self.pipeline.seed
 
+    @property
+    def track(self) -> Track:
+        """The pipeline's track: everything that differs between kinds of distillation."""
+        return get_track(self.pipeline.track)
+
+    @property
+    def device(self) -> torch.device:
+        """The stage's device: ``runtime.stages.<stage>.device``, else ``runtime.device``."""
+        return resolve_device(stage_runtime(self.stage, self.pipeline)[0])
+
     def input(self, stage: str) -> Path:
         """Output folder of an upstream stage."""
         return self.artifacts / stage
+
+    def output(self, stage: str) -> Output:
+        """The typed output (``schemas.outputs``) an upstream stage recorded in its manifest."""
+        return OUTPUTS[stage].model_validate(self.upstream[stage].info)
 
     @property
     def work(self) -> Path:
@@ -202,8 +243,10 @@ class StageContext:
         if self.progress is not None:
             self.progress(label, done, total, info)
 
-    def manifest(self, metrics: dict[str, float] | None = None, info: dict[str, Any] | None = None) -> Manifest:
+    def manifest(self, metrics: dict[str, float] | None = None, info: Output | dict[str, Any] | None = None) -> Manifest:
         """The manifest of what the stage wrote into ``out``."""
+        if isinstance(info, Output):
+            info = info.model_dump(mode="json")
         return Manifest(
             stage=self.stage,
             pipeline=self.pipeline.name,
@@ -218,6 +261,29 @@ class StageContext:
             finished_at=_iso(time.time()),
             seconds=round(time.time() - self.started, 3),
         )
+
+
+def stage_runtime(stage: str, pp: PipelineParams) -> tuple[str, int | None]:
+    """(device, threads) of a stage: its ``runtime.stages`` entry, then the student's own
+    ``student.device``, then ``runtime``."""
+    rt = pp.runtime
+    own = rt.stages.get(stage)
+    device = (own.device if own and own.device else None) \
+        or (pp.student.device if stage == "student" and pp.student.device else None) or rt.device
+    threads = own.threads if own and own.threads else rt.threads
+    return device, threads
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run with ``threads`` intra-op threads (None: leave torch's setting), restored afterwards."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _iso(t: float) -> str:
@@ -273,13 +339,9 @@ def upstream_fingerprints(stage: str, manifests: dict[str, Manifest]) -> dict[st
     return {u: manifests[u].fingerprint for u in STAGES[stage].upstream}
 
 
-SECTIONS = {"prepare": "data", "teachers": "teachers", "select": "select", "condense": "condense",
-            "logits": "logits", "student": "student", "evaluate": "evaluate"}
-
-
 def section(stage: str, pp: PipelineParams) -> Any:
     """The params section passed to ``tasks.<stage>.run``."""
-    return getattr(pp, SECTIONS[stage])
+    return getattr(pp, STAGES[stage].section)
 
 
 def execute_stage(
@@ -291,6 +353,7 @@ def execute_stage(
     resume: bool = False,
     force: bool = False,
     progress: Reporter | None = None,
+    runners: dict[str, Runner] | None = None,
 ) -> tuple[Manifest, bool]:
     """Run one stage unless its valid output already exists. Returns (manifest, executed)."""
     root = Path(root).resolve()
@@ -303,10 +366,12 @@ def execute_stage(
     module = importlib.import_module(f"tasks.{stage}")
     log.info("%s: running (%s)", stage, fp[:12])
     with atomic_dir(final) as tmp:
-        ctx = StageContext(stage, root, pp, fp, upstream, tmp, tracker=tracker, resume=resume, progress=progress)
+        ctx = StageContext(stage, root, pp, fp, upstream, tmp, tracker=tracker, resume=resume, progress=progress,
+                           runners=dict(runners or {}))
         run_id = tracker.start_stage(stage, stage_params(stage, pp), fp, upstream, artifact_root(root, pp.name)) if tracker else None
         try:
-            manifest = module.run(section(stage, pp), ctx)
+            with torch_threads(stage_runtime(stage, pp)[1]):
+                manifest = module.run(section(stage, pp), ctx)
             manifest.mlflow_run_id = run_id
             manifest.save(tmp)
             if tracker:

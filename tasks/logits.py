@@ -9,8 +9,8 @@ missing shard is recomputed alone. Only the current keys' builds are kept under 
 With ``views: K > 1`` every sample gets K seeded augmented views (``kdflow.data.augment``); the
 cache holds ``N * K`` rows, sample-major, and ``views.safetensors`` records each view's seed, crop
 box and flip so the student can replay them. With ``runner: dask`` the missing shards are tasks
-of a Prefect flow on a ``DaskTaskRunner`` (``tasks/fanout.py``); the cache is byte-identical to
-the local run. The teacher's rows and shard jobs live in ``kdflow.cache.teacher_rows``.
+of a Prefect flow on a ``DaskTaskRunner`` (``flows/shards.py``, injected as ``ctx.runners``); the
+cache is byte-identical to the local run. The teacher's rows and shard jobs live in ``kdflow.cache.teacher_rows``.
 """
 from __future__ import annotations
 
@@ -19,18 +19,15 @@ from pathlib import Path
 
 import torch
 
-from tasks.fanout import run_shards_on_dask
 from kdflow.cache import CacheReader, cache_key, fidelity, link_cache, size_metrics
 from kdflow.cache.teacher_rows import ShardJob, TeacherRows
 from kdflow.cache.views import write_views
 from kdflow.cache.writer import CacheBuild, CacheSpec
-from kdflow.data.augment import Augment, draw_views
-from kdflow.data.dataset import load_dataset
-from kdflow.models.io import load_model
+from kdflow.errors import KdflowError
 from schemas.manifest import Manifest
+from schemas.outputs import Logits, TeacherCache
 from schemas.params import LogitsParams
-from tasks.common import STAGES, StageContext, code_hash
-from tasks.select import chosen_teachers
+from tasks.common import StageContext, code_hash, stage_code
 
 FIDELITY_ROWS = 512
 TRANSFORM: dict = {"features": "as stored"}  # the input transform of a cache without views
@@ -48,7 +45,7 @@ def _key(ctx: StageContext, teacher: str, transform: dict, spec: dict) -> str:
         teacher=str(sorted(_files_digest(ctx, "teachers", f"{teacher}/").items())),
         data=str(sorted(_files_digest(ctx, "condense").items())),
         transform=transform,
-        spec={**spec, "code": code_hash(STAGES["logits"].code)},
+        spec={**spec, "code": code_hash(stage_code("logits", ctx.pipeline.track))},
     )
 
 
@@ -59,20 +56,19 @@ def _clear_other_caches(work: Path, keep: set[Path]) -> None:
 
 
 def run(params: LogitsParams, ctx: StageContext) -> Manifest:
-    ds = load_dataset(ctx.input("condense"))
-    teachers = chosen_teachers(ctx)
+    ds = ctx.track.load(ctx.input("condense"))
+    teachers = ctx.output("select").chosen()
     k_views = params.views
-    spec_args = {"num_rows": len(ds) * k_views, "num_classes": ds.num_classes,
-                 "format": params.format, "k": min(params.k, ds.num_classes),
+    spec_args = {"num_rows": len(ds) * k_views, "num_classes": ctx.track.output_dim(ds),
+                 "format": params.format, "k": min(params.k, ctx.track.output_dim(ds)),
                  "dtype": params.dtype, "capture_temperature": params.temperature,
                  "shard_rows": params.shard_rows}
     spec = CacheSpec(**spec_args)
     views, transform = None, TRANSFORM
     if k_views > 1:
-        aug = Augment(**params.augment.model_dump())
-        shape = ds.input_shape if ds.modality in ("image", "sequence") else ()  # others: an error
-        views = draw_views(shape, ds.modality, len(ds), k_views, ctx.seed, aug)
-        transform = {"features": "views", "views": k_views, "augment": aug.as_dict(), "seed": ctx.seed}
+        augment = params.augment.model_dump()
+        views = ctx.track.views(ds, k_views, ctx.seed, augment)
+        transform = {"features": "views", "views": k_views, "augment": augment, "seed": ctx.seed}
 
     builds: list[tuple[CacheBuild, TeacherRows]] = []
     for name, _ in teachers:
@@ -80,14 +76,17 @@ def run(params: LogitsParams, ctx: StageContext) -> Manifest:
         work = ctx.work / key[:16]
         extra = {} if views is None else {"views": write_views(work, views, views=k_views, augment=transform["augment"])}
         rows = TeacherRows(ctx.input("teachers") / name, ctx.input("condense"), views, k_views,
-                           params.batch_size, params.workers,
-                           model=load_model(ctx.input("teachers") / name), features=ds.features)
+                           params.batch_size, params.workers, track=ctx.pipeline.track, device=str(ctx.device),
+                           model=ctx.track.load_model(ctx.input("teachers") / name), features=ds.features)
         builds.append((CacheBuild(work, spec, key, extra), rows))
     _clear_other_caches(ctx.work, keep={b.directory for b, _ in builds})
 
-    if params.runner == "dask" and any(b.todo for b, _ in builds):
-        run_shards_on_dask(builds, address=params.dask_address, workers=params.dask_workers,
-                           processes=params.dask_processes, report=ctx.report)
+    if params.runner != "local" and any(b.todo for b, _ in builds):
+        if params.runner not in ctx.runners:
+            raise KdflowError(f"logits.runner: {params.runner!r} is not available here (available: local"
+                              f"{''.join(', ' + r for r in ctx.runners)})")
+        ctx.runners[params.runner](builds, address=params.dask_address, workers=params.dask_workers,
+                                   processes=params.dask_processes, report=ctx.report)
     else:
         for build, rows in builds:
             for number, start, stop in build.todo:
@@ -96,7 +95,7 @@ def run(params: LogitsParams, ctx: StageContext) -> Manifest:
 
     gen = torch.Generator().manual_seed(ctx.seed)
     sample = torch.randperm(spec.num_rows, generator=gen)[:FIDELITY_ROWS].sort().values
-    entries, metrics = [], {}
+    caches, metrics = [], {}
     for (name, weight), (build, rows) in zip(teachers, builds):
         info = build.finish()
         subdir = "" if len(teachers) == 1 else name
@@ -107,11 +106,7 @@ def run(params: LogitsParams, ctx: StageContext) -> Manifest:
         fid = fidelity(full, reader.get(sample), capture_temperature=params.temperature)
         fid["fidelity_rows"] = fid.pop("rows")
         m = {**fid, **size_metrics(info), "shards_computed": len(build.computed)}
-        metrics.update(m if not entries else {f"{name}.{k}": v for k, v in m.items()})
-        entries.append({"teacher": name, "weight": weight, "dir": subdir, "cache": info,
-                        "cache_key": build.header["key"], "shards_computed": build.computed})
-    first = entries[0]
-    info = {"cache": first["cache"], "teacher": first["teacher"], "cache_key": first["cache_key"],
-            "shards_computed": first["shards_computed"], "views": k_views,
-            "teachers": [{k: v for k, v in e.items() if k != "cache"} for e in entries]}
-    return ctx.manifest(metrics=metrics, info=info)
+        metrics.update(m if not caches else {f"{name}.{k}": v for k, v in m.items()})
+        caches.append(TeacherCache(teacher=name, weight=weight, dir=subdir, cache=info,
+                                   cache_key=build.header["key"], shards_computed=build.computed))
+    return ctx.manifest(metrics=metrics, info=Logits(views=k_views, teachers=caches))

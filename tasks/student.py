@@ -1,79 +1,55 @@
-"""student: train the declared student from the condensed data and the cached teacher logits."""
+"""student: train the declared student from the condensed data and the cached teacher signal."""
 from __future__ import annotations
 
 import shutil
 
-import torch
-
 from kdflow import progress
 from kdflow.cache import CacheReader
 from kdflow.cache.replay import CachedBatches
-from kdflow.condense.nrr_dd import dbr_batch
-from kdflow.data.dataset import Dataset, load_dataset
-from kdflow.errors import KdflowError
-from kdflow.losses import create_loss
-from kdflow.models import count_params, create_model
+from kdflow.errors import ParamsError
+from kdflow.losses import LOSSES, build_loss
+from kdflow.models import count_params
 from kdflow.models.io import save_model
-from kdflow.train.device import resolve_device, seed_everything
+from kdflow.tracks.compat import compatibility
+from kdflow.train.device import seed_everything
 from kdflow.train.loop import fit
 from schemas.manifest import Manifest
-from schemas.params import LossParams, StudentParams
+from schemas.outputs import Logits
+from schemas.params import StudentParams
 from tasks.common import StageContext, save_history
 
 
-def loss_kwargs(loss: LossParams, capture_temperature: float, train_meta: dict) -> dict:
-    if loss.name == "ce":
-        return {}
-    if loss.name == "dbr":  # distances were stored at nrr_dd's temperature; the student must match it
-        return {"temperature": float(train_meta.get("dbr_temperature", 1.0)), "beta": loss.beta}
-    kwargs = {"temperature": loss.temperature, "alpha": loss.alpha}
-    if loss.name == "topk_kd":
-        kwargs["capture_temperature"] = capture_temperature
-    return kwargs
-
-
-def training_tensors(train: Dataset, loss: str) -> dict[str, torch.Tensor]:
-    """Inputs and labels for the loss: the stored DBR views for ``dbr``, else the condensed
-    samples; a ``weight`` extra (e.g. Mirage frequencies) weighs each sample's loss terms."""
-    tensors = dbr_batch(train) if loss == "dbr" else {"x": train.features, "y": train.labels}
-    if "weight" in train.extras:
-        tensors["weight"] = train.extras["weight"]
-    return tensors
-
-
-def cache_readers(ctx: StageContext) -> tuple[list[CacheReader], list[float]]:
-    """The verified logit cache of every chosen teacher (one folder each when several) and the
-    teachers' weights, from the logits stage's manifest (each cache's ``cache.json`` is part of
-    the stage output, covered by its sha256)."""
-    entries = ctx.upstream["logits"].info["teachers"]
-    readers = [CacheReader(ctx.input("logits") / e["dir"]) for e in entries]
+def cache_readers(ctx: StageContext, logits: Logits) -> tuple[list[CacheReader], list[float]]:
+    """The verified cache of every chosen teacher (one folder each when several) and the
+    teachers' weights (each cache's ``cache.json`` is part of the stage output, covered by its sha256)."""
+    readers = [CacheReader(ctx.input("logits") / c.dir) for c in logits.teachers]
     for reader in readers:
         reader.verify()
-    return readers, [float(e["weight"]) for e in entries]
+    return readers, [c.weight for c in logits.teachers]
 
 
 def run(params: StudentParams, ctx: StageContext) -> Manifest:
-    train = load_dataset(ctx.input("condense"))
-    val = load_dataset(ctx.input("prepare")).split("val")
-    readers, weights = cache_readers(ctx)
-    tensors = training_tensors(train, params.loss.name)
+    train = ctx.track.load(ctx.input("condense"))
+    val = ctx.track.load(ctx.input("prepare")).split("val")
+    logits = ctx.output("logits")
+    readers, weights = cache_readers(ctx, logits)
+    problems = compatibility(ctx.track, loss=params.loss.name, fmt=readers[0].format,
+                             method=ctx.output("condense").method, views=logits.views)
+    if problems:
+        raise ParamsError(problems, source="student")
+    tensors = ctx.track.fit_inputs(train, LOSSES.get(params.loss.name))
     batches = CachedBatches(
-        tensors, readers, weights, combine_mode=params.combine, temperature=params.loss.temperature,
+        tensors, readers, weights, combine_mode=params.combine, temperature=getattr(params.loss, "temperature", 1.0),
         seed=ctx.seed, memory_limit=int(params.cache_in_memory_mb * 2**20),
     )
-    kwargs = loss_kwargs(params.loss, readers[0].info["capture_temperature"], train.meta)
-    loss = create_loss(params.loss.name, **kwargs)
-    provided = batches(torch.arange(1), 1)
-    missing = [k for k in loss.needs if k not in provided]
-    if missing:
-        raise KdflowError(f"student.loss.name: {params.loss.name!r} needs {missing} but the cache provides {sorted(provided)}")
+    loss = build_loss(params.loss, readers[0].info, train.meta)
     seed_everything(ctx.seed)
-    model = create_model(params.arch, train.input_shape, train.num_classes, **params.args)
+    model = ctx.track.create_model(params.arch, train, params.args)
     t = params.train
     result = fit(
-        model, tensors, loss, val=(val.features, val.labels), batch_fn=batches, epochs=t.epochs, lr=t.lr,
+        model, tensors, loss, val=ctx.track.val_pair(val), batch_fn=batches, epochs=t.epochs, lr=t.lr,
         weight_decay=t.weight_decay, batch_size=t.batch_size, patience=t.patience, seed=ctx.seed,
-        device=resolve_device(params.device), checkpoint_dir=ctx.work, resume=ctx.resume,
+        device=ctx.device, checkpoint_dir=ctx.work, resume=ctx.resume,
         fingerprint=ctx.fingerprint, on_epoch=progress.epochs(ctx.progress, "student", t.epochs),
     )
     save_model(model, ctx.out)

@@ -27,7 +27,7 @@ def test_dask_fan_out_writes_the_same_bytes_as_the_local_run(tmp_path: Path, pre
     for stage in STAGE_ORDER[: STAGE_ORDER.index("condense") + 1]:
         execute_stage(stage, pp, tmp_path)
     local, _ = execute_stage("logits", pp, tmp_path)
-    shards = [s["file"] for s in local.info["cache"]["shards"]]
+    shards = [s["file"] for s in local.info["teachers"][0]["cache"]["shards"]]
     assert len(shards) > 2
     work = tmp_path / "artifacts/tiny/.work/logits"
 
@@ -36,7 +36,7 @@ def test_dask_fan_out_writes_the_same_bytes_as_the_local_run(tmp_path: Path, pre
     dask_pp = parse_params({**raw, "logits": {**raw["logits"], "runner": "dask", "dask_workers": 2,
                                              "dask_processes": False}})
     plain, _ = execute_stage("logits", dask_pp, tmp_path, force=True)
-    assert plain.info["shards_computed"] == shards
+    assert plain.info["teachers"][0]["shards_computed"] == shards
     assert _files(plain) == _files(local)
 
     # inside a Prefect task (as flows/distill.py runs it), on an existing scheduler
@@ -57,5 +57,5 @@ def test_dask_fan_out_writes_the_same_bytes_as_the_local_run(tmp_path: Path, pre
         nested = outer()
     finally:
         cluster.close()
-    assert nested.info["shards_computed"] == shards
+    assert nested.info["teachers"][0]["shards_computed"] == shards
     assert _files(nested) == _files(local)

@@ -55,7 +55,7 @@ def test_mirage_stages_on_mutag(tmp_path: Path) -> None:
     small = load_dataset(art / "condense")
     assert small.modality == "graph" and small.features.root_mask is not None and "weight" in small.extras
     assert out["condense"].metrics["n_condensed"] == len(small) and len(small) < out["prepare"].metrics["n_train"]
-    assert out["logits"].info["cache"]["num_rows"] == len(small)  # one cached logit row per condensed graph
+    assert out["logits"].info["teachers"][0]["cache"]["num_rows"] == len(small)  # one cached logit row per condensed graph
     metrics = json.loads((art / "evaluate/metrics.json").read_text())
     assert metrics["n_test"] == 19 and 0 <= metrics["student"]["accuracy"] <= 1
     assert metrics["student"]["latency_ms_b256"] > 0 and metrics["compression"]["params_ratio"] > 1

@@ -77,7 +77,7 @@ def test_herding_condense_then_topk_cache_then_topk_kd_student(tmp_path: Path) -
     )
     ms = run_until(tmp_path, raw, "student")
     assert ms["condense"].metrics["n_condensed"] == 200
-    cache = ms["logits"].info["cache"]
+    cache = ms["logits"].info["teachers"][0]["cache"]
     assert cache["format"] == "topk" and cache["index_dtype"].endswith("uint8") and len(cache["shards"]) == 4
     assert ms["logits"].metrics["top1_agreement"] == 1.0
     assert ms["logits"].metrics["bytes_per_sample"] < 10 * 4
@@ -101,18 +101,18 @@ def test_an_altered_cache_shard_is_caught_before_training_and_rebuilt_alone(tmp_
         execute_stage("student", parse_params(raw), tmp_path)
     # the stage reruns and recomputes that shard alone, byte-identical
     m, _ = execute_stage("logits", parse_params(raw), tmp_path)
-    assert m.info["shards_computed"] == ["shard-00001.safetensors"]
+    assert m.info["teachers"][0]["shards_computed"] == ["shard-00001.safetensors"]
     assert {f.path: f.sha256 for f in m.files} == files
     execute_stage("student", parse_params(raw), tmp_path)
 
 
 def test_a_killed_logits_stage_resumes_from_its_written_shards(tmp_path: Path, monkeypatch) -> None:
-    import kdflow.cache.teacher_rows as teacher_rows
+    import kdflow.tracks.classify as classify_track  # cache rows: the track runs the teacher
 
     raw = tiny_params(logits={"format": "topk_q8", "k": 4, "shard_rows": 300, "batch_size": 100},
                       student={"loss": {"name": "topk_kd"}})
     run_until(tmp_path, raw, "condense")
-    real, calls = teacher_rows.predict, []
+    real, calls = classify_track.predict, []
 
     def dies_in_the_second_shard(*args, **kwargs):
         calls.append(1)
@@ -120,19 +120,19 @@ def test_a_killed_logits_stage_resumes_from_its_written_shards(tmp_path: Path, m
             raise KeyboardInterrupt("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(teacher_rows, "predict", dies_in_the_second_shard)
+    monkeypatch.setattr(classify_track, "predict", dies_in_the_second_shard)
     with pytest.raises(KeyboardInterrupt):
         execute_stage("logits", parse_params(raw), tmp_path)
     assert not (tmp_path / "artifacts/tiny/logits").exists()  # no half-written output
-    monkeypatch.setattr(teacher_rows, "predict", real)
+    monkeypatch.setattr(classify_track, "predict", real)
     m, _ = execute_stage("logits", parse_params(raw), tmp_path)
-    shards = [s["file"] for s in m.info["cache"]["shards"]]
-    assert len(shards) > 2 and m.info["shards_computed"] == shards[1:]
+    shards = [s["file"] for s in m.info["teachers"][0]["cache"]["shards"]]
+    assert len(shards) > 2 and m.info["teachers"][0]["shards_computed"] == shards[1:]
     assert m.metrics["top1_agreement"] > 0.9 and m.metrics["compression_vs_fp32"] > 1
     resumed = {f.path: f.sha256 for f in m.files}
     m2, _ = execute_stage("logits", parse_params(raw), tmp_path, force=True)
-    assert m2.info["shards_computed"] == []  # the work folder still holds the verified cache
+    assert m2.info["teachers"][0]["shards_computed"] == []  # the work folder still holds the verified cache
     shutil.rmtree(tmp_path / "artifacts/tiny/.work/logits")
     fresh, _ = execute_stage("logits", parse_params(raw), tmp_path, force=True)
-    assert fresh.info["shards_computed"] == shards
+    assert fresh.info["teachers"][0]["shards_computed"] == shards
     assert {f.path: f.sha256 for f in fresh.files} == resumed  # byte-identical to a clean run

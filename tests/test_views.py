@@ -96,7 +96,7 @@ def test_view_choice_depends_on_seed_and_epoch_only() -> None:
 
 @pytest.mark.slow
 def test_student_replays_exactly_the_view_the_teacher_saw(tmp_path: Path, monkeypatch) -> None:
-    import kdflow.cache.teacher_rows as teacher_rows
+    import kdflow.tracks.classify as classify_track  # cache rows: the track runs the teacher
 
     raw = tiny_params(logits={"views": 3, "shard_rows": 1000, "batch_size": 256},
                       student={"train": {"epochs": 2, "lr": 0.01, "batch_size": 128, "patience": None}})
@@ -104,15 +104,15 @@ def test_student_replays_exactly_the_view_the_teacher_saw(tmp_path: Path, monkey
     for stage in STAGE_ORDER[: STAGE_ORDER.index("condense") + 1]:
         execute_stage(stage, pp, tmp_path)
     seen: list[torch.Tensor] = []
-    real = teacher_rows.predict
+    real = classify_track.predict
 
     def recording(model, x, **kwargs):
         seen.append(x.clone())
         return real(model, x, **kwargs)
 
-    monkeypatch.setattr(teacher_rows, "predict", recording)
+    monkeypatch.setattr(classify_track, "predict", recording)
     m, _ = execute_stage("logits", pp, tmp_path)
-    monkeypatch.setattr(teacher_rows, "predict", real)
+    monkeypatch.setattr(classify_track, "predict", real)
     art = tmp_path / "artifacts/tiny"
     ds = load_dataset(art / "condense")
     n = len(ds)
@@ -122,7 +122,7 @@ def test_student_replays_exactly_the_view_the_teacher_saw(tmp_path: Path, monkey
     assert len(reader) == 3 * n and reader.num_views == 3 and m.info["views"] == 3
     assert (art / "logits" / VIEWS_FILE).is_file()
     assert not torch.equal(given[0], given[1])  # views of one sample differ
-    teacher = load_model(art / "teachers" / m.info["teacher"])
+    teacher = load_model(art / "teachers" / m.info["teachers"][0]["teacher"])
     batches = CachedBatches({"x": ds.features, "y": ds.labels}, [reader], [1.0], seed=pp.seed,
                             memory_limit=0)
     for epoch in (1, 2):

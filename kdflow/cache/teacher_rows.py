@@ -15,17 +15,15 @@ from torch.utils.data import DataLoader, Dataset as TorchDataset
 
 from kdflow.cache.writer import CacheSpec, write_shard
 from kdflow.data.augment import apply_views
-from kdflow.data.dataset import load_dataset
-from kdflow.models.io import load_model
 from kdflow.train.device import resolve_device
-from kdflow.train.loop import predict
 
 
 @dataclass
 class TeacherRows:
     """The teacher's logits for cache rows: inputs (stored samples, or replayable views) and
-    the forward pass. Pickles as paths (models and data are loaded where it runs, e.g. a Dask
-    worker); ``loaded()`` gives a private copy with both in memory."""
+    the forward pass (the track's teacher signal). Pickles as paths and names (models and data
+    are loaded where it runs, e.g. a Dask worker); ``loaded()`` gives a private copy with both
+    in memory."""
 
     teacher_dir: Path
     data_dir: Path
@@ -33,6 +31,8 @@ class TeacherRows:
     num_views: int
     batch_size: int
     workers: int = 0
+    track: str = "classify"
+    device: str = "auto"
     model: torch.nn.Module | None = None
     features: torch.Tensor | None = None
 
@@ -40,15 +40,23 @@ class TeacherRows:
         return {**self.__dict__, "model": None, "features": None}
 
     def loaded(self) -> TeacherRows:
-        return replace(self, model=load_model(self.teacher_dir),
-                       features=load_dataset(self.data_dir).features)
+        track = self._track()
+        return replace(self, model=track.load_model(self.teacher_dir),
+                       features=track.load(self.data_dir).features)
+
+    def _track(self):  # noqa: ANN202  imported here: the tracks import the cache
+        from kdflow.tracks import get_track
+
+        return get_track(self.track)
 
     def inputs(self, rows: torch.Tensor) -> torch.Tensor:
         """The teacher's inputs for cache ``rows``: the samples, or their augmented views."""
         return row_inputs(self.features, self.views, self.num_views, rows)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return predict(self.model, x, batch_size=self.batch_size, device=resolve_device("auto"))
+        """The teacher signal of inputs ``x`` (class logits ``[n, C]`` for classification)."""
+        return self._track().teacher_outputs(self.model, x, batch_size=self.batch_size,
+                                             device=resolve_device(self.device))
 
     def batches(self, start: int, stop: int, size: int) -> Iterator[torch.Tensor]:
         """Logits of rows ``[start, stop)``, ``size`` rows at a time, in order (the inputs are

@@ -78,6 +78,22 @@ def _ids(prefix: str, n: int) -> list[str]:
     return [f"{prefix}-{i:05d}" for i in range(n)]
 
 
+def resolve_source(spec: str, root: Path) -> str:
+    """Make a relative ``idx:``/``parquet:`` path absolute against the project root."""
+    kind, sep, rest = spec.partition(":")
+    if sep and kind in ("idx", "parquet") and not Path(rest).is_absolute():
+        return f"{kind}:{(Path(root) / rest).resolve()}"
+    return spec
+
+
+def resolve_options(options: dict, root: Path) -> dict:
+    """Make a relative ``root`` option (the tu source's data folder) absolute against the project root."""
+    out = dict(options)
+    if isinstance(out.get("root"), str) and not Path(out["root"]).expanduser().is_absolute():
+        out["root"] = str((Path(root) / out["root"]).resolve())
+    return out
+
+
 def load_source(
     spec: str,
     *,
@@ -411,7 +427,7 @@ def _parquet(arg: str, *, seed: int, options: dict) -> RawSource:
 TU_ROOT_ENV = "KDFLOW_TU_ROOT"
 
 
-@SOURCES.register("tu")
+@SOURCES.register("tu", track="graph")
 def _tu(arg: str, *, seed: int, options: dict) -> RawSource:
     """A TU graph dataset (https://chrsmrrs.github.io/datasets/) read through torch_geometric's ``TUDataset``.
 

@@ -17,21 +17,14 @@ from typing import Any
 from mlflow.entities import Dataset, DatasetInput, InputTag
 from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
+from schemas.stages import role
+
 DIGEST_LEN = 36  # MLflow's limit on dataset digests
 SOURCE_NAME = "source"
 CONTEXT_TAG = "mlflow.data.context"
 FINGERPRINT_TAG = "kdflow.fingerprint"
 RUN_TAG = "kdflow.run_id"
 
-# how a stage uses an upstream artifact (shown by the UI next to the dataset)
-CONTEXTS = {
-    ("prepare", SOURCE_NAME): "source",
-    ("teachers", "prepare"): "training",
-    ("condense", "prepare"): "training",
-    ("student", "condense"): "training",
-    ("student", "prepare"): "validation",
-    ("evaluate", "prepare"): "test",
-}
 
 _SAFETENSORS_DTYPES = {"F16": "float16", "F32": "float32", "F64": "float64", "I8": "int8", "I16": "int16",
                        "I32": "int32", "I64": "int64", "U8": "uint8", "U16": "uint16", "U32": "uint32",
@@ -60,7 +53,7 @@ def artifact_input(stage: str, upstream: str, manifest: Any, folder: Path) -> Da
         schema=artifact_schema(folder),
         profile=json.dumps(profile, sort_keys=True),
     )
-    tags = [InputTag(CONTEXT_TAG, CONTEXTS.get((stage, upstream), "input")),
+    tags = [InputTag(CONTEXT_TAG, role(stage, upstream)),  # how the stage uses it, from schemas/stages.py
             InputTag(FINGERPRINT_TAG, manifest.fingerprint)]
     if manifest.mlflow_run_id:
         tags.append(InputTag(RUN_TAG, manifest.mlflow_run_id))

@@ -42,7 +42,8 @@ def student_tags(client: Any, pipeline: str, run_id: str, manifest: Any, upstrea
     if condense is not None:
         tags["kdflow.condense.method"] = str(condense.info.get("method", ""))
         tags["kdflow.condense.fingerprint"] = condense.fingerprint
-    teacher = (logits.info.get("teacher") if logits else None) or (condense.info.get("teacher") if condense else None)
+    caches = logits.info.get("teachers") if logits else None
+    teacher = (caches[0].get("teacher") if caches else None) or (condense.info.get("teacher") if condense else None)
     if teacher:
         tags["kdflow.teacher.name"] = str(teacher)
     teachers = ancestor(artifacts, condense, "teachers")  # not a direct input of the student

@@ -23,6 +23,8 @@ from kdflow.lineage.backends import (
     TrackingUnavailableError, check_reachable, is_server, resolve_tracking_uri,
 )
 
+from schemas.stages import MODEL_STAGES  # stages whose models are logged
+
 log = logging.getLogger(__name__)
 
 __all__ = ["NullTracker", "Tracker", "TrackingUnavailableError", "check_reachable", "open_tracker",
@@ -31,7 +33,6 @@ __all__ = ["NullTracker", "Tracker", "TrackingUnavailableError", "check_reachabl
 MAX_PARAM_LEN = 6000
 SMALL_ARTIFACT_BYTES = 5 * 2**20
 ARTIFACT_SUFFIXES = (".json", ".png", ".csv", ".parquet")
-MODEL_STAGES = ("teachers", "student")
 
 
 def upstream_tag(stage: str, what: str) -> str:

@@ -118,10 +118,10 @@ def _factory(kind: str, default_heads: int):
 
 
 for _kind, _heads in (("gcn", 1), ("gin", 1), ("gat", 4)):
-    MODELS.register(_kind)(_factory(_kind, _heads))
+    MODELS.register(_kind, tracks=("graph",))(_factory(_kind, _heads))
 
 
-@MODELS.register("tiny_gcn")
+@MODELS.register("tiny_gcn", tracks=("graph",))
 def tiny_gcn(input_shape: tuple[int, ...], num_classes: int) -> GNN:
     """A 2-layer, 16-unit GCN with sum pooling for fast tests."""
     return GNN("gcn", _width(input_shape, "tiny_gcn"), num_classes, 16, 2, "sum", 0.0)

@@ -1,0 +1,171 @@
+"""The ``classify`` track: class labels, class logits as the teacher signal, accuracy-based evaluation.
+
+Images ``[N, C, H, W]``, sequences ``[N, C, L]`` and tabular rows ``[N, D]`` held in memory as
+one tensor; the dataset artifact is ``kdflow.data.dataset``'s. The ``graph`` track reuses this
+one and changes what differs for graphs.
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdflow.cache.formats import FORMATS
+from kdflow.condense import CONDENSERS
+from kdflow.condense.grid import plot_class_grid
+from kdflow.data.augment import Augment, draw_views
+from kdflow.data.dataset import Dataset, load_dataset, save_dataset
+from kdflow.data.sources import load_source
+from kdflow.errors import DataError
+from kdflow.losses import LOSSES, create_loss
+from kdflow.metrics import accuracy
+from kdflow.models import MODELS, create_model
+from kdflow.models.io import load_model
+from kdflow.select import STRATEGIES, SelectionData
+from kdflow.tracks import TRACKS, offered
+from kdflow.tracks.classify import evaluation
+from kdflow.train.loop import predict
+
+
+class ClassifyTrack:
+    """Classification of images, sequences and tabular rows."""
+
+    name = "classify"
+    summary = "class labels; images [N,C,H,W], sequences [N,C,L], tabular [N,D]; accuracy, F1, ECE, latency"
+    modalities: tuple[str, ...] = ("image", "sequence", "tabular")
+    model_default: tuple[str, ...] = ("classify",)  # tracks of a model registered without ``tracks``
+    views_supported = True  # images and sequences (tabular data refuses at run time)
+
+    # -- the dataset artifact -----------------------------------------------------------------
+    def load_source(self, spec: str, *, seed: int, val_fraction: float, test_fraction: float,
+                    options: dict[str, Any]) -> Dataset:
+        ds = load_source(spec, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, options=options)
+        return self._check(ds, spec)
+
+    def save(self, ds: Dataset, folder: Path) -> None:
+        save_dataset(self._check(ds, str(folder)), folder)
+
+    def load(self, folder: Path) -> Dataset:
+        return self._check(load_dataset(folder), str(folder))
+
+    def _check(self, ds: Dataset, where: str) -> Dataset:
+        if ds.modality not in self.modalities:
+            raise DataError(f"{where}: track {self.name!r} takes {list(self.modalities)} data, got "
+                            f"{ds.modality!r}; set `track:` to the track of this data source")
+        return ds
+
+    def describe(self, ds: Dataset) -> dict[str, Any]:
+        return {"num_classes": ds.num_classes, "modality": ds.modality, "input_shape": list(ds.input_shape),
+                "track": self.name}
+
+    # -- models and the teacher signal ----------------------------------------------------------
+    def architectures(self) -> list[str]:
+        return offered(MODELS, self.name, self.model_default)
+
+    def model_problems(self, arch: str, args: dict[str, Any], where: str) -> list[str]:
+        """Why ``arch(**args)`` cannot be built for this track (checked without data)."""
+        known = self.architectures()
+        if arch not in known:
+            import difflib
+
+            close = difflib.get_close_matches(arch, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            return [f"{where}.arch: unknown architecture {arch!r} for track {self.name!r}; {hint}(known: {', '.join(known)})"]
+        try:
+            inspect.signature(MODELS.get(arch)).bind((1,), 2, **args)
+        except TypeError as exc:
+            return [f"{where}.args: {exc} (architecture {arch!r})"]
+        return []
+
+    def create_model(self, arch: str, ds: Dataset, args: dict[str, Any]) -> nn.Module:
+        return create_model(arch, ds.input_shape, ds.num_classes, **args)
+
+    def load_model(self, folder: Path) -> nn.Module:
+        return load_model(folder)
+
+    def teacher_outputs(self, model: nn.Module, x: Any, *, batch_size: int, device: torch.device) -> torch.Tensor:
+        """Class logits ``[N, C]`` (float32, CPU)."""
+        return predict(model, x, batch_size=batch_size, device=device)
+
+    def output_dim(self, ds: Dataset) -> int:
+        return ds.num_classes
+
+    # -- training -----------------------------------------------------------------------------
+    def teacher_loss(self) -> Any:
+        return create_loss("ce")
+
+    def fit_inputs(self, ds: Dataset, loss: Any = None) -> dict[str, Any]:
+        """Per-sample tensors for ``fit``: the loss's own (e.g. DBR views) or the samples; a
+        ``weight`` extra (e.g. Mirage frequencies) weighs each sample's loss terms."""
+        own = loss.inputs(ds) if loss is not None and hasattr(loss, "inputs") else None
+        tensors = dict(own) if own is not None else {"x": ds.features, "y": ds.labels}
+        if "weight" in ds.extras:
+            tensors["weight"] = ds.extras["weight"]
+        return tensors
+
+    def val_pair(self, ds: Dataset) -> tuple[Any, torch.Tensor]:
+        return ds.features, ds.labels
+
+    def val_score(self, model: nn.Module, ds: Dataset, device: torch.device) -> dict[str, float]:
+        return {"val_accuracy": accuracy(predict(model, ds.features, device=device), ds.labels)}
+
+    def views(self, ds: Dataset, k: int, seed: int, augment: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """K seeded augmented views per sample (images and sequences; DataError otherwise)."""
+        return draw_views(ds.input_shape, ds.modality, len(ds), k, seed, Augment(**augment))
+
+    # -- what it offers -------------------------------------------------------------------------
+    def offers(self, kind: str) -> list[str]:
+        registry = {"loss": LOSSES, "condenser": CONDENSERS, "format": FORMATS, "strategy": STRATEGIES}[kind]
+        return offered(registry, self.name, (self.name,))
+
+    # -- selection, condensation, evaluation ------------------------------------------------------
+    def selection_data(self, ds: Dataset, seed: int, device: torch.device) -> SelectionData:
+        train, val = ds.split("train"), ds.split("val")
+        return SelectionData(train.features, train.labels, val.features, val.labels, ds.num_classes, seed, device)
+
+    def condense_figure(self, ds: Dataset, folder: Path, title: str) -> None:
+        """A per-class grid of what the student sees (images only)."""
+        if ds.modality == "image" and ds.features.dim() == 4:
+            plot_class_grid(folder / "figures" / "samples.png", ds.features, ds.labels, ds.num_classes, title=title)
+
+    def latency_inputs(self, test: Dataset) -> dict[int, Any]:
+        """Inputs to time per batch size; none: random inputs of the sample shape."""
+        return {}
+
+    def evaluate(self, models: dict[str, nn.Module], test: Dataset, *, names: dict[str, str],
+                 histories: dict[str, list[dict]], latency_repeats: int, latency_threads: int | None,
+                 ece_bins: int, folder: Path) -> dict[str, Any]:
+        """Teacher vs. student on ``test``: metrics.json content, plots and figures in ``folder``."""
+        logits = {k: predict(m, test.features) for k, m in models.items()}
+        inputs = self.latency_inputs(test)
+        per = {k: evaluation.model_metrics(models[k], logits[k], test.labels, test.num_classes,
+                                           input_shape=test.input_shape, latency_inputs=inputs,
+                                           repeats=latency_repeats, threads=latency_threads, ece_bins=ece_bins)
+               for k in models}
+        metrics = evaluation.compare(per, logits, names["teacher"], len(test))
+        evaluation.write_pictures(folder, names["teacher"], logits, test.labels, test.num_classes, ece_bins, per,
+                                  histories)
+        return metrics
+
+    def headline(self, m: dict[str, Any]) -> dict[str, float]:
+        return {"teacher_accuracy": m["teacher"]["accuracy"], "student_accuracy": m["student"]["accuracy"],
+                "agreement": m["agreement"], "params_ratio": m["compression"]["params_ratio"]}
+
+    def summary_rows(self, m: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+        return evaluation.summary_rows(m)
+
+    def summary_line(self, m: dict[str, Any]) -> str:
+        return (f"agreement {m['agreement']:.4f}   KL(teacher||student) {m['kl_teacher_student']:.4f}   "
+                f"teacher: {m['teacher']['name']}")
+
+    def report_section(self, m: dict[str, Any]) -> str:
+        return evaluation.report_section(m)
+
+    def dvc_plots(self) -> list[dict[str, Any]]:
+        return evaluation.DVC_PLOTS
+
+
+TRACKS.register("classify")(ClassifyTrack())
