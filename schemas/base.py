@@ -36,8 +36,9 @@ def _message(model: type[BaseModel], err: dict[str, Any]) -> str:
         bound = next(iter(ctx.values()))
         return f"must be {_BOUNDS[kind]} {_num(bound)} (got {_num(got)})"
     if kind == "extra_forbidden":
-        close = difflib.get_close_matches(str(err["loc"][-1]), list(model.model_fields), n=1, cutoff=0.5)
-        return "unknown key" + (f"; did you mean '{close[0]}'?" if close else f" (allowed: {', '.join(model.model_fields)})")
+        known = list(model.model_fields)
+        close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1, cutoff=0.5)
+        return "unknown key" + (f"; did you mean '{close[0]}'?" if close else f" (allowed: {', '.join(known)})")
     if kind == "missing":
         return "required key is missing"
     if kind == "literal_error":

@@ -63,9 +63,15 @@ class NrrDdParams(CropParams):
     method: Literal["nrr_dd"] = Field(
         "nrr_dd", description="RDED-style crops refined outside the teacher's critical regions, with DBR label extras."
     )
-    cam_pool: float = Field(0.5, gt=0, le=1, description="Share of crops (highest CAM ratio) eligible before low confidence picks.")
-    correct_only: bool = Field(True, description="Prefer crops the teacher classifies correctly before picking the least confident.")
-    eps: float = Field(0.5, ge=0, le=2, description="CAM threshold of the refinement mask max(0, eps - CAM); 0 freezes all pixels.")
+    cam_pool: float = Field(
+        0.5, gt=0, le=1, description="Share of crops (highest CAM ratio) eligible before low confidence picks."
+    )
+    correct_only: bool = Field(
+        True, description="Prefer crops the teacher classifies correctly before picking the least confident."
+    )
+    eps: float = Field(
+        0.5, ge=0, le=2, description="CAM threshold of the refinement mask max(0, eps - CAM); 0 freezes all pixels."
+    )
     iterations: int = Field(100, ge=0, le=100_000, description="Refinement steps on the non-critical pixels.")
     lr: float = Field(0.05, gt=0, le=10, description="Adam step size of the refinement.")
     bn_weight: float = Field(1.0, ge=0, le=10_000, description="Weight of the BatchNorm-statistics matching term.")

@@ -73,7 +73,8 @@ def test_what_nrr_dd_and_mirage_provide_is_what_they_write() -> None:
 @pytest.mark.parametrize("name", ["herding", "k_center", "random", "none"])
 def test_coreset_methods_run_on_graphs(name: str) -> None:
     ds = as_dataset(make_graphs(TOY))
-    teacher = create_model("tiny_gcn", ds.input_shape, ds.num_classes) if CONDENSERS.meta(name)["needs_teacher"] else None
+    needs_teacher = CONDENSERS.meta(name)["needs_teacher"]
+    teacher = create_model("tiny_gcn", ds.input_shape, ds.num_classes) if needs_teacher else None
     out = condense(name, ds, teacher=teacher, **({} if name == "none" else {"ipc": 1}))
     assert out.modality == "graph" and len(out) == (len(ds) if name == "none" else 2)
 
