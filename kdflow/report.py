@@ -60,7 +60,7 @@ def build_report(artifacts_dir: Path, out: Path) -> Path:
     body = [
         f"<h1>kdflow report: {escape(name)}</h1>",
         f'<p class="meta">{_meta(manifests)}</p>',
-        "<h2>Stages</h2>", _stagetable(manifests),
+        "<h2>Stages</h2>", _stage_table(manifests),
         "<h2>Teacher ranking</h2>", _ranking(artifacts_dir / "select"),
         "<h2>Teacher vs. student (test split)</h2>", _comparison(artifacts_dir, metrics),
         "<h2>Figures</h2>", _figures(artifacts_dir, [m.stage for m in manifests]),
@@ -121,7 +121,7 @@ def table(headers: list[str], rows: list[list[Any]], numeric: tuple[int, ...] = 
     return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(lines) + "\n</tbody>\n</table>"
 
 
-def _stagetable(manifests: list[Manifest]) -> str:
+def _stage_table(manifests: list[Manifest]) -> str:
     rows = []
     for m in manifests:
         headline = ", ".join(f"{k} {fmt(v)}" for k, v in sorted(m.metrics.items()))
@@ -136,13 +136,13 @@ def _ranking(select_dir: Path) -> str:
     frame = pl.read_parquet(path)
     if "rank" in frame.columns:
         frame = frame.sort("rank").select(["rank", *[c for c in frame.columns if c != "rank"]])
-    table = table(frame.columns, [list(r) for r in frame.iter_rows()])
+    html = table(frame.columns, [list(r) for r in frame.iter_rows()])
     chosen_file = select_dir / "chosen.json"
     if not chosen_file.is_file():
-        return table
+        return html
     chosen = json.loads(chosen_file.read_text())
     picked = ", ".join(f"{t} (weight {fmt(w)})" for t, w in zip(chosen.get("teachers", []), chosen.get("weights", [])))
-    return f"{table}\n<p>Chosen: {escape(picked)}; strategy <code>{escape(str(chosen.get('strategy', '?')))}</code>.</p>"
+    return f"{html}\n<p>Chosen: {escape(picked)}; strategy <code>{escape(str(chosen.get('strategy', '?')))}</code>.</p>"
 
 
 def _comparison(artifacts_dir: Path, metrics: dict[str, Any]) -> str:

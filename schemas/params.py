@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import difflib
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, PlainValidator, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from kdflow.condense import CONDENSERS
 from kdflow.errors import ParamsError
@@ -77,8 +79,9 @@ class ProbeParams(Section):
 
 
 class SelectParams(Section):
-    strategy: Literal["val_accuracy", "probe"] = Field(
-        "val_accuracy", description="How candidates are ranked: validation accuracy, or a short distillation trial (probe)."
+    strategy: str = Field(
+        "val_accuracy", min_length=1,
+        description="How candidates are ranked (a selection strategy the track offers): val_accuracy, or probe (a short distillation trial).",
     )
     probe: ProbeParams = Field(default_factory=ProbeParams, description="Settings of the probe strategy.")
     top: int = Field(1, ge=1, le=64, description="How many of the best-ranked teachers to choose (several: one logit cache each, combined by student.combine).")
@@ -88,19 +91,41 @@ class SelectParams(Section):
     )
 
 
-def _method_union(registry: Registry, key: str, default: str) -> Any:
-    """A discriminated union of the params models registered in ``registry`` (keyed on ``key``),
-    filling the default tag when a section leaves it out."""
-    members = tuple(registry.meta(n)["params"] for n in registry.names())
+@dataclass(frozen=True)
+class ByName:
+    """A params section whose model is chosen by name from a registry's ``params`` metadata
+    (``condense.method``, ``student.loss.name``): each method takes only its own keys, and the
+    allowed names are the registry's, at validation time (a track may register its own)."""
 
-    def fill(value: Any) -> Any:
-        return {key: default, **value} if isinstance(value, dict) and key not in value else value
+    registry: Registry
+    key: str
+    default: str
 
-    return Annotated[Union[members], Field(discriminator=key), BeforeValidator(fill)]  # noqa: UP007
+    def model(self, name: str) -> type[Section]:
+        return self.registry.meta(name)["params"]
+
+    def validate(self, value: Any) -> Section:
+        if isinstance(value, Section):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping with '{self.key}', got {type(value).__name__}")
+        name = value.get(self.key, self.default)
+        if name not in self.registry:
+            raise PydanticCustomError("union_tag_invalid", "unknown {discriminator}", {
+                "discriminator": f"'{self.key}'", "tag": name, "expected_tags": ", ".join(map(repr, self.registry.names()))})
+        return self.model(name).model_validate({self.key: name, **value})
+
+    def type(self) -> Any:
+        return Annotated[SerializeAsAny[Section], PlainValidator(self.validate), self]
+
+    def default_factory(self) -> Section:
+        return self.model(self.default)()
 
 
-CondenseParams = _method_union(CONDENSERS, "method", "none")
-LossParams = _method_union(LOSSES, "name", "kd")
+CONDENSE = ByName(CONDENSERS, "method", "none")
+LOSS = ByName(LOSSES, "name", "kd")
+CondenseParams = CONDENSE.type()
+LossParams = LOSS.type()
 
 
 class AugmentParams(Section):
@@ -138,7 +163,7 @@ class LogitsParams(Section):
 class StudentParams(Section):
     arch: str = Field("mlp", min_length=1, description="Registry architecture of the student.")
     args: dict[str, Any] = Field(default_factory=dict, description="Constructor arguments of the student.")
-    loss: LossParams = Field(default_factory=lambda: LOSSES.meta("kd")["params"](), description="Training loss (its `name` picks the method; each takes only its own keys).")
+    loss: LossParams = Field(default_factory=LOSS.default_factory, description="Training loss (its `name` picks the method; each takes only its own keys).")
     train: TrainParams = Field(default_factory=TrainParams, description="Training budget.")
     device: str | None = Field(None, pattern=DEVICE_PATTERN, description="Training device: auto (cuda, then mps, then cpu), cpu, cuda[:i], mps; null: runtime.device.")
     combine: Literal["weighted_mean", "per_sample"] = Field(
@@ -180,7 +205,7 @@ class PipelineParams(Section):
     data: DataParams = Field(default_factory=DataParams, description="Where the data comes from and how it is split.")
     teachers: list[TeacherParams] = Field(..., min_length=1, description="Teacher candidates.")
     select: SelectParams = Field(default_factory=SelectParams, description="Teacher selection.")
-    condense: CondenseParams = Field(default_factory=CondenseParams, description="Dataset condensation.")
+    condense: CondenseParams = Field(default_factory=CONDENSE.default_factory, description="Dataset condensation.")
     logits: LogitsParams = Field(default_factory=LogitsParams, description="Teacher-logit cache.")
     student: StudentParams = Field(default_factory=StudentParams, description="The student and how it is trained.")
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams, description="Evaluation settings.")
@@ -196,6 +221,18 @@ class PipelineParams(Section):
             raise ValueError(f"teacher names must be unique; repeated: {dup}")
         return teachers
 
+    @model_validator(mode="before")
+    @classmethod
+    def _import_track(cls, raw: Any) -> Any:
+        """Import the pipeline's track first: it may register its own sources, losses, ..."""
+        if isinstance(raw, dict):
+            name = raw.get("track")
+            if name is None and isinstance(raw.get("data"), dict) and isinstance(raw["data"].get("source"), str):
+                name = infer_track(raw["data"]["source"])
+            if isinstance(name, str) and name in discovered():
+                get_track(name)
+        return raw
+
     @model_validator(mode="after")
     def _cross_checks(self) -> PipelineParams:
         if self.track is None:
@@ -205,8 +242,11 @@ class PipelineParams(Section):
             close = difflib.get_close_matches(self.track, known, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ValueError(f"track: unknown track {self.track!r}; {hint}(known: {', '.join(known)})")
-        problems = compatibility(get_track(self.track), loss=self.student.loss.name, fmt=self.logits.format,
+        track = get_track(self.track)
+        problems = compatibility(track, loss=self.student.loss.name, fmt=self.logits.format,
                                  method=self.condense.method, views=self.logits.views)
+        if self.select.strategy not in track.offers("strategy"):
+            problems.append(f"select.strategy: must be one of {track.offers('strategy')} (got {self.select.strategy!r})")
         if self.select.top > len(self.teachers):
             problems.append(f"select.top: {self.select.top} teachers asked for, {len(self.teachers)} candidate(s) declared")
         if self.select.top > 1 and self.student.combine == "weighted_mean" and self.logits.format != "dense":
@@ -231,33 +271,32 @@ def _sub_models(annotation: Any) -> list[type[BaseModel]]:
     return out
 
 
-def _walk(loc: tuple) -> tuple[tuple, type[BaseModel] | None]:
-    """``loc`` without the union tags pydantic inserts (``condense.rded.factr`` ->
-    ``condense.factr``) and the model that holds its last key (for did-you-mean)."""
+def _by_name(field: Any) -> ByName | None:
+    return next((m for m in getattr(field, "metadata", ()) if isinstance(m, ByName)), None)
+
+
+def _walk(loc: tuple, raw: Any = None) -> type[BaseModel] | None:
+    """The model that holds the last key of ``loc`` (for did-you-mean); ``raw`` (the input)
+    names the method of a by-name section."""
     model: type[BaseModel] | None = PipelineParams
-    clean: list = []
-    parts = list(loc)
-    i = 0
-    while i < len(parts):
-        part = parts[i]
-        clean.append(part)
-        if isinstance(part, int) or model is None or i == len(parts) - 1:
-            i += 1
+    node = raw
+    for part in loc[:-1]:
+        node = node[part] if isinstance(node, (dict, list)) and _has(node, part) else None
+        if isinstance(part, int) or model is None:
             continue
         field = model.model_fields.get(part)
+        chooser = _by_name(field)
+        if chooser is not None:
+            name = node.get(chooser.key, chooser.default) if isinstance(node, dict) else chooser.default
+            model = chooser.model(name) if name in chooser.registry else None
+            continue
         members = _sub_models(field.annotation) if field is not None else []
-        if len(members) > 1:  # a discriminated union: the next element is the tag
-            tag = parts[i + 1] if i + 1 < len(parts) else None
-            key = field.discriminator if field is not None else None
-            match = [m for m in members if key and m.model_fields.get(key) is not None
-                     and tag in (getattr(m.model_fields[key].annotation, "__args__", None) or ())]
-            if match:
-                model = match[0]
-                i += 2
-                continue
         model = members[0] if members else None
-        i += 1
-    return tuple(clean), model
+    return model
+
+
+def _has(node: Any, part: Any) -> bool:
+    return (isinstance(node, dict) and part in node) or (isinstance(node, list) and isinstance(part, int) and -len(node) <= part < len(node))
 
 
 def _path(loc: tuple) -> str:
@@ -271,13 +310,13 @@ def _num(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-def _describe(err: dict) -> str:
+def _describe(err: dict, raw: Any = None) -> str:
     kind, ctx, got = err["type"], err.get("ctx") or {}, err.get("input")
     if kind in _BOUND_WORDS:
         bounds = {k: _num(v) for k, v in ctx.items()}
         return f"must be {_BOUND_WORDS[kind].format(**bounds)} (got {_num(got)})"
     if kind == "extra_forbidden":
-        model = _walk(err["loc"])[1]
+        model = _walk(err["loc"], raw)
         key = str(err["loc"][-1])
         close = difflib.get_close_matches(key, list(model.model_fields) if model else [], n=1, cutoff=0.5)
         hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -295,15 +334,15 @@ def _describe(err: dict) -> str:
     return f"{msg} (got {got!r})" if got is not None and not isinstance(got, dict | list) else msg
 
 
-def format_validation_error(exc: ValidationError) -> list[str]:
-    """One ``key.path: message`` line per problem."""
+def format_validation_error(exc: ValidationError, raw: Any = None) -> list[str]:
+    """One ``key.path: message`` line per problem (``raw``, the input, for did-you-mean)."""
     lines = []
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        loc = _walk(loc)[0]
         if err["type"] == "union_tag_invalid":
             loc = (*loc, str(err["ctx"]["discriminator"]).strip("'"))
-        message = _describe(err)
+        err = {**err, "loc": loc}
+        message = _describe(err, raw)
         if not loc and err["type"] == "value_error":  # cross-section checks name their own keys
             lines += message.split("\n")
         else:
@@ -354,7 +393,7 @@ def parse_params(raw: Any, source: str = "params") -> PipelineParams:
     try:
         return PipelineParams.model_validate(raw)
     except ValidationError as exc:
-        raise ParamsError(format_validation_error(exc), source) from None
+        raise ParamsError(format_validation_error(exc, raw), source) from None
 
 
 def read_params_file(path: Path) -> dict:
@@ -381,6 +420,8 @@ def schema_keys(model: type[BaseModel] = PipelineParams, prefix: str = "") -> se
     for name, field in model.model_fields.items():
         path = f"{prefix}{name}"
         keys.add(path)
-        for sub in _sub_models(field.annotation):
+        chooser = _by_name(field)
+        subs = [chooser.model(n) for n in chooser.registry.names()] if chooser else _sub_models(field.annotation)
+        for sub in subs:
             keys |= schema_keys(sub, path + ".")
     return keys

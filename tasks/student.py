@@ -14,7 +14,7 @@ from kdflow.tracks.compat import compatibility
 from kdflow.train.device import seed_everything
 from kdflow.train.loop import fit
 from schemas.manifest import Manifest
-from schemas.outputs import Logits
+from schemas.outputs import Logits, Student
 from schemas.params import StudentParams
 from tasks.common import StageContext, save_history
 
@@ -49,13 +49,15 @@ def run(params: StudentParams, ctx: StageContext) -> Manifest:
     result = fit(
         model, tensors, loss, val=ctx.track.val_pair(val), batch_fn=batches, epochs=t.epochs, lr=t.lr,
         weight_decay=t.weight_decay, batch_size=t.batch_size, patience=t.patience, seed=ctx.seed,
-        device=ctx.device, checkpoint_dir=ctx.work, resume=ctx.resume,
+        device=ctx.device, checkpoint_dir=ctx.work, resume=ctx.resume, val_metric=ctx.track.val_metric(),
         fingerprint=ctx.fingerprint, on_epoch=progress.epochs(ctx.progress, "student", t.epochs),
     )
     save_model(model, ctx.out)
     save_history(ctx.out / "history.json", result.history)
-    metrics = {"best_val_accuracy": result.best_val_accuracy or 0.0, "epochs_run": result.epochs_run, "params": count_params(model)}
-    info = {"best_epoch": result.best_epoch, "resumed_from": result.resumed_from, "stopped_early": result.stopped_early}
+    score = (ctx.track.val_metric() or ("accuracy",))[0]
+    metrics = {f"best_val_{score}": result.best_val_accuracy or 0.0, "epochs_run": result.epochs_run,
+               "params": count_params(model)}
+    info = Student(best_epoch=result.best_epoch, resumed_from=result.resumed_from, stopped_early=result.stopped_early)
     manifest = ctx.manifest(metrics=metrics, info=info)
     shutil.rmtree(ctx.work, ignore_errors=True)  # the checkpoint served its purpose
     return manifest

@@ -41,7 +41,7 @@ def _train(candidate: TeacherParams, index: int, ctx: StageContext, ds: Dataset,
         model, ctx.track.fit_inputs(train), ctx.track.teacher_loss(),
         val=ctx.track.val_pair(val), epochs=t.epochs, lr=t.lr, weight_decay=t.weight_decay,
         batch_size=t.batch_size, patience=t.patience, seed=ctx.seed + index, device=ctx.device,
-        on_epoch=progress.epochs(ctx.progress, f"teacher {candidate.name}", t.epochs),
+        val_metric=ctx.track.val_metric(), on_epoch=progress.epochs(ctx.progress, f"teacher {candidate.name}", t.epochs),
     )
     save_model(model, out)
     save_history(out / "history.json", result.history)

@@ -30,6 +30,7 @@ CHECKPOINT_VERSION = 1
 Pair = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 BatchFn = Callable[[torch.Tensor, int], dict[str, torch.Tensor]]  # (indices [B], epoch) -> batch
+ValMetric = tuple[str, Callable[[torch.Tensor, torch.Tensor], float]]  # (name, (outputs, y) -> score), higher is better
 
 
 @dataclass
@@ -40,7 +41,8 @@ class FitResult:
         history: one row per epoch (``epoch`` counts from 1): ``train_loss``, ``train_<term>`` for
             each other loss term, ``val_accuracy`` (with ``val``), ``lr``, ``seconds``.
         best_epoch: the epoch whose weights the model holds on return (the last without ``val``).
-        best_val_accuracy: validation accuracy of ``best_epoch``, or None without ``val``.
+        best_val_accuracy: validation score of ``best_epoch`` (accuracy unless ``val_metric``), or
+            None without ``val``.
         epochs_run: epochs completed in total, including those done before a resume.
         resumed_from: the last completed epoch of the checkpoint resumed from, or None.
         stopped_early: whether ``patience`` ended the run.
@@ -87,6 +89,7 @@ def fit(
     fingerprint: str = "",
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     batch_fn: BatchFn | None = None,
+    val_metric: ValMetric | None = None,
 ) -> FitResult:
     """Train ``model`` in place on ``train`` and return the history.
 
@@ -111,8 +114,10 @@ def fit(
             (e.g. replayed augmented views and teacher rows read from a cache); ``train`` then
             only fixes N and is checked. It must be a pure function of its arguments (and of
             the torch RNG, which is seeded per epoch) for resumed runs to stay bit-identical.
+        val_metric: ``(name, score(outputs, y))`` on ``val``, higher is better, recorded as
+            ``val_<name>``; default top-1 accuracy (``val_accuracy``) with int64 class labels.
     """
-    n = _check_train(train, batch_size, epochs)
+    n = _check_train(train, batch_size, epochs, classes=val_metric is None)
     val = _check_val(val)
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -131,8 +136,11 @@ def fit(
         scheduler.step()
         if val is not None:
             eval_bs = max(batch_size, 512)
-            row["val_accuracy"] = accuracy_of(model, *val, batch_size=eval_bs, device=device)
-        _track_best(progress, model, row, epoch, patience)
+            if val_metric is None:
+                row["val_accuracy"] = accuracy_of(model, *val, batch_size=eval_bs, device=device)
+            else:
+                row[f"val_{val_metric[0]}"] = val_metric[1](predict(model, val[0], batch_size=eval_bs, device=device), val[1])
+        _track_best(progress, model, row, epoch, patience, f"val_{val_metric[0]}" if val_metric else "val_accuracy")
         progress.history.append(row)
         if path is not None:
             _save_checkpoint(path, run_key, epoch, model, optimizer, scheduler, progress)
@@ -151,7 +159,7 @@ def fit(
     )
 
 
-def _check_train(train: dict[str, torch.Tensor], batch_size: int, epochs: int) -> int:
+def _check_train(train: dict[str, torch.Tensor], batch_size: int, epochs: int, classes: bool = True) -> int:
     missing = [k for k in ("x", "y") if k not in train]
     if missing:
         raise DataError(f"training data: missing tensor(s) {missing} (have {sorted(train)})")
@@ -161,7 +169,7 @@ def _check_train(train: dict[str, torch.Tensor], batch_size: int, epochs: int) -
         raise DataError(f"training data: tensors must share the first axis N={n} of 'x' ({bad})")
     if n == 0:
         raise DataError("training data: no samples")
-    if train["y"].dtype != torch.int64:
+    if classes and train["y"].dtype != torch.int64:
         raise DataError(f"training data: 'y' must be int64 class indices (got {train['y'].dtype})")
     if batch_size < 1 or epochs < 1:
         raise KdflowError(f"fit: batch_size and epochs must be >= 1 (got {batch_size}, {epochs})")
@@ -239,9 +247,9 @@ def _step(
 
 
 def _track_best(progress: _Progress, model: nn.Module, row: dict[str, float], epoch: int,
-                patience: int | None) -> None:
-    """Keep the weights of the best val accuracy (first epoch on ties); flag early stopping."""
-    acc = row.get("val_accuracy")
+                patience: int | None, key: str = "val_accuracy") -> None:
+    """Keep the weights of the best val score (first epoch on ties); flag early stopping."""
+    acc = row.get(key)
     if acc is None:
         progress.best_epoch = epoch
         return

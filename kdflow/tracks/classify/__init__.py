@@ -15,7 +15,6 @@ from torch import nn
 
 from kdflow.cache.formats import FORMATS
 from kdflow.condense import CONDENSERS
-from kdflow.condense.grid import plot_class_grid
 from kdflow.data.augment import Augment, draw_views
 from kdflow.data.dataset import Dataset, load_dataset, save_dataset
 from kdflow.data.sources import load_source
@@ -109,6 +108,10 @@ class ClassifyTrack:
     def val_pair(self, ds: Dataset) -> tuple[Any, torch.Tensor]:
         return ds.features, ds.labels
 
+    def val_metric(self) -> Any:
+        """``fit``'s validation metric: None is top-1 accuracy (``val_accuracy``)."""
+        return None
+
     def val_score(self, model: nn.Module, ds: Dataset, device: torch.device) -> dict[str, float]:
         return {"val_accuracy": accuracy(predict(model, ds.features, device=device), ds.labels)}
 
@@ -129,6 +132,8 @@ class ClassifyTrack:
     def condense_figure(self, ds: Dataset, folder: Path, title: str) -> None:
         """A per-class grid of what the student sees (images only)."""
         if ds.modality == "image" and ds.features.dim() == 4:
+            from kdflow.condense.grid import plot_class_grid  # matplotlib: loaded only to draw
+
             plot_class_grid(folder / "figures" / "samples.png", ds.features, ds.labels, ds.num_classes, title=title)
 
     def latency_inputs(self, test: Dataset) -> dict[int, Any]:

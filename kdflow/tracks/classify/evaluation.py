@@ -12,10 +12,6 @@ from kdflow.metrics import (
     accuracy, agreement, confusion_matrix, expected_calibration_error, kl_divergence, macro_f1, reliability_bins,
 )
 from kdflow.metrics.latency import measure_latency
-from kdflow.metrics.plots import (
-    plot_compression_png, plot_confusion_png, plot_curves_png, plot_reliability_png,
-    write_confusion_plot_data, write_reliability_plot_data,
-)
 from kdflow.models import count_params, model_bytes
 from kdflow.report import fmt, table
 
@@ -62,6 +58,11 @@ def compare(per: dict[str, dict], logits: dict[str, torch.Tensor], teacher_name:
 def write_pictures(folder: Path, teacher_name: str, logits: dict[str, torch.Tensor], y: torch.Tensor,
                    num_classes: int, ece_bins: int, per: dict[str, dict], histories: dict[str, list[dict]]) -> None:
     """``plots/`` (data for ``dvc plots``) and ``figures/`` (PNG) of the evaluation."""
+    from kdflow.metrics.plots import (  # matplotlib: loaded only to draw
+        plot_compression_png, plot_confusion_png, plot_curves_png, plot_reliability_png,
+        write_confusion_plot_data, write_reliability_plot_data,
+    )
+
     plots, figs = folder / "plots", folder / "figures"
     plots.mkdir(exist_ok=True)
     figs.mkdir(exist_ok=True)
@@ -115,7 +116,7 @@ def report_section(m: dict[str, Any]) -> str:
     """The report's teacher vs. student table (HTML)."""
     t, s, ratios = m.get("teacher", {}), m.get("student", {}), m.get("compression", {})
     rows = []
-    for label, key, fmt, ratio_key in COMPARED:
+    for label, key, form, ratio_key in COMPARED:
         if key not in t or key not in s:
             continue
         if ratio_key is not None and ratio_key in ratios:
@@ -124,10 +125,10 @@ def report_section(m: dict[str, Any]) -> str:
             ratio = f"gap {m['accuracy_gap'] * 100:+.2f} pts"
         else:
             ratio = ""
-        rows.append([label, fmt.format(t[key]), fmt.format(s[key]), ratio])
-    table = table(["", f"teacher ({t.get('name', '?')})", "student", "teacher / student"], rows, numeric=(1, 2, 3))
+        rows.append([label, form.format(t[key]), form.format(s[key]), ratio])
+    html = table(["", f"teacher ({t.get('name', '?')})", "student", "teacher / student"], rows, numeric=(1, 2, 3))
     extra = {"agreement": "top-1 agreement", "kl_teacher_student": "KL(teacher || student)", "n_test": "test samples"}
     shown = [f"{label} {fmt(m[k])}" for k, label in extra.items() if k in m]
     if shown:
-        table += "\n<p>" + escape(" · ".join(shown)) + "</p>"
-    return table
+        html += "\n<p>" + escape(" · ".join(shown)) + "</p>"
+    return html
