@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_params
+from flows.distill import RUNNERS  # the Dask fan-out is injected by flows/, as the CLI and the flow do
 from schemas.params import parse_params
 from tasks.common import STAGE_ORDER, execute_stage
 
@@ -35,7 +36,9 @@ def test_dask_fan_out_writes_the_same_bytes_as_the_local_run(tmp_path: Path, pre
     shutil.rmtree(work)
     dask_pp = parse_params({**raw, "logits": {**raw["logits"], "runner": "dask", "dask_workers": 2,
                                              "dask_processes": False}})
-    plain, _ = execute_stage("logits", dask_pp, tmp_path, force=True)
+    with pytest.raises(Exception, match="logits.runner: 'dask' is not available here"):
+        execute_stage("logits", dask_pp, tmp_path, force=True)  # no engine injected: a clear error
+    plain, _ = execute_stage("logits", dask_pp, tmp_path, force=True, runners=RUNNERS)
     assert plain.info["teachers"][0]["shards_computed"] == shards
     assert _files(plain) == _files(local)
 
@@ -48,7 +51,7 @@ def test_dask_fan_out_writes_the_same_bytes_as_the_local_run(tmp_path: Path, pre
 
         @task(persist_result=False)
         def stage_task() -> object:
-            return execute_stage("logits", remote_pp, tmp_path, force=True)[0]
+            return execute_stage("logits", remote_pp, tmp_path, force=True, runners=RUNNERS)[0]
 
         @flow(persist_result=False)
         def outer() -> object:
