@@ -29,16 +29,21 @@ def _num(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-def _message(model: type[BaseModel], err: dict[str, Any]) -> str:
-    """One problem in words: ``unknown key; did you mean 'factor'?``, ``must be >= 1 (got 0)``."""
+def message(err: dict[str, Any], model: type[BaseModel] | None) -> str:
+    """One pydantic problem in words: ``unknown key; did you mean 'factor'?``, ``must be >= 1
+    (got 0)``; ``model`` holds the erroneous key (for did-you-mean; None: unknown)."""
     kind, ctx, got = err["type"], err.get("ctx") or {}, err.get("input")
     if kind in _BOUNDS:
         bound = next(iter(ctx.values()))
         return f"must be {_BOUNDS[kind]} {_num(bound)} (got {_num(got)})"
     if kind == "extra_forbidden":
-        known = list(model.model_fields)
+        known = list(model.model_fields) if model is not None else []
         close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1, cutoff=0.5)
-        return "unknown key" + (f"; did you mean '{close[0]}'?" if close else f" (allowed: {', '.join(known)})")
+        if close:
+            return f"unknown key; did you mean '{close[0]}'?"
+        return "unknown key" + (f" (allowed: {', '.join(known)})" if known else "")
+    if kind == "union_tag_invalid":
+        return f"must be one of [{ctx.get('expected_tags')}] (got {ctx.get('tag')!r})"
     if kind == "missing":
         return "required key is missing"
     if kind == "literal_error":
@@ -56,5 +61,5 @@ def parse_section(model: type[S], raw: dict[str, Any], where: str) -> S:
         problems = []
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"])
-            problems.append(f"{where}.{key}: {_message(model, err)}" if key else f"{where}: {_message(model, err)}")
+            problems.append(f"{where}.{key}: {message(err, model)}" if key else f"{where}: {message(err, model)}")
         raise ParamsError(problems, source=where) from None

@@ -23,6 +23,7 @@ from kdflow.registry import Registry
 from kdflow.tracks import discovered, get_track, infer_track
 from kdflow.tracks.compat import compatibility
 from schemas.base import Section
+from schemas.base import message as describe
 from schemas.stages import STAGE_ORDER
 
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
@@ -258,9 +259,6 @@ class PipelineParams(Section):
 
 # --- loading and error formatting -------------------------------------------------------------
 
-_BOUND_WORDS = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}", "less_than": "< {lt}", "less_than_equal": "<= {le}"}
-
-
 def _sub_models(annotation: Any) -> list[type[BaseModel]]:
     """The pydantic models an annotation may hold (itself, a union's members, a list's items)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -306,34 +304,6 @@ def _path(loc: tuple) -> str:
     return out or "(top level)"
 
 
-def _num(value: Any) -> Any:
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-def _describe(err: dict, raw: Any = None) -> str:
-    kind, ctx, got = err["type"], err.get("ctx") or {}, err.get("input")
-    if kind in _BOUND_WORDS:
-        bounds = {k: _num(v) for k, v in ctx.items()}
-        return f"must be {_BOUND_WORDS[kind].format(**bounds)} (got {_num(got)})"
-    if kind == "extra_forbidden":
-        model = _walk(err["loc"], raw)
-        key = str(err["loc"][-1])
-        close = difflib.get_close_matches(key, list(model.model_fields) if model else [], n=1, cutoff=0.5)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        allowed = f" (allowed: {', '.join(model.model_fields)})" if model and not close else ""
-        return f"unknown key{hint}{allowed}"
-    if kind == "missing":
-        return "required key is missing"
-    if kind == "union_tag_invalid":
-        return f"must be one of [{ctx.get('expected_tags')}] (got {ctx.get('tag')!r})"
-    if kind == "literal_error":
-        return f"must be one of {ctx.get('expected')} (got {got!r})"
-    msg = err["msg"].removeprefix("Value error, ")
-    if kind == "value_error":
-        return msg
-    return f"{msg} (got {got!r})" if got is not None and not isinstance(got, dict | list) else msg
-
-
 def format_validation_error(exc: ValidationError, raw: Any = None) -> list[str]:
     """One ``key.path: message`` line per problem (``raw``, the input, for did-you-mean)."""
     lines = []
@@ -342,7 +312,7 @@ def format_validation_error(exc: ValidationError, raw: Any = None) -> list[str]:
         if err["type"] == "union_tag_invalid":
             loc = (*loc, str(err["ctx"]["discriminator"]).strip("'"))
         err = {**err, "loc": loc}
-        message = _describe(err, raw)
+        message = describe(err, _walk(loc, raw) if err["type"] == "extra_forbidden" else None)
         if not loc and err["type"] == "value_error":  # cross-section checks name their own keys
             lines += message.split("\n")
         else:
