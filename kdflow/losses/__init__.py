@@ -179,6 +179,7 @@ def kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
 
 # Importing the method modules registers them.
 from kdflow.losses import ce, dbr, kd, topk_kd  # noqa: E402, F401
+from kdflow.losses import lm_ce, lm_jsd, lm_kd, lm_rkl, lm_uld  # noqa: E402, F401
 
 __all__ = [
     "LOSSES", "Loss", "LossBase", "alpha_field", "build_loss", "check_args", "check_batch", "create_loss",

@@ -1,0 +1,114 @@
+"""Generalised Jensen-Shannon divergence JSD(beta) per token (GKD; Agarwal et al., 2024,
+"On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes").
+
+With the teacher P and the student Q over a top-k cache's k + 1 buckets (see ``lm_kd``) and
+``M = beta * P + (1 - beta) * Q``::
+
+    JSD(beta) = beta * KL(P || M) + (1 - beta) * KL(Q || M)
+
+As in GKD and TRL's ``GKDTrainer``, the endpoints are defined as the limits of the *normalised*
+divergence: ``beta = 0`` is the forward KL(P || Q) (``lm_kd``'s term) and ``beta = 1`` the reverse
+KL(Q || P) (``lm_rkl``'s). The unnormalised formula itself tends to 0 at both ends, so the loss
+jumps there: small ``beta`` values give small losses, not ones close to forward KL.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from kdflow.errors import ParamsError
+from kdflow.losses import LOSSES, LossBase, alpha_field, check_args, kl_rows
+from kdflow.losses.lm_ce import token_ce
+from kdflow.losses.lm_kd import kl_reference, student_buckets_reference, teacher_buckets_reference
+from kdflow.losses.lm_rkl import reverse_kl_rows
+from kdflow.losses.lm_tokens import (
+    IGNORE_INDEX, capture_context, check_capture_temperature, check_lm_batch, lm_temperature_field, mix,
+    real_tokens, rows, token_mean, token_weights, topk_buckets,
+)
+from schemas.base import Section
+
+
+def lm_jsd_reference(
+    s: Tensor, logprobs: Tensor, indices: Tensor, tail: Tensor, y: Tensor, beta: float, temperature: float,
+    capture_temperature: float,
+) -> Tensor:
+    """``T^2 * mean_{y != -100} JSD(beta)`` over the k + 1 buckets of each token ``[B, L, ...]``."""
+    p = teacher_buckets_reference(logprobs, tail, capture_temperature / temperature)  # [B, L, k + 1]
+    q = student_buckets_reference(s, indices, temperature)  # [B, L, k + 1]
+    if beta == 0:
+        jsd = kl_reference(p, q)
+    elif beta == 1:
+        jsd = kl_reference(q, p)
+    else:
+        m = beta * p + (1 - beta) * q
+        jsd = beta * kl_reference(p, m) + (1 - beta) * kl_reference(q, m)  # [B, L]
+    return temperature**2 * jsd[y != IGNORE_INDEX].mean()
+
+
+def jsd_rows(log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
+    """Per-row JSD(beta) ``[T]`` of bucket log-probabilities ``[T, k + 1]``, in log space."""
+    if beta == 0.0:
+        return kl_rows(log_p, log_q)
+    if beta == 1.0:
+        return reverse_kl_rows(log_p, log_q)
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))  # [T, k + 1]
+    return beta * kl_rows(log_p, log_m) + (1.0 - beta) * kl_rows(log_q, log_m)
+
+
+class LMJSDParams(Section):
+    name: Literal["lm_jsd"] = Field(
+        "lm_jsd", description="Token-level generalised JSD(beta) (GKD) on a per-token top-k cache plus a tail "
+                              "bucket (logits.format topk or topk_q8)."
+    )
+    beta: float = Field(
+        0.5, ge=0, le=1, description="Mixture weight of the teacher in M = beta*P + (1-beta)*Q; "
+                                     "0 is forward KL(teacher||student), 1 is reverse KL."
+    )
+    temperature: float = lm_temperature_field()
+    alpha: float = alpha_field()
+
+
+@LOSSES.register("lm_jsd", params=LMJSDParams, tracks=("lm",))
+class LMJSD(LossBase):
+    """``alpha * T^2 * JSD(beta) + (1 - alpha) * CE`` per token, over k cached tokens + a tail bucket.
+
+    Args:
+        beta: teacher weight of the mixture (0: forward KL, 1: reverse KL).
+        temperature: softening temperature T.
+        alpha: weight of the distillation term; ``1 - alpha`` weighs next-token CE.
+        capture_temperature: temperature the cache was written at (from the cache's info).
+    """
+
+    needs: tuple[str, ...] = ("y", "teacher_logprobs", "teacher_indices", "teacher_tail")
+
+    def __init__(
+        self, beta: float = 0.5, temperature: float = 1.0, alpha: float = 0.9, capture_temperature: float = 1.0
+    ) -> None:
+        check_args("lm_jsd", temperature, alpha)
+        if not 0.0 <= beta <= 1.0:
+            raise ParamsError([f"lm_jsd.beta: must be in [0, 1] (got {beta})"], source="loss")
+        self.beta, self.temperature, self.alpha = float(beta), float(temperature), float(alpha)
+        self.capture_temperature = check_capture_temperature("lm_jsd", capture_temperature)
+
+    @classmethod
+    def context(cls, cache_info: dict[str, Any], data_meta: dict[str, Any]) -> dict[str, Any]:
+        """The cache's capture temperature."""
+        return capture_context(cache_info)
+
+    def __call__(self, student_logits: Tensor, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        check_lm_batch("lm_jsd", self.needs, student_logits, batch)
+        mask = real_tokens(batch, student_logits.device)  # [B, L]
+        s = rows(student_logits.float(), mask)  # [T, V]
+        T = self.temperature
+        log_p, log_q = topk_buckets("lm_jsd", s, batch, mask, T, self.capture_temperature)  # [T, k + 1]
+        jsd = token_mean(jsd_rows(log_p, log_q, self.beta), token_weights(batch, mask)) * T**2
+        return mix(self.alpha, "jsd", jsd, token_ce(student_logits, batch, mask))
+
+    def __repr__(self) -> str:
+        return (f"LMJSD(beta={self.beta}, temperature={self.temperature}, alpha={self.alpha}, "
+                f"capture_temperature={self.capture_temperature})")

@@ -1,0 +1,154 @@
+"""Token-level KD for language models: forward KL(teacher || student) at every real token.
+
+Two registered names, one per teacher form (each declares exactly the keys it reads):
+
+- ``lm_kd``: a per-token top-k cache (``topk``/``topk_q8``); the KL over the k cached tokens
+  plus one tail bucket (the student's mass outside them), as ``topk_kd`` does per sample;
+- ``lm_kd_dense``: dense teacher logits (``dense``); the exact KL over the vocabulary.
+
+Both: ``alpha * T^2 * mean_tokens KL + (1 - alpha) * CE``, means over the tokens with a label.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from kdflow.errors import DataError
+from kdflow.losses import LOSSES, LossBase, alpha_field, check_args, kl_rows
+from kdflow.losses.kd import KD
+from kdflow.losses.lm_ce import token_ce
+from kdflow.losses.lm_tokens import (
+    IGNORE_INDEX, capture_context, check_capture_temperature, check_lm_batch, lm_temperature_field, mix,
+    real_tokens, rows, token_mean, token_weights, topk_buckets,
+)
+from schemas.base import Section
+
+
+# --- reference formulas (dense, on tiny tensors) -------------------------------------------------
+
+def kl_reference(p: Tensor, q: Tensor) -> Tensor:
+    """``sum_i p_i log(p_i / q_i)`` over the last dim, with 0 log 0 = 0."""
+    return (torch.xlogy(p, p) - torch.xlogy(p, q)).sum(-1)
+
+
+def teacher_buckets_reference(logprobs: Tensor, tail: Tensor, scale: float) -> Tensor:
+    """``softmax(scale * [logprobs, log tail])``: the teacher over k + 1 buckets ``[..., k + 1]``."""
+    return (torch.cat([logprobs, tail.log().unsqueeze(-1)], dim=-1) * scale).softmax(-1)
+
+
+def student_buckets_reference(s: Tensor, indices: Tensor, temperature: float) -> Tensor:
+    """``[q[indices], 1 - sum q[indices]]`` with ``q = softmax(s / T)``: ``[..., k + 1]``."""
+    top = (s / temperature).softmax(-1).gather(-1, indices)  # [..., k]
+    return torch.cat([top, 1 - top.sum(-1, keepdim=True)], dim=-1)
+
+
+def lm_kd_dense_reference(s: Tensor, t: Tensor, y: Tensor, temperature: float) -> Tensor:
+    """``T^2 * mean_{y != -100} KL(softmax(t / T) || softmax(s / T))`` over ``[B, L, V]``."""
+    kl = kl_reference((t / temperature).softmax(-1), (s / temperature).softmax(-1))  # [B, L]
+    return temperature**2 * kl[y != IGNORE_INDEX].mean()
+
+
+def lm_kd_topk_reference(
+    s: Tensor, logprobs: Tensor, indices: Tensor, tail: Tensor, y: Tensor, temperature: float,
+    capture_temperature: float,
+) -> Tensor:
+    """``T^2 * mean_{y != -100} KL(p || q)`` over the k + 1 buckets of each token."""
+    p = teacher_buckets_reference(logprobs, tail, capture_temperature / temperature)  # [B, L, k + 1]
+    q = student_buckets_reference(s, indices, temperature)  # [B, L, k + 1]
+    return temperature**2 * kl_reference(p, q)[y != IGNORE_INDEX].mean()
+
+
+# --- the losses ------------------------------------------------------------------------------------
+
+class LMKDParams(Section):
+    name: Literal["lm_kd"] = Field(
+        "lm_kd", description="Token-level forward KL on a per-token top-k cache plus a tail bucket "
+                             "(logits.format topk or topk_q8)."
+    )
+    temperature: float = lm_temperature_field()
+    alpha: float = alpha_field()
+
+
+class LMKDDenseParams(Section):
+    name: Literal["lm_kd_dense"] = Field(
+        "lm_kd_dense", description="Token-level forward KL on dense per-token teacher logits (logits.format dense)."
+    )
+    temperature: float = lm_temperature_field()
+    alpha: float = alpha_field()
+
+
+@LOSSES.register("lm_kd", params=LMKDParams, tracks=("lm",))
+class LMKD(LossBase):
+    """``alpha * T^2 * KL(p || q) + (1 - alpha) * CE`` per token, over k cached tokens + a tail bucket.
+
+    With k = V (tail 0) and ``temperature == capture_temperature`` this equals ``lm_kd_dense``.
+
+    Args:
+        temperature: softening temperature T.
+        alpha: weight of the distillation term; ``1 - alpha`` weighs next-token CE.
+        capture_temperature: temperature the cache was written at (from the cache's info).
+    """
+
+    needs: tuple[str, ...] = ("y", "teacher_logprobs", "teacher_indices", "teacher_tail")
+
+    def __init__(self, temperature: float = 1.0, alpha: float = 0.9, capture_temperature: float = 1.0) -> None:
+        check_args("lm_kd", temperature, alpha)
+        self.temperature, self.alpha = float(temperature), float(alpha)
+        self.capture_temperature = check_capture_temperature("lm_kd", capture_temperature)
+
+    @classmethod
+    def context(cls, cache_info: dict[str, Any], data_meta: dict[str, Any]) -> dict[str, Any]:
+        """The cache's capture temperature."""
+        return capture_context(cache_info)
+
+    def __call__(self, student_logits: Tensor, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        check_lm_batch("lm_kd", self.needs, student_logits, batch)
+        mask = real_tokens(batch, student_logits.device)  # [B, L]
+        s = rows(student_logits.float(), mask)  # [T, V]
+        T = self.temperature
+        log_p, log_q = topk_buckets("lm_kd", s, batch, mask, T, self.capture_temperature)  # [T, k + 1]
+        kd = token_mean(kl_rows(log_p, log_q), token_weights(batch, mask)) * T**2
+        return mix(self.alpha, "kd", kd, token_ce(student_logits, batch, mask))
+
+    def __repr__(self) -> str:
+        return (f"LMKD(temperature={self.temperature}, alpha={self.alpha}, "
+                f"capture_temperature={self.capture_temperature})")
+
+
+@LOSSES.register("lm_kd_dense", params=LMKDDenseParams, tracks=("lm",))
+class LMKDDense(LossBase):
+    """``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE`` per token.
+
+    The real tokens are flattened to rows and fed to ``kd``'s fused row-wise loss. Only
+    ``"loss"`` carries gradients; ``"kd"`` and ``"ce"`` are its terms, for logging.
+
+    Args:
+        temperature: softening temperature T.
+        alpha: weight of the distillation term; ``1 - alpha`` weighs next-token CE.
+    """
+
+    needs: tuple[str, ...] = ("y", "teacher_logits")
+
+    def __init__(self, temperature: float = 1.0, alpha: float = 0.9) -> None:
+        check_args("lm_kd_dense", temperature, alpha)
+        self.temperature, self.alpha = float(temperature), float(alpha)
+        self._rows = KD(temperature=temperature, alpha=alpha)
+
+    def __call__(self, student_logits: Tensor, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        check_lm_batch("lm_kd_dense", self.needs, student_logits, batch)
+        if batch["teacher_logits"].shape != student_logits.shape:
+            raise DataError(f"loss 'lm_kd_dense': teacher logits {tuple(batch['teacher_logits'].shape)} "
+                            f"!= student logits {tuple(student_logits.shape)}")
+        mask = real_tokens(batch, student_logits.device)  # [B, L]
+        token_batch = {"y": rows(batch["y"], mask), "teacher_logits": rows(batch["teacher_logits"], mask)}
+        weight = token_weights(batch, mask)  # [T] or None
+        if weight is not None:
+            token_batch["weight"] = weight
+        return self._rows(rows(student_logits.float(), mask), token_batch)  # [T, V] rows
+
+    def __repr__(self) -> str:
+        return f"LMKDDense(temperature={self.temperature}, alpha={self.alpha})"
