@@ -1,4 +1,4 @@
-"""Next-token cross-entropy for language models: the no-teacher baseline (and how teachers train)."""
+"""Next-token cross-entropy for language models: the no-teacher baseline, and how teachers train."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ from pydantic import Field
 from torch import Tensor
 
 from kdflow.losses import LOSSES, LossBase
-from kdflow.losses.lm_tokens import IGNORE_INDEX, check_lm_batch, real_tokens, token_mean, token_weights
+from kdflow.losses.lm_tokens import IGNORE_INDEX, check_lm_batch, real_tokens, token_ce
 from schemas.base import Section
 
 
@@ -27,23 +27,9 @@ def lm_ce_reference(student_logits: Tensor, y: Tensor) -> Tensor:
 
 class LMCEParams(Section):
     name: Literal["lm_ce"] = Field(
-        "lm_ce", description="Next-token cross-entropy only (no teacher): the LM baseline, and how teachers train."
+        "lm_ce",
+        description="Next-token cross-entropy only (no teacher): the LM baseline; trains teachers.",
     )
-
-
-def token_ce(student_logits: Tensor, batch: Mapping[str, Tensor], mask: Tensor) -> Tensor:
-    """Next-token cross-entropy averaged over the real tokens (weighted by ``batch["weight"]``).
-
-    Args:
-        student_logits: ``[B, L, V]``.
-        batch: holds ``"y"`` ``[B, L]`` and optionally ``"weight"`` ``[B]``.
-        mask: real tokens ``[B, L]``.
-    """
-    s = student_logits.float()  # [B, L, V]; no copy when already float32
-    y = batch["y"].to(s.device).long()  # [B, L]
-    # ignore_index skips the padding without gathering the real tokens' [T, V] logits
-    ce = F.cross_entropy(s.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="none")  # [B * L]
-    return token_mean(ce.view(mask.shape)[mask], token_weights(batch, mask))
 
 
 @LOSSES.register("lm_ce", params=LMCEParams, tracks=("lm",))

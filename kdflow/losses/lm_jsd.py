@@ -1,15 +1,16 @@
-"""Generalised Jensen-Shannon divergence JSD(beta) per token (GKD; Agarwal et al., 2024,
+"""Generalised Jensen-Shannon divergence JSD(beta) per token (GKD: Agarwal et al., 2024,
 "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes").
 
-With the teacher P and the student Q over a top-k cache's k + 1 buckets (see ``lm_kd``) and
+With the teacher P and the student Q on a top-k cache's k + 1 buckets (see ``lm_kd``) and
 ``M = beta * P + (1 - beta) * Q``::
 
     JSD(beta) = beta * KL(P || M) + (1 - beta) * KL(Q || M)
 
-As in GKD and TRL's ``GKDTrainer``, the endpoints are defined as the limits of the *normalised*
-divergence: ``beta = 0`` is the forward KL(P || Q) (``lm_kd``'s term) and ``beta = 1`` the reverse
-KL(Q || P) (``lm_rkl``'s). The unnormalised formula itself tends to 0 at both ends, so the loss
-jumps there: small ``beta`` values give small losses, not ones close to forward KL.
+As in GKD and TRL's ``GKDTrainer``, the endpoints are the limits of the *normalised*
+divergence: ``beta = 0`` is the forward KL(P || Q) (``lm_kd``'s term) and ``beta = 1`` the
+reverse KL(Q || P) (``lm_rkl``'s, teacher floored likewise). The formula itself tends to 0 at
+both ends (``JSD(beta) ~ beta * KL(P || Q)``), so the loss jumps there: a small ``beta`` gives
+a small loss, not one close to the forward KL.
 """
 from __future__ import annotations
 
@@ -23,22 +24,22 @@ from torch import Tensor
 
 from kdflow.errors import ParamsError
 from kdflow.losses import LOSSES, LossBase, alpha_field, check_args, kl_rows
-from kdflow.losses.lm_ce import token_ce
 from kdflow.losses.lm_kd import kl_reference, student_buckets_reference, teacher_buckets_reference
 from kdflow.losses.lm_rkl import reverse_kl_rows
 from kdflow.losses.lm_tokens import (
-    IGNORE_INDEX, capture_context, check_capture_temperature, check_lm_batch, lm_temperature_field, mix,
-    real_tokens, rows, token_mean, token_weights, topk_buckets,
+    IGNORE_INDEX, TOPK_NEEDS, capture_context, check_capture_temperature, lm_temperature_field,
+    topk_terms,
 )
 from schemas.base import Section
 
 
 def lm_jsd_reference(
-    s: Tensor, logprobs: Tensor, indices: Tensor, tail: Tensor, y: Tensor, beta: float, temperature: float,
-    capture_temperature: float,
+    s: Tensor, logprobs: Tensor, indices: Tensor, tail: Tensor, y: Tensor, beta: float,
+    temperature: float, capture_temperature: float,
 ) -> Tensor:
-    """``T^2 * mean_{y != -100} JSD(beta)`` over the k + 1 buckets of each token ``[B, L, ...]``."""
-    p = teacher_buckets_reference(logprobs, tail, capture_temperature / temperature)  # [B, L, k + 1]
+    """``T^2 * mean_{y != -100} JSD(beta)`` over the k + 1 buckets of each token."""
+    scale = capture_temperature / temperature
+    p = teacher_buckets_reference(logprobs, tail, scale)  # [B, L, k + 1]
     q = student_buckets_reference(s, indices, temperature)  # [B, L, k + 1]
     if beta == 0:
         jsd = kl_reference(p, q)
@@ -62,11 +63,11 @@ def jsd_rows(log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
 
 class LMJSDParams(Section):
     name: Literal["lm_jsd"] = Field(
-        "lm_jsd", description="Token-level generalised JSD(beta) (GKD) on a per-token top-k cache plus a tail "
-                              "bucket (logits.format topk or topk_q8)."
+        "lm_jsd", description="Token-level generalised JSD(beta) (GKD) on a per-token top-k "
+                              "cache plus a tail bucket (logits.format topk or topk_q8)."
     )
     beta: float = Field(
-        0.5, ge=0, le=1, description="Mixture weight of the teacher in M = beta*P + (1-beta)*Q; "
+        0.5, ge=0, le=1, description="Teacher weight in the mixture M = beta*P + (1-beta)*Q; "
                                      "0 is forward KL(teacher||student), 1 is reverse KL."
     )
     temperature: float = lm_temperature_field()
@@ -75,7 +76,7 @@ class LMJSDParams(Section):
 
 @LOSSES.register("lm_jsd", params=LMJSDParams, tracks=("lm",))
 class LMJSD(LossBase):
-    """``alpha * T^2 * JSD(beta) + (1 - alpha) * CE`` per token, over k cached tokens + a tail bucket.
+    """``alpha * T^2 * JSD(beta) + (1 - alpha) * CE`` per token, over k cached tokens + a tail.
 
     Args:
         beta: teacher weight of the mixture (0: forward KL, 1: reverse KL).
@@ -84,10 +85,11 @@ class LMJSD(LossBase):
         capture_temperature: temperature the cache was written at (from the cache's info).
     """
 
-    needs: tuple[str, ...] = ("y", "teacher_logprobs", "teacher_indices", "teacher_tail")
+    needs: tuple[str, ...] = TOPK_NEEDS
 
     def __init__(
-        self, beta: float = 0.5, temperature: float = 1.0, alpha: float = 0.9, capture_temperature: float = 1.0
+        self, beta: float = 0.5, temperature: float = 1.0, alpha: float = 0.9,
+        capture_temperature: float = 1.0,
     ) -> None:
         check_args("lm_jsd", temperature, alpha)
         if not 0.0 <= beta <= 1.0:
@@ -101,13 +103,9 @@ class LMJSD(LossBase):
         return capture_context(cache_info)
 
     def __call__(self, student_logits: Tensor, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        check_lm_batch("lm_jsd", self.needs, student_logits, batch)
-        mask = real_tokens(batch, student_logits.device)  # [B, L]
-        s = rows(student_logits.float(), mask)  # [T, V]
-        T = self.temperature
-        log_p, log_q = topk_buckets("lm_jsd", s, batch, mask, T, self.capture_temperature)  # [T, k + 1]
-        jsd = token_mean(jsd_rows(log_p, log_q, self.beta), token_weights(batch, mask)) * T**2
-        return mix(self.alpha, "jsd", jsd, token_ce(student_logits, batch, mask))
+        return topk_terms("lm_jsd", "jsd", lambda log_p, log_q: jsd_rows(log_p, log_q, self.beta),
+                          student_logits, batch, temperature=self.temperature, alpha=self.alpha,
+                          capture_temperature=self.capture_temperature)
 
     def __repr__(self) -> str:
         return (f"LMJSD(beta={self.beta}, temperature={self.temperature}, alpha={self.alpha}, "

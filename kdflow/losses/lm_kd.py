@@ -20,15 +20,14 @@ from torch import Tensor
 from kdflow.errors import DataError
 from kdflow.losses import LOSSES, LossBase, alpha_field, check_args, kl_rows
 from kdflow.losses.kd import KD
-from kdflow.losses.lm_ce import token_ce
 from kdflow.losses.lm_tokens import (
-    IGNORE_INDEX, capture_context, check_capture_temperature, check_lm_batch, lm_temperature_field, mix,
-    real_tokens, rows, token_mean, token_weights, topk_buckets,
+    IGNORE_INDEX, TOPK_NEEDS, capture_context, check_capture_temperature, check_lm_batch,
+    lm_temperature_field, real_tokens, rows, token_weights, topk_terms,
 )
 from schemas.base import Section
 
+# --- reference formulas (dense, on tiny tensors) ------------------------------------------
 
-# --- reference formulas (dense, on tiny tensors) -------------------------------------------------
 
 def kl_reference(p: Tensor, q: Tensor) -> Tensor:
     """``sum_i p_i log(p_i / q_i)`` over the last dim, with 0 log 0 = 0."""
@@ -36,7 +35,7 @@ def kl_reference(p: Tensor, q: Tensor) -> Tensor:
 
 
 def teacher_buckets_reference(logprobs: Tensor, tail: Tensor, scale: float) -> Tensor:
-    """``softmax(scale * [logprobs, log tail])``: the teacher over k + 1 buckets ``[..., k + 1]``."""
+    """``softmax(scale * [logprobs, log tail])``: the teacher on k + 1 buckets ``[..., k + 1]``."""
     return (torch.cat([logprobs, tail.log().unsqueeze(-1)], dim=-1) * scale).softmax(-1)
 
 
@@ -57,17 +56,19 @@ def lm_kd_topk_reference(
     capture_temperature: float,
 ) -> Tensor:
     """``T^2 * mean_{y != -100} KL(p || q)`` over the k + 1 buckets of each token."""
-    p = teacher_buckets_reference(logprobs, tail, capture_temperature / temperature)  # [B, L, k + 1]
+    scale = capture_temperature / temperature
+    p = teacher_buckets_reference(logprobs, tail, scale)  # [B, L, k + 1]
     q = student_buckets_reference(s, indices, temperature)  # [B, L, k + 1]
     return temperature**2 * kl_reference(p, q)[y != IGNORE_INDEX].mean()
 
 
-# --- the losses ------------------------------------------------------------------------------------
+# --- the losses ---------------------------------------------------------------------------
+
 
 class LMKDParams(Section):
     name: Literal["lm_kd"] = Field(
-        "lm_kd", description="Token-level forward KL on a per-token top-k cache plus a tail bucket "
-                             "(logits.format topk or topk_q8)."
+        "lm_kd", description="Token-level forward KL on a per-token top-k cache plus a tail "
+                             "bucket (logits.format topk or topk_q8)."
     )
     temperature: float = lm_temperature_field()
     alpha: float = alpha_field()
@@ -75,7 +76,8 @@ class LMKDParams(Section):
 
 class LMKDDenseParams(Section):
     name: Literal["lm_kd_dense"] = Field(
-        "lm_kd_dense", description="Token-level forward KL on dense per-token teacher logits (logits.format dense)."
+        "lm_kd_dense", description="Token-level forward KL on dense per-token teacher logits "
+                                   "(logits.format dense)."
     )
     temperature: float = lm_temperature_field()
     alpha: float = alpha_field()
@@ -83,7 +85,7 @@ class LMKDDenseParams(Section):
 
 @LOSSES.register("lm_kd", params=LMKDParams, tracks=("lm",))
 class LMKD(LossBase):
-    """``alpha * T^2 * KL(p || q) + (1 - alpha) * CE`` per token, over k cached tokens + a tail bucket.
+    """``alpha * T^2 * KL(p || q) + (1 - alpha) * CE`` per token, over k cached tokens + a tail.
 
     With k = V (tail 0) and ``temperature == capture_temperature`` this equals ``lm_kd_dense``.
 
@@ -93,9 +95,11 @@ class LMKD(LossBase):
         capture_temperature: temperature the cache was written at (from the cache's info).
     """
 
-    needs: tuple[str, ...] = ("y", "teacher_logprobs", "teacher_indices", "teacher_tail")
+    needs: tuple[str, ...] = TOPK_NEEDS
 
-    def __init__(self, temperature: float = 1.0, alpha: float = 0.9, capture_temperature: float = 1.0) -> None:
+    def __init__(
+        self, temperature: float = 1.0, alpha: float = 0.9, capture_temperature: float = 1.0
+    ) -> None:
         check_args("lm_kd", temperature, alpha)
         self.temperature, self.alpha = float(temperature), float(alpha)
         self.capture_temperature = check_capture_temperature("lm_kd", capture_temperature)
@@ -106,13 +110,9 @@ class LMKD(LossBase):
         return capture_context(cache_info)
 
     def __call__(self, student_logits: Tensor, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        check_lm_batch("lm_kd", self.needs, student_logits, batch)
-        mask = real_tokens(batch, student_logits.device)  # [B, L]
-        s = rows(student_logits.float(), mask)  # [T, V]
-        T = self.temperature
-        log_p, log_q = topk_buckets("lm_kd", s, batch, mask, T, self.capture_temperature)  # [T, k + 1]
-        kd = token_mean(kl_rows(log_p, log_q), token_weights(batch, mask)) * T**2
-        return mix(self.alpha, "kd", kd, token_ce(student_logits, batch, mask))
+        return topk_terms("lm_kd", "kd", kl_rows, student_logits, batch,
+                          temperature=self.temperature, alpha=self.alpha,
+                          capture_temperature=self.capture_temperature)
 
     def __repr__(self) -> str:
         return (f"LMKD(temperature={self.temperature}, alpha={self.alpha}, "
@@ -140,15 +140,16 @@ class LMKDDense(LossBase):
 
     def __call__(self, student_logits: Tensor, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         check_lm_batch("lm_kd_dense", self.needs, student_logits, batch)
-        if batch["teacher_logits"].shape != student_logits.shape:
-            raise DataError(f"loss 'lm_kd_dense': teacher logits {tuple(batch['teacher_logits'].shape)} "
+        teacher = batch["teacher_logits"]  # [B, L, V]
+        if teacher.shape != student_logits.shape:
+            raise DataError(f"loss 'lm_kd_dense': teacher logits {tuple(teacher.shape)} "
                             f"!= student logits {tuple(student_logits.shape)}")
         mask = real_tokens(batch, student_logits.device)  # [B, L]
-        token_batch = {"y": rows(batch["y"], mask), "teacher_logits": rows(batch["teacher_logits"], mask)}
+        token_batch = {"y": rows(batch["y"], mask), "teacher_logits": rows(teacher, mask)}
         weight = token_weights(batch, mask)  # [T] or None
         if weight is not None:
             token_batch["weight"] = weight
-        return self._rows(rows(student_logits.float(), mask), token_batch)  # [T, V] rows
+        return self._rows(rows(student_logits.float(), mask), token_batch)  # rows [T, V]
 
     def __repr__(self) -> str:
         return f"LMKDDense(temperature={self.temperature}, alpha={self.alpha})"

@@ -1,9 +1,9 @@
-"""Token-level reverse KL(student || teacher) for language models, over a top-k cache's buckets.
+"""Token-level reverse KL(student || teacher) for language models, on a top-k cache's buckets.
 
 Mode-seeking where ``lm_kd`` is mode-covering. Both distributions live on the k cached tokens
-plus a tail bucket (see ``lm_kd``). A teacher bucket of probability 0 (a zero cached tail) would
-make the KL infinite wherever the student puts mass; teacher log-probabilities are floored at
-``TAIL_LOG_FLOOR`` so that the student is pushed off it with a large but finite penalty.
+plus a tail bucket (see ``lm_kd``). A teacher bucket of probability 0 (a zero cached tail)
+would make the KL infinite wherever the student puts mass there, so the teacher's
+log-probabilities are floored at ``TAIL_LOG_FLOOR``: a large but finite penalty.
 """
 from __future__ import annotations
 
@@ -14,11 +14,10 @@ from pydantic import Field
 from torch import Tensor
 
 from kdflow.losses import LOSSES, LossBase, alpha_field, check_args, kl_rows
-from kdflow.losses.lm_ce import token_ce
 from kdflow.losses.lm_kd import kl_reference, student_buckets_reference, teacher_buckets_reference
 from kdflow.losses.lm_tokens import (
-    IGNORE_INDEX, capture_context, check_capture_temperature, check_lm_batch, lm_temperature_field, mix,
-    real_tokens, rows, token_mean, token_weights, topk_buckets,
+    IGNORE_INDEX, TOPK_NEEDS, capture_context, check_capture_temperature, lm_temperature_field,
+    topk_terms,
 )
 from kdflow.losses.topk_kd import TAIL_LOG_FLOOR
 from schemas.base import Section
@@ -28,21 +27,22 @@ def lm_rkl_reference(
     s: Tensor, logprobs: Tensor, indices: Tensor, tail: Tensor, y: Tensor, temperature: float,
     capture_temperature: float,
 ) -> Tensor:
-    """``T^2 * mean_{y != -100} KL(q || p)`` over the k + 1 buckets of each token ``[B, L, ...]``."""
-    p = teacher_buckets_reference(logprobs, tail, capture_temperature / temperature)  # [B, L, k + 1]
+    """``T^2 * mean_{y != -100} KL(q || p)`` over the k + 1 buckets of each token."""
+    scale = capture_temperature / temperature
+    p = teacher_buckets_reference(logprobs, tail, scale)  # [B, L, k + 1]
     q = student_buckets_reference(s, indices, temperature)  # [B, L, k + 1]
     return temperature**2 * kl_reference(q, p)[y != IGNORE_INDEX].mean()
 
 
 def reverse_kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """Per-row KL(q || p) ``[T]`` of bucket log-probabilities ``[T, k + 1]``, teacher floored."""
+    """Per-row KL(q || p) ``[T]`` of bucket log-probs ``[T, k + 1]``, the teacher's floored."""
     return kl_rows(log_q, log_p.clamp_min(TAIL_LOG_FLOOR))
 
 
 class LMRKLParams(Section):
     name: Literal["lm_rkl"] = Field(
-        "lm_rkl", description="Token-level reverse KL(student || teacher) on a per-token top-k cache plus a "
-                              "tail bucket (logits.format topk or topk_q8)."
+        "lm_rkl", description="Token-level reverse KL(student || teacher) on a per-token top-k "
+                              "cache plus a tail bucket (logits.format topk or topk_q8)."
     )
     temperature: float = lm_temperature_field()
     alpha: float = alpha_field()
@@ -50,7 +50,7 @@ class LMRKLParams(Section):
 
 @LOSSES.register("lm_rkl", params=LMRKLParams, tracks=("lm",))
 class LMRKL(LossBase):
-    """``alpha * T^2 * KL(q || p) + (1 - alpha) * CE`` per token, over k cached tokens + a tail bucket.
+    """``alpha * T^2 * KL(q || p) + (1 - alpha) * CE`` per token, over k cached tokens + a tail.
 
     Args:
         temperature: softening temperature T.
@@ -58,9 +58,11 @@ class LMRKL(LossBase):
         capture_temperature: temperature the cache was written at (from the cache's info).
     """
 
-    needs: tuple[str, ...] = ("y", "teacher_logprobs", "teacher_indices", "teacher_tail")
+    needs: tuple[str, ...] = TOPK_NEEDS
 
-    def __init__(self, temperature: float = 1.0, alpha: float = 0.9, capture_temperature: float = 1.0) -> None:
+    def __init__(
+        self, temperature: float = 1.0, alpha: float = 0.9, capture_temperature: float = 1.0
+    ) -> None:
         check_args("lm_rkl", temperature, alpha)
         self.temperature, self.alpha = float(temperature), float(alpha)
         self.capture_temperature = check_capture_temperature("lm_rkl", capture_temperature)
@@ -71,13 +73,9 @@ class LMRKL(LossBase):
         return capture_context(cache_info)
 
     def __call__(self, student_logits: Tensor, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        check_lm_batch("lm_rkl", self.needs, student_logits, batch)
-        mask = real_tokens(batch, student_logits.device)  # [B, L]
-        s = rows(student_logits.float(), mask)  # [T, V]
-        T = self.temperature
-        log_p, log_q = topk_buckets("lm_rkl", s, batch, mask, T, self.capture_temperature)  # [T, k + 1]
-        rkl = token_mean(reverse_kl_rows(log_p, log_q), token_weights(batch, mask)) * T**2
-        return mix(self.alpha, "rkl", rkl, token_ce(student_logits, batch, mask))
+        return topk_terms("lm_rkl", "rkl", reverse_kl_rows, student_logits, batch,
+                          temperature=self.temperature, alpha=self.alpha,
+                          capture_temperature=self.capture_temperature)
 
     def __repr__(self) -> str:
         return (f"LMRKL(temperature={self.temperature}, alpha={self.alpha}, "

@@ -9,19 +9,20 @@ The batch contract of the ``lm_*`` losses:
 - teacher signal per token: ``teacher_logprobs`` / ``teacher_indices`` ``[B, L, k]`` and
   ``teacher_tail`` ``[B, L]`` from a ``topk``/``topk_q8`` cache, or ``teacher_logits``
   ``[B, L, V]`` from a ``dense`` one;
-- ``"weight"`` (optional): per-sequence weights ``[B]``; every token of a sequence carries its
-  sequence's weight and the means become weighted means.
+- ``"weight"`` (optional): per-sequence weights ``[B]``; every token carries its sequence's
+  weight and the means become weighted means.
 
 The losses flatten the real tokens to rows ``[T, ...]`` and reuse the row-wise helpers of
-``kd``/``topk_kd``.
+``kd`` and ``topk_kd``.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
@@ -30,16 +31,18 @@ from kdflow.losses import weighted_mean
 from kdflow.losses.topk_kd import student_bucket_logprobs, teacher_bucket_logprobs
 
 IGNORE_INDEX = -100
+TOPK_NEEDS = ("y", "teacher_logprobs", "teacher_indices", "teacher_tail")
 
 
 def lm_temperature_field() -> Any:
-    """The softening temperature knob of the LM divergence losses (default 1, as LMs are usually
-    cached and distilled at T = 1)."""
-    return Field(1.0, gt=0, le=100, description="Softmax temperature T (the divergence is scaled by T^2).")
+    """The softening temperature knob of the LM divergences (default 1: LM caches are usually
+    written and distilled at T = 1)."""
+    return Field(1.0, gt=0, le=100,
+                 description="Softmax temperature T (the divergence is scaled by T^2).")
 
 
 def capture_context(cache_info: dict[str, Any]) -> dict[str, Any]:
-    """``{"capture_temperature": ...}`` from a top-k cache's info (its log-probabilities are at it)."""
+    """``{"capture_temperature": ...}`` from a top-k cache's info (its log-probs are at it)."""
     return {"capture_temperature": float(cache_info["capture_temperature"])}
 
 
@@ -53,7 +56,7 @@ def check_capture_temperature(name: str, value: float) -> float:
 def check_lm_batch(
     name: str, needs: tuple[str, ...], student_logits: Tensor, batch: Mapping[str, Tensor]
 ) -> None:
-    """Raises ``DataError`` when a needed key is missing or a per-token key is not ``[B, L, ...]``."""
+    """Raises ``DataError`` for a missing needed key or a per-token key not ``[B, L, ...]``."""
     missing = [k for k in needs if k not in batch]
     if missing:
         raise DataError(
@@ -61,7 +64,8 @@ def check_lm_batch(
             f"(got {sorted(batch)}). Check that the logit cache matches the loss."
         )
     if student_logits.dim() != 3:
-        raise DataError(f"loss {name!r}: student logits must be [B, L, V], got {tuple(student_logits.shape)}")
+        shape = tuple(student_logits.shape)
+        raise DataError(f"loss {name!r}: student logits must be [B, L, V], got {shape}")
     size = tuple(student_logits.shape[:2])
     for key in needs:
         if tuple(batch[key].shape[:2]) != size:
@@ -78,7 +82,7 @@ def real_tokens(batch: Mapping[str, Tensor], device: Any) -> Tensor:
 
 
 def rows(values: Tensor, mask: Tensor) -> Tensor:
-    """The real tokens of ``values`` ``[B, L, ...]`` as rows ``[T, ...]`` (a view when all are real)."""
+    """The real tokens of ``values`` ``[B, L, ...]`` as rows ``[T, ...]`` (a view if all are)."""
     values = values.to(mask.device)
     return values.flatten(0, 1) if bool(mask.all()) else values[mask]
 
@@ -99,20 +103,37 @@ def token_mean(values: Tensor, weight: Tensor | None) -> Tensor:
     return weighted_mean(values, {} if weight is None else {"weight": weight})
 
 
+def token_ce(student_logits: Tensor, batch: Mapping[str, Tensor], mask: Tensor) -> Tensor:
+    """Next-token cross-entropy averaged over the real tokens (weighted by ``batch["weight"]``).
+
+    Args:
+        student_logits: ``[B, L, V]``.
+        batch: holds ``"y"`` ``[B, L]`` and optionally ``"weight"`` ``[B]``.
+        mask: real tokens ``[B, L]``.
+    """
+    s = student_logits.float()  # [B, L, V]; no copy when already float32
+    y = batch["y"].to(s.device).long()  # [B, L]
+    # ignore_index skips the padding without gathering the real tokens' [T, V] logits
+    ce = F.cross_entropy(s.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
+                         reduction="none")  # [B * L]
+    return token_mean(ce.view(mask.shape)[mask], token_weights(batch, mask))
+
+
 def topk_buckets(
     name: str, s: Tensor, batch: Mapping[str, Tensor], mask: Tensor, temperature: float,
     capture_temperature: float,
 ) -> tuple[Tensor, Tensor]:
-    """Teacher and student log-probabilities over the k cached tokens + a tail bucket, per real token.
+    """Teacher and student log-probabilities over the k cached tokens + a tail bucket, per token.
 
     Args:
         name: the loss, for error messages.
         s: student logits of the real tokens ``[T, V]`` float32.
-        batch: holds ``teacher_logprobs``, ``teacher_indices`` ``[B, L, k]``, ``teacher_tail`` ``[B, L]``.
+        batch: holds ``teacher_logprobs``, ``teacher_indices`` ``[B, L, k]`` and
+            ``teacher_tail`` ``[B, L]``.
         mask: real tokens ``[B, L]``.
         temperature: softening temperature T of both distributions.
-        capture_temperature: temperature the cache was written at (teacher re-tempered when it
-            differs from T, as in ``topk_kd``).
+        capture_temperature: temperature the cache was written at (the teacher is re-tempered
+            when it differs from T, as in ``topk_kd``).
 
     Returns:
         ``(log_p, log_q)``, each ``[T, k + 1]``.
@@ -122,11 +143,13 @@ def topk_buckets(
     tail = rows(batch["teacher_tail"], mask).float()  # [T]
     vocab = s.shape[-1]
     if indices.shape != logprobs.shape or indices.shape[-1] > vocab:
-        raise DataError(f"loss {name!r}: teacher_indices and teacher_logprobs must both be [B, L, k] "
-                        f"with k <= V = {vocab}, got {tuple(batch['teacher_indices'].shape)} and "
-                        f"{tuple(batch['teacher_logprobs'].shape)}")
+        shapes = tuple(batch["teacher_indices"].shape), tuple(batch["teacher_logprobs"].shape)
+        raise DataError(f"loss {name!r}: teacher_indices and teacher_logprobs must both be "
+                        f"[B, L, k] with k <= V = {vocab}, got {shapes[0]} and {shapes[1]}")
     if indices.numel() and (indices.min() < 0 or indices.max() >= vocab):
-        raise DataError(f"loss {name!r}: teacher_indices outside the student vocabulary [0, {vocab})")
+        raise DataError(
+            f"loss {name!r}: teacher_indices outside the student vocabulary [0, {vocab})"
+        )
     same = math.isclose(temperature, capture_temperature, rel_tol=1e-9)
     scale = 1.0 if same else capture_temperature / temperature
     log_p = teacher_bucket_logprobs(logprobs, tail, scale)  # [T, k + 1]
@@ -137,3 +160,27 @@ def topk_buckets(
 def mix(alpha: float, key: str, distill: Tensor, ce: Tensor) -> dict[str, Tensor]:
     """``{"loss": alpha * distill + (1 - alpha) * ce, key: distill, "ce": ce}``."""
     return {"loss": alpha * distill + (1.0 - alpha) * ce, key: distill, "ce": ce}
+
+
+def topk_terms(
+    name: str, key: str, divergence: Callable[[Tensor, Tensor], Tensor], student_logits: Tensor,
+    batch: Mapping[str, Tensor], *, temperature: float, capture_temperature: float, alpha: float,
+) -> dict[str, Tensor]:
+    """The terms of a top-k LM loss: ``alpha * T^2 * mean_tokens D + (1 - alpha) * CE``.
+
+    Args:
+        name: the loss, for error messages.
+        key: the name of the distillation term in the result.
+        divergence: per-row ``D(log_p, log_q)`` ``[T]`` of bucket log-probs ``[T, k + 1]``.
+        student_logits: ``[B, L, V]``.
+        batch: ``TOPK_NEEDS`` and optionally ``"weight"``.
+        temperature: softening temperature T.
+        capture_temperature: temperature the cache was written at.
+        alpha: weight of the distillation term.
+    """
+    check_lm_batch(name, TOPK_NEEDS, student_logits, batch)
+    mask = real_tokens(batch, student_logits.device)  # [B, L]
+    s = rows(student_logits.float(), mask)  # [T, V]
+    log_p, log_q = topk_buckets(name, s, batch, mask, temperature, capture_temperature)
+    distill = token_mean(divergence(log_p, log_q), token_weights(batch, mask)) * temperature**2
+    return mix(alpha, key, distill, token_ce(student_logits, batch, mask))

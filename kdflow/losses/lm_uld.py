@@ -1,17 +1,17 @@
-"""Universal Logit Distillation (Boizard et al., 2024, "Towards Cross-Tokenizer Distillation: the
-Universal Logit Distillation Loss"): tokenizer-agnostic, so teacher and student vocabularies may differ.
+"""Universal Logit Distillation (Boizard et al., 2024, "Towards Cross-Tokenizer Distillation:
+the Universal Logit Distillation Loss"): tokenizer-agnostic, so the vocabularies may differ.
 
 Per token, the student's probabilities and the teacher's are each sorted in decreasing order,
 the shorter list is padded with zeros, and the loss is their L1 distance (the Wasserstein-1
-distance between the two distributions under a sorted-rank matching). Token identities are never
-compared, so ``teacher_indices`` is not read.
+distance between the two distributions under a sorted-rank matching). Token identities are
+never compared, so ``teacher_indices`` is not read.
 
-Simplifications (documented, deliberate):
+Simplifications (deliberate):
 
 - the teacher contributes its k cached probabilities only; its tail mass is not spread over
-  unknown tokens (padding zeros stand for it);
+  unknown tokens (the zero padding stands for it);
 - ``temperature`` softens the student only; the teacher's probabilities stay at the cache's
-  capture temperature. The distance is not scaled by T^2 (it is an L1 distance, not a KL).
+  capture temperature. The distance is not scaled by T^2 (an L1 distance, not a KL).
 """
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ from pydantic import Field
 from torch import Tensor
 
 from kdflow.losses import LOSSES, LossBase, alpha_field, check_args
-from kdflow.losses.lm_ce import token_ce
-from kdflow.losses.lm_tokens import IGNORE_INDEX, check_lm_batch, mix, real_tokens, rows, token_mean, token_weights
+from kdflow.losses.lm_tokens import (
+    IGNORE_INDEX, check_lm_batch, mix, real_tokens, rows, token_ce, token_mean, token_weights,
+)
 from schemas.base import Section
 
 
@@ -41,9 +42,9 @@ def lm_uld_reference(s: Tensor, logprobs: Tensor, y: Tensor, temperature: float)
 def uld_rows(s: Tensor, logprobs: Tensor, temperature: float) -> Tensor:
     """Per-token ULD distance ``[T]`` without sorting the student's vocabulary.
 
-    Only ``m = min(k, V)`` ranks can pair two nonzero values, so with the student's m largest
-    probabilities ``q_(i)`` (a top-m, not a sort of V) and the teacher's sorted ``p_(i)``:
-    ``sum_{i<m} |q_(i) - p_(i)| + (1 - sum_{i<m} q_(i)) + sum_{i>=m} p_(i)``.
+    Only the first ``m = min(k, V)`` ranks can pair two nonzero values, so with the student's
+    m largest probabilities ``q_(i)`` (a top-m, not a sort of V) and the teacher's sorted
+    ``p_(i)``: ``sum_{i<m} |q_(i) - p_(i)| + (1 - sum_{i<m} q_(i)) + sum_{i>=m} p_(i)``.
 
     Args:
         s: student logits ``[T, V]`` float32.
@@ -60,19 +61,21 @@ def uld_rows(s: Tensor, logprobs: Tensor, temperature: float) -> Tensor:
 
 class LMULDParams(Section):
     name: Literal["lm_uld"] = Field(
-        "lm_uld", description="Universal Logit Distillation: L1 distance of sorted student and teacher "
-                              "probabilities per token; works across tokenizers (logits.format topk or topk_q8)."
+        "lm_uld", description="Universal Logit Distillation: L1 distance of the sorted student "
+                              "and teacher probabilities per token; works across tokenizers "
+                              "(logits.format topk or topk_q8)."
     )
     temperature: float = Field(
-        1.0, gt=0, le=100, description="Softmax temperature of the student only (the teacher stays at the "
-                                       "capture temperature); the distance is not rescaled."
+        1.0, gt=0, le=100, description="Softmax temperature of the student only (the teacher "
+                                       "stays at the capture temperature); not rescaled by T^2."
     )
     alpha: float = alpha_field()
 
 
 @LOSSES.register("lm_uld", params=LMULDParams, tracks=("lm",))
 class LMULD(LossBase):
-    """``alpha * ULD + (1 - alpha) * CE`` per token; reads the teacher's probabilities, not its token ids.
+    """``alpha * ULD + (1 - alpha) * CE`` per token; reads the teacher's probabilities, not its
+    token ids.
 
     Args:
         temperature: softening temperature of the student.
