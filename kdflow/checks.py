@@ -36,9 +36,10 @@ def path_problems(pp: PipelineParams, root: Path) -> list[str]:
         folder = Path(resolve_options(pp.data.options, root)["root"]).expanduser() / arg / "raw"
         if not folder.is_dir() and not pp.data.options.get("download", False):
             problems.append(f"data.options.root: no TU dataset folder {folder} (and download is off)")
+    track = get_track(pp.track)
     for i, t in enumerate(pp.teachers):
-        if t.checkpoint is not None and not (Path(root) / t.checkpoint).is_dir():
-            problems.append(f"teachers[{i}].checkpoint: folder not found: {(Path(root) / t.checkpoint).resolve()}")
+        if t.checkpoint is not None:
+            problems += track.checkpoint_problems(t.checkpoint, Path(root), f"teachers[{i}].checkpoint")
     return problems
 
 

@@ -29,7 +29,6 @@ from schemas.outputs import Logits, TeacherCache
 from schemas.params import LogitsParams
 from tasks.common import StageContext, code_hash, stage_code
 
-FIDELITY_ROWS = 512
 TRANSFORM: dict = {"features": "as stored"}  # the input transform of a cache without views
 
 
@@ -63,7 +62,8 @@ def run(params: LogitsParams, ctx: StageContext) -> Manifest:
                  "format": params.format, "k": min(params.k, ctx.track.output_dim(ds)),
                  "dtype": params.dtype, "capture_temperature": params.temperature,
                  "shard_rows": params.shard_rows}
-    spec = CacheSpec(**spec_args)
+    layout = ctx.track.cache_layout(ds)  # per-token rows for sequences
+    spec = CacheSpec(**spec_args, seq_len=layout.get("seq_len"))
     views, transform = None, TRANSFORM
     if k_views > 1:
         augment = params.augment.model_dump()
@@ -72,11 +72,12 @@ def run(params: LogitsParams, ctx: StageContext) -> Manifest:
 
     builds: list[tuple[CacheBuild, TeacherRows]] = []
     for name, _ in teachers:
-        key = _key(ctx, name, transform, {k: v for k, v in spec_args.items() if k != "shard_rows"})
+        key = _key(ctx, name, transform, {**{k: v for k, v in spec_args.items() if k != "shard_rows"}, **layout})
         work = ctx.work / key[:16]
         extra = {} if views is None else {"views": write_views(work, views, views=k_views, augment=transform["augment"])}
         rows = TeacherRows(ctx.input("teachers") / name, ctx.input("condense"), views, k_views,
                            params.batch_size, params.workers, track=ctx.pipeline.track, device=str(ctx.device),
+                           tokens_per_row=layout.get("tokens_per_row"),
                            model=ctx.track.load_model(ctx.input("teachers") / name), features=ds.features)
         builds.append((CacheBuild(work, spec, key, extra), rows))
     _clear_other_caches(ctx.work, keep={b.directory for b, _ in builds})
@@ -94,7 +95,7 @@ def run(params: LogitsParams, ctx: StageContext) -> Manifest:
                 ctx.report("teacher logits", stop, spec.num_rows)
 
     gen = torch.Generator().manual_seed(ctx.seed)
-    sample = torch.randperm(spec.num_rows, generator=gen)[:FIDELITY_ROWS].sort().values
+    sample = torch.randperm(spec.num_rows, generator=gen)[:ctx.track.fidelity_rows].sort().values
     caches, metrics = [], {}
     for (name, weight), (build, rows) in zip(teachers, builds):
         info = build.finish()

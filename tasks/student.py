@@ -9,7 +9,6 @@ from kdflow.cache.replay import CachedBatches
 from kdflow.errors import ParamsError
 from kdflow.losses import LOSSES, build_loss
 from kdflow.models import count_params
-from kdflow.models.io import save_model
 from kdflow.tracks.compat import compatibility
 from kdflow.train.device import seed_everything
 from kdflow.train.loop import fit
@@ -44,7 +43,8 @@ def run(params: StudentParams, ctx: StageContext) -> Manifest:
     )
     loss = build_loss(params.loss, readers[0].info, train.meta)
     seed_everything(ctx.seed)
-    model = ctx.track.create_model(params.arch, train, params.args)
+    model = ctx.track.create_model(params.arch, train, params.args,
+                                   teacher=ctx.input("teachers") / logits.teachers[0].teacher)
     t = params.train
     result = fit(
         model, tensors, loss, val=ctx.track.val_pair(val), batch_fn=batches, epochs=t.epochs, lr=t.lr,
@@ -52,7 +52,7 @@ def run(params: StudentParams, ctx: StageContext) -> Manifest:
         device=ctx.device, checkpoint_dir=ctx.work, resume=ctx.resume, val_metric=ctx.track.val_metric(),
         fingerprint=ctx.fingerprint, on_epoch=progress.epochs(ctx.progress, "student", t.epochs),
     )
-    save_model(model, ctx.out)
+    ctx.track.save_model(model, ctx.out)
     save_history(ctx.out / "history.json", result.history)
     score = (ctx.track.val_metric() or ("accuracy",))[0]
     metrics = {f"best_val_{score}": result.best_val_accuracy or 0.0, "epochs_run": result.epochs_run,

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 from torch import nn
@@ -12,7 +11,6 @@ from kdflow import progress
 from kdflow.data.dataset import Dataset
 from kdflow.errors import ModelError
 from kdflow.models import count_params, model_bytes
-from kdflow.models.io import save_model
 from kdflow.train.device import seed_everything
 from kdflow.train.loop import fit
 from schemas.manifest import Manifest
@@ -24,11 +22,10 @@ log = logging.getLogger(__name__)
 
 
 def _load(candidate: TeacherParams, ctx: StageContext, out: Path) -> tuple[nn.Module, dict]:
-    src = (ctx.root / candidate.checkpoint).resolve()
-    if not src.is_dir():
-        raise ModelError(f"teachers[{candidate.name}].checkpoint: folder not found: {src}")
-    model = ctx.track.load_model(src)
-    shutil.copytree(src, out, dirs_exist_ok=True)
+    try:
+        model = ctx.track.load_checkpoint(candidate.checkpoint, ctx.root, out)
+    except ModelError as exc:
+        raise ModelError(f"teachers[{candidate.name}].{exc}") from None
     return model, {"origin": "checkpoint", "checkpoint": candidate.checkpoint}
 
 
@@ -43,7 +40,7 @@ def _train(candidate: TeacherParams, index: int, ctx: StageContext, ds: Dataset,
         batch_size=t.batch_size, patience=t.patience, seed=ctx.seed + index, device=ctx.device,
         val_metric=ctx.track.val_metric(), on_epoch=progress.epochs(ctx.progress, f"teacher {candidate.name}", t.epochs),
     )
-    save_model(model, out)
+    ctx.track.save_model(model, out)
     save_history(out / "history.json", result.history)
     return model, {"origin": "trained", "best_epoch": result.best_epoch, "epochs_run": result.epochs_run}
 

@@ -33,6 +33,7 @@ class TeacherRows:
     workers: int = 0
     track: str = "classify"
     device: str = "auto"
+    tokens_per_row: int | None = None  # sequence caches: real tokens per row (the rest is padding)
     model: torch.nn.Module | None = None
     features: torch.Tensor | None = None
 
@@ -69,7 +70,11 @@ class TeacherRows:
                                 batch_size=None,
                                 num_workers=self.workers, shuffle=False)
         for x in inputs:
-            yield self.logits(x)
+            out = self.logits(x)
+            if self.tokens_per_row is None:
+                yield out
+            else:  # a sequence cache takes (logits [B, L, V], lengths [B])
+                yield out, torch.full((out.shape[0],), self.tokens_per_row, dtype=torch.int64)
 
 
 def row_inputs(features: torch.Tensor, views: dict[str, torch.Tensor] | None, num_views: int,

@@ -85,13 +85,14 @@ def _requirements() -> list[str]:
 
 
 def log_model(client: Any, uri: str, experiment_id: str, run_id: str, name: str, folder: Path,
-              example: Any | None, tags: dict[str, str]) -> str:
-    """Log the kdflow model in ``folder`` as a LoggedModel of ``run_id``; returns its model id."""
+              example: Any | None, tags: dict[str, str], loader: Any = None) -> str:
+    """Log the kdflow model in ``folder`` (read by ``loader``, the track's, default
+    ``kdflow.models.io.load_model``) as a LoggedModel of ``run_id``; returns its model id."""
     import mlflow.pytorch
 
     from kdflow.models.io import load_model
 
-    module = load_model(folder)
+    module = (loader or load_model)(folder)
     signature, example_np = _signature(module, example)
     logged = client.create_logged_model(experiment_id, name=name, source_run_id=run_id, tags=tags)
     with fluent_uri(uri):

@@ -23,6 +23,7 @@ from kdflow.lineage.backends import (
     TrackingUnavailableError, check_reachable, is_server, resolve_tracking_uri,
 )
 
+from kdflow.tracks import DEFAULT_TRACK, get_track
 from schemas.stages import MODEL_STAGES  # stages whose models are logged
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,8 @@ class Tracker(NullTracker):
 
         state = self._stages.pop(run_id, _StageRun(manifest.stage, {}, None))
         directory = Path(directory)
-        model_ids = self._log_models(run_id, state, directory) if state.stage in MODEL_STAGES else {}
+        track = manifest.params.get("track") or DEFAULT_TRACK
+        model_ids = self._log_models(run_id, state, directory, track) if state.stage in MODEL_STAGES else {}
         metrics = [Metric(k, float(v), _now(), 0, model_id=_owner(k, model_ids)) for k, v in manifest.metrics.items()]
         metrics += self._curves(directory)
         tags = [RunTag(k, v) for k, v in info_tags(manifest.info).items()]
@@ -257,7 +259,7 @@ class Tracker(NullTracker):
                 out[f"{up}/{label}"] = model_id
         return out
 
-    def _log_models(self, run_id: str, state: _StageRun, directory: Path) -> dict[str, str]:
+    def _log_models(self, run_id: str, state: _StageRun, directory: Path, track: str) -> dict[str, str]:
         example = models.input_example(state.artifacts / "prepare") if state.artifacts else None
         out = {}
         for label, folder in models.model_folders(directory, root_label=state.stage).items():
@@ -265,7 +267,7 @@ class Tracker(NullTracker):
             tags = {"kdflow.pipeline": self.pipeline, "kdflow.stage": state.stage, "kdflow.role": role}
             name = f"{self.pipeline}-student" if role == "student" else f"{self.pipeline}-teacher-{label}"
             out[label] = models.log_model(self.client, self.uri, self.experiment_id, run_id,
-                                          name, folder, example, tags)
+                                          name, folder, example, tags, loader=get_track(track).load_model)
             self.client.set_tag(run_id, models.model_tag(label), out[label])
         return out
 

