@@ -1,0 +1,149 @@
+"""The lm track: corpora into token blocks, the per-token cache, students, evaluation, export."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from kdflow.errors import DataError, ModelError, ParamsError
+from kdflow.tracks import get_track, infer_track
+from kdflow.tracks.lm import corpus
+from kdflow.tracks.lm.blocks import TOKENS, load_blocks
+from schemas.params import parse_params
+from schemas.stages import STAGE_ORDER
+from tasks.common import execute_stage
+
+LM = get_track("lm")
+TEXT = "def f(x):\n    return x + 1\n\n" * 60 + "class A:\n    pass\n" * 40
+
+
+def tiny_lm(source: str, **sections: dict) -> dict:
+    """A raw lm pipeline with seconds of compute."""
+    fast = {"epochs": 2, "lr": 0.01, "batch_size": 16, "patience": None}
+    raw = {
+        "name": "lm", "track": "lm", "seed": 0,
+        "data": {"source": source, "options": {"tokenizer": "byte", "seq_len": 32}},
+        "teachers": [{"name": "t", "arch": "llama", "args": {"layers": 1, "hidden": 32, "heads": 2, "max_positions": 32},
+                      "train": fast}],
+        "select": {"strategy": "val_perplexity"},
+        "condense": {"method": "none"},
+        "logits": {"format": "topk", "k": 8, "batch_size": 16, "shard_rows": 40},
+        "student": {"arch": "llama", "args": {"layers": 1, "hidden": 16, "heads": 2, "max_positions": 32},
+                    "loss": {"name": "lm_kd", "alpha": 0.5, "temperature": 1.0}, "train": fast},
+        "evaluate": {"latency_repeats": 1},
+        "tracking": {"enabled": False},
+        "runtime": {"threads": 1},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw[key], **value} if isinstance(raw.get(key), dict) else value
+    return raw
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def test_blocks_and_next_token_targets() -> None:
+    tok = corpus.load_tokenizer("byte")
+    blocks = corpus.pack(["abcdef", "ghij"], tok, seq_len=4)
+    ids = tok("abcdef", add_special_tokens=False)["input_ids"] + [tok.eos_token_id] + \
+        tok("ghij", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert blocks.tolist() == [ids[0:4], ids[4:8], ids[8:12]]  # the remainder is dropped
+    y = corpus.targets(blocks)
+    assert y[:, :-1].tolist() == blocks[:, 1:].tolist() and (y[:, -1] == corpus.IGNORE).all()
+    with pytest.raises(DataError, match="need at least 3"):
+        corpus.pack(["ab"], tok, seq_len=4)
+
+
+def test_text_sources_infer_the_lm_track_and_refuse_bad_corpora(tmp_path: Path) -> None:
+    assert infer_track("text:corpus.txt") == infer_track("pydoc:topics") == "lm"
+    (tmp_path / "empty.txt").write_text("   \n")
+    with pytest.raises(DataError, match="holds no text"):
+        corpus.read_documents(f"text:{tmp_path / 'empty.txt'}", {})
+    with pytest.raises(DataError, match="text path not found"):
+        corpus.read_documents(f"text:{tmp_path / 'nowhere'}", {})
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(DataError, match="not UTF-8"):
+        corpus.read_documents(f"text:{tmp_path / 'bin.txt'}", {})
+    assert len(corpus.read_documents("pystdlib:json", {})) >= 4
+
+
+def test_block_artifact_roundtrip_is_memory_mapped_with_contiguous_splits(tmp_path: Path, text_file: Path) -> None:
+    ds = LM.load_source(f"text:{text_file}", seed=3, val_fraction=0.1, test_fraction=0.1,
+                        options={"tokenizer": "byte", "seq_len": 32})
+    (tmp_path / "out").mkdir()
+    LM.save(ds, tmp_path / "out")
+    back = load_blocks(tmp_path / "out")
+    assert isinstance(np.load(tmp_path / "out" / TOKENS, mmap_mode="r"), np.memmap)
+    assert torch.equal(back.features, ds.features) and torch.equal(back.labels, ds.labels)
+    for name in ("train", "val", "test"):
+        part = back.split(name)
+        assert set(part.splits) == {name} and len(part) == ds.splits.count(name)
+        assert torch.equal(part.features, ds.features[[i for i, s in enumerate(ds.splits) if s == name]])
+    again = LM.load_source(f"text:{text_file}", seed=3, val_fraction=0.1, test_fraction=0.1,
+                           options={"tokenizer": "byte", "seq_len": 32})
+    assert again.splits == ds.splits  # the split is a function of the seed
+
+
+def test_broken_blocks_are_refused(tmp_path: Path, text_file: Path) -> None:
+    ds = LM.load_source(f"text:{text_file}", seed=0, val_fraction=0.1, test_fraction=0.1,
+                        options={"tokenizer": "byte", "seq_len": 32})
+    ds.features[0, 0] = ds.num_classes + 5
+    with pytest.raises(DataError, match="token ids outside"):
+        LM.save(ds, tmp_path)
+
+
+def test_params_refuse_classification_methods_and_bad_models(text_file: Path) -> None:
+    raw = tiny_lm(f"text:{text_file}")
+    assert parse_params(raw).track == "lm"
+    with pytest.raises(ParamsError, match="'kd' is not offered by track 'lm'"):
+        parse_params(tiny_lm(f"text:{text_file}", student={"loss": {"name": "kd"}}))
+    with pytest.raises(ParamsError, match="needs \\['teacher_logits'\\]"):
+        parse_params(tiny_lm(f"text:{text_file}", student={"loss": {"name": "lm_kd_dense"}}))
+    assert LM.model_problems("mlp", {}, "student") and LM.model_problems("llama", {"depth": 2}, "student")
+    assert LM.model_problems("llama", {"layers": 2}, "student") == []
+
+
+def test_blocks_longer_than_the_model_positions_are_refused(text_file: Path) -> None:
+    ds = LM.load_source(f"text:{text_file}", seed=0, val_fraction=0.1, test_fraction=0.1,
+                        options={"tokenizer": "byte", "seq_len": 32})
+    with pytest.raises(ModelError, match="exceed the model's 16 positions"):
+        LM.create_model("llama", ds, {"layers": 1, "hidden": 16, "heads": 2, "max_positions": 16})
+
+
+@pytest.mark.slow
+def test_lm_pipeline_stages_cache_per_token_and_export_a_loadable_student(tmp_path: Path, text_file: Path) -> None:
+    pp = parse_params(tiny_lm(f"text:{text_file}"))
+    ms = {stage: execute_stage(stage, pp, tmp_path)[0] for stage in STAGE_ORDER}
+    art = tmp_path / "artifacts/lm"
+    cache = ms["logits"].info["teachers"][0]["cache"]
+    n_train = len(LM.load(art / "condense"))
+    assert cache["seq_len"] == 32 and cache["num_rows"] == n_train and cache["k"] == 8
+    assert cache["num_tokens"] == n_train * 31  # every position but the last has a next token
+    assert ms["logits"].metrics["kl"] < 0.5  # top-8 of 259 byte ids keeps most of the teacher's mass
+
+    metrics = json.loads((art / "evaluate/metrics.json").read_text())
+    test = LM.load(art / "prepare").split("test")
+    student = LM.load_model(art / "student")
+    from kdflow.tracks.lm.evaluation import perplexity
+
+    assert metrics["student"]["perplexity"] == pytest.approx(perplexity(student, test.features, test.labels), rel=1e-5)
+    assert metrics["n_test_tokens"] == int((test.labels != -100).sum())
+    assert metrics["student"]["perplexity"] < 259  # better than uniform over the byte vocabulary
+    assert 0 <= metrics["agreement"] <= 1 and len(metrics["samples"]) == 3
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    model = AutoModelForCausalLM.from_pretrained(art / "student", local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(art / "student", local_files_only=True)
+    logits = model(input_ids=test.features[:2].long()).logits
+    assert torch.allclose(logits, student(test.features[:2]), atol=1e-5)
+    out = pipeline("text-generation", model=model, tokenizer=tok)("def f", max_new_tokens=5, do_sample=False)
+    assert out[0]["generated_text"].startswith("def f")
