@@ -147,3 +147,31 @@ def test_lm_pipeline_stages_cache_per_token_and_export_a_loadable_student(tmp_pa
     assert torch.allclose(logits, student(test.features[:2]), atol=1e-5)
     out = pipeline("text-generation", model=model, tokenizer=tok)("def f", max_new_tokens=5, do_sample=False)
     assert out[0]["generated_text"].startswith("def f")
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_lm_tiny_config_runs_with_kdflow_run(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    raw = yaml.safe_load((REPO / "configs/lm-tiny.yaml").read_text())
+    raw["tracking"] = {"enabled": True, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "lm"}
+    (tmp_path / "lm.yaml").write_text(yaml.safe_dump(raw))
+    kdflow = [sys.executable, "-m", "kdflow.cli"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([*kdflow, "run", "-c", "lm.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=1200)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "perplexity" in run.stdout and "Traceback" not in run.stderr
+    m = json.loads((tmp_path / "artifacts/lm-tiny/evaluate/metrics.json").read_text())
+    assert m["teacher"]["perplexity"] < m["student"]["perplexity"] < 259
+    assert m["compression"]["params_ratio"] > 10
+    lineage = subprocess.run([*kdflow, "lineage", "lm-tiny-student@latest", "--tracking-uri",
+                              f"sqlite:///{tmp_path / 'mlflow.db'}"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert lineage.returncode == 0 and "pystdlib:json" in lineage.stdout, lineage.stdout + lineage.stderr
+    shutil.rmtree(tmp_path / "artifacts/lm-tiny/.work", ignore_errors=True)
