@@ -175,3 +175,13 @@ def test_lm_tiny_config_runs_with_kdflow_run(tmp_path: Path) -> None:
                              text=True, timeout=300)
     assert lineage.returncode == 0 and "pystdlib:json" in lineage.stdout, lineage.stdout + lineage.stderr
     shutil.rmtree(tmp_path / "artifacts/lm-tiny/.work", ignore_errors=True)
+
+
+def test_a_model_of_another_tokenizer_is_refused(text_file: Path) -> None:
+    ds = LM.load_source(f"text:{text_file}", seed=0, val_fraction=0.1, test_fraction=0.1,
+                        options={"tokenizer": "byte", "seq_len": 32})
+    from kdflow.tracks.lm.models import create_causal_lm
+
+    other = create_causal_lm("llama", 49152, {"layers": 1, "hidden": 16, "heads": 2, "max_positions": 32})
+    with pytest.raises(DataError, match="vocabulary has 49152 ids but the data was tokenised into 259"):
+        LM.val_score(other, ds.split("val"), torch.device("cpu"))

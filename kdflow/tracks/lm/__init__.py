@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SEQ_LEN = 128
 SAMPLE_PROMPTS = 3
+VOCAB_PADDING = 1024  # models pad their vocabulary (to multiples of 64, 128, ...)
 
 
 def _neg_perplexity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
@@ -171,7 +172,18 @@ class LMTrack:
         return ("neg_perplexity", _neg_perplexity)
 
     def val_score(self, model: nn.Module, ds: Dataset, device: torch.device) -> dict[str, float]:
+        self.check_vocabulary(model, ds)
         return {"val_perplexity": evaluation.perplexity(model, ds.features, ds.labels, device=device)}
+
+    @staticmethod
+    def check_vocabulary(model: nn.Module, ds: Dataset) -> None:
+        """A model must read the ids the data was tokenised into: its vocabulary covers them, padded
+        by less than ``VOCAB_PADDING`` ids (a much larger one belongs to another tokenizer)."""
+        vocab = getattr(model, "vocab_size", None)
+        if vocab is not None and not 0 <= vocab - ds.num_classes < VOCAB_PADDING:
+            raise DataError(
+                f"the model's vocabulary has {vocab} ids but the data was tokenised into {ds.num_classes} "
+                f"(data.options.tokenizer {ds.meta.get('tokenizer', '?')!r}): tokenise with the teacher's tokenizer")
 
     def views(self, ds: Dataset, k: int, seed: int, augment: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise DataError(f"logits.views: the lm track has no augmented views; use logits.views 1 (got {k})")
