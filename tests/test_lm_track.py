@@ -127,7 +127,7 @@ def test_lm_pipeline_stages_cache_per_token_and_export_a_loadable_student(tmp_pa
     n_train = len(LM.load(art / "condense"))
     assert cache["seq_len"] == 32 and cache["num_rows"] == n_train and cache["k"] == 8
     assert cache["num_tokens"] == n_train * 31  # every position but the last has a next token
-    assert ms["logits"].metrics["kl"] < 0.5  # top-8 of 259 byte ids keeps most of the teacher's mass
+    assert ms["logits"].metrics["kl"] < 0.5  # top-8 of the 384 byte-tokenizer ids keeps most of the teacher's mass
 
     metrics = json.loads((art / "evaluate/metrics.json").read_text())
     test = LM.load(art / "prepare").split("test")
@@ -136,7 +136,7 @@ def test_lm_pipeline_stages_cache_per_token_and_export_a_loadable_student(tmp_pa
 
     assert metrics["student"]["perplexity"] == pytest.approx(perplexity(student, test.features, test.labels), rel=1e-5)
     assert metrics["n_test_tokens"] == int((test.labels != -100).sum())
-    assert metrics["student"]["perplexity"] < 259  # better than uniform over the byte vocabulary
+    assert metrics["student"]["perplexity"] < 256  # better than uniform over the bytes
     assert 0 <= metrics["agreement"] <= 1 and len(metrics["samples"]) == 3
 
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
@@ -168,7 +168,7 @@ def test_lm_tiny_config_runs_with_kdflow_run(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "perplexity" in run.stdout and "Traceback" not in run.stderr
     m = json.loads((tmp_path / "artifacts/lm-tiny/evaluate/metrics.json").read_text())
-    assert m["teacher"]["perplexity"] < m["student"]["perplexity"] < 259
+    assert m["teacher"]["perplexity"] < m["student"]["perplexity"] < 256
     assert m["compression"]["params_ratio"] > 10
     lineage = subprocess.run([*kdflow, "lineage", "lm-tiny-student@latest", "--tracking-uri",
                               f"sqlite:///{tmp_path / 'mlflow.db'}"], cwd=tmp_path, env=env, capture_output=True,
@@ -183,5 +183,5 @@ def test_a_model_of_another_tokenizer_is_refused(text_file: Path) -> None:
     from kdflow.tracks.lm.models import create_causal_lm
 
     other = create_causal_lm("llama", 49152, {"layers": 1, "hidden": 16, "heads": 2, "max_positions": 32})
-    with pytest.raises(DataError, match="vocabulary has 49152 ids but the data was tokenised into 259"):
+    with pytest.raises(DataError, match=r"vocabulary has 49152 ids but the data was tokenised into \d+ "):
         LM.val_score(other, ds.split("val"), torch.device("cpu"))
