@@ -185,3 +185,26 @@ def test_a_model_of_another_tokenizer_is_refused(text_file: Path) -> None:
     other = create_causal_lm("llama", 49152, {"layers": 1, "hidden": 16, "heads": 2, "max_positions": 32})
     with pytest.raises(DataError, match=r"vocabulary has 49152 ids but the data was tokenised into \d+ "):
         LM.val_score(other, ds.split("val"), torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_sequence_level_kd_trains_on_the_teachers_continuations(tmp_path: Path, text_file: Path) -> None:
+    raw = tiny_lm(f"text:{text_file}", condense={"method": "generate", "prompt_tokens": 8, "max_blocks": 6})
+    pp = parse_params(raw)
+    for stage in STAGE_ORDER[: STAGE_ORDER.index("logits") + 1]:
+        execute_stage(stage, pp, tmp_path)
+    art = tmp_path / "artifacts/lm"
+    train, small = LM.load(art / "prepare").split("train"), LM.load(art / "condense")
+    assert len(small) == len(train) + 6 and small.sample_ids[-1] == "gen-0-000005"
+    gen = small.features[len(train):]
+    assert torch.equal(gen[:, :8], train.features[:6, :8])  # the prompts are the blocks' starts
+    teacher = LM.load_model(art / "teachers/t")
+    from kdflow.tracks.lm.generate import continue_blocks
+
+    again = continue_blocks(teacher, train.features[:6, :8], 32, temperature=0.0, device=torch.device("cpu"))
+    assert torch.equal(gen, again)  # greedy: exactly the teacher's continuation
+    assert torch.equal(small.labels[len(train):, :-1], gen[:, 1:].to(small.labels.dtype))
+    cache = json.loads((art / "logits/cache.json").read_text())
+    assert cache["num_rows"] == len(small)
+    with pytest.raises(ParamsError, match="per_block > 1 needs temperature > 0"):
+        parse_params(tiny_lm(f"text:{text_file}", condense={"method": "generate", "per_block": 2}))

