@@ -56,7 +56,7 @@ class TrainParams(Section):
 
 
 class TeacherParams(Section):
-    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Unique candidate name (folder name of its artifact).")
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]+$", description="Unique candidate name (folder name of its artifact and part of its MLflow model name): letters, digits, _ and -.")
     arch: str | None = Field(None, description="Registry architecture to train here (mlp, convnet, resnet, ...).")
     args: dict[str, Any] = Field(default_factory=dict, description="Constructor arguments of the architecture.")
     checkpoint: str | None = Field(
@@ -200,7 +200,7 @@ class TrackingParams(Section):
 
 
 class PipelineParams(Section):
-    name: str = Field("digits", pattern=r"^[A-Za-z0-9_.-]+$", description="Pipeline name: artifacts go to artifacts/<name>/.")
+    name: str = Field("digits", pattern=r"^[A-Za-z0-9_-]+$", description="Pipeline name: artifacts go to artifacts/<name>/ (letters, digits, _ and -: no dots, so no name can point outside it).")
     track: str | None = Field(None, description="Kind of distillation (a folder of kdflow/tracks: classify, graph, ...); null: inferred from data.source.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of every random choice in the pipeline.")
     data: DataParams = Field(default_factory=DataParams, description="Where the data comes from and how it is split.")

@@ -124,3 +124,12 @@ def test_topk_kd_accepts_both_topk_formats() -> None:
     found = problems(tiny_params(logits={"format": "dense"}, student={"loss": {"name": "topk_kd"}}))
     assert any("'topk_kd' needs" in p and "use logits.format 'topk' or logits.format 'topk_q8'" in p for p in found)
     assert any("'kd' needs" in p and "use logits.format 'dense'" in p for p in problems(tiny_params(logits={"format": "topk_q8"})))
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a.b", "../x", "a/b"])
+def test_names_cannot_leave_the_artifact_root_or_break_mlflow(name: str) -> None:
+    found = problems(tiny_params(name=name))
+    assert found and found[0].startswith("name: String should match pattern")
+    raw = tiny_params()
+    raw["teachers"][0]["name"] = name
+    assert problems(raw)[0].startswith("teachers[0].name: String should match pattern")
