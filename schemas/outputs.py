@@ -87,6 +87,7 @@ class Student(Output):
     best_epoch: int
     resumed_from: int | None = None
     stopped_early: bool = False
+    rounds: list[dict[str, Any]] = Field(default_factory=list, description="On-policy rounds: students' weights digests before/after, the grades' sha256.")
 
 
 class Evaluated(Output):

@@ -161,6 +161,14 @@ class LogitsParams(Section):
     dask_processes: bool = Field(True, description="runner dask: local cluster workers are processes (true) or threads of this process (false).")
 
 
+class OnPolicyParams(Section):
+    rounds: int = Field(0, ge=0, le=1000, description="On-policy rounds after training from the cache (tracks that support them: lm): the student continues prompts, the teacher grades every token once, the student trains on them. 0: none.")
+    prompt_tokens: int = Field(16, ge=1, le=100_000, description="Tokens of each training block kept as the prompt the student continues.")
+    max_blocks: int = Field(64, ge=1, le=100_000_000, description="Prompts per round (the first training blocks).")
+    epochs: int = Field(1, ge=1, le=10_000, description="Epochs the student trains on each round's graded blocks.")
+    temperature: float = Field(1.0, gt=0, le=10, description="Sampling temperature of the student's continuations.")
+
+
 class StudentParams(Section):
     arch: str = Field("mlp", min_length=1, description="Registry architecture of the student.")
     args: dict[str, Any] = Field(default_factory=dict, description="Constructor arguments of the student.")
@@ -171,6 +179,7 @@ class StudentParams(Section):
         "weighted_mean",
         description="With several teachers (select.top > 1): weighted_mean of their probabilities at the loss temperature (dense caches), or per_sample: each sample learns from the teacher giving its true class the highest probability.",
     )
+    on_policy: OnPolicyParams = Field(default_factory=OnPolicyParams, description="On-policy distillation rounds (lm track).")
     cache_in_memory_mb: float = Field(1024.0, ge=0, le=1_000_000, description="Load the logit cache(s) into memory up to this decoded size (float32 values, int64 indices: several times the size on disk); larger caches are read per batch from the memory-mapped shards.")
 
 
@@ -246,6 +255,8 @@ class PipelineParams(Section):
         track = get_track(self.track)
         problems = compatibility(track, loss=self.student.loss.name, fmt=self.logits.format,
                                  method=self.condense.method, views=self.logits.views)
+        if self.student.on_policy.rounds and not getattr(track, "on_policy", False):
+            problems.append(f"student.on_policy.rounds: track {track.name!r} has no on-policy rounds; use 0")
         if self.select.strategy not in track.offers("strategy"):
             problems.append(f"select.strategy: must be one of {track.offers('strategy')} (got {self.select.strategy!r})")
         if self.select.top > len(self.teachers):

@@ -52,12 +52,24 @@ def run(params: StudentParams, ctx: StageContext) -> Manifest:
         device=ctx.device, checkpoint_dir=ctx.work, resume=ctx.resume, val_metric=ctx.track.val_metric(),
         fingerprint=ctx.fingerprint, on_epoch=progress.epochs(ctx.progress, "student", t.epochs),
     )
+    history = list(result.history)
+    rounds = []
+    if params.on_policy.rounds:  # the student writes, the teacher grades (tracks with on-policy rounds)
+        o = params.on_policy
+        rounds = ctx.track.on_policy_rounds(
+            model, train=train, val=val, teacher=ctx.input("teachers") / logits.teachers[0].teacher, loss=loss,
+            rounds=o.rounds, prompt_tokens=o.prompt_tokens, max_blocks=o.max_blocks, epochs=o.epochs,
+            temperature=o.temperature, cache=readers[0].info, lr=t.lr, weight_decay=t.weight_decay,
+            batch_size=t.batch_size, seed=ctx.seed, device=ctx.device, work=ctx.work / "on-policy",
+            report=lambda done, total: ctx.report("on-policy rounds", done, total))
+        history += [{**row, "round": r["round"]} for r in rounds for row in r["history"]]
     ctx.track.save_model(model, ctx.out)
-    save_history(ctx.out / "history.json", result.history)
+    save_history(ctx.out / "history.json", history)
     score = (ctx.track.val_metric() or ("accuracy",))[0]
     metrics = {f"best_val_{score}": result.best_val_accuracy or 0.0, "epochs_run": result.epochs_run,
                "params": count_params(model)}
-    info = Student(best_epoch=result.best_epoch, resumed_from=result.resumed_from, stopped_early=result.stopped_early)
+    info = Student(best_epoch=result.best_epoch, resumed_from=result.resumed_from, stopped_early=result.stopped_early,
+                   rounds=[{k: v for k, v in r.items() if k != "history"} for r in rounds])
     manifest = ctx.manifest(metrics=metrics, info=info)
     shutil.rmtree(ctx.work, ignore_errors=True)  # the checkpoint served its purpose
     return manifest

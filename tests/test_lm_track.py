@@ -208,3 +208,39 @@ def test_sequence_level_kd_trains_on_the_teachers_continuations(tmp_path: Path, 
     assert cache["num_rows"] == len(small)
     with pytest.raises(ParamsError, match="per_block > 1 needs temperature > 0"):
         parse_params(tiny_lm(f"text:{text_file}", condense={"method": "generate", "per_block": 2}))
+
+
+@pytest.mark.slow
+def test_on_policy_rounds_grade_the_students_text_and_resume(tmp_path: Path, text_file: Path) -> None:
+    raw = tiny_lm(f"text:{text_file}", student={**tiny_lm("x")["student"],
+                                                 "on_policy": {"rounds": 2, "prompt_tokens": 8, "max_blocks": 4}})
+    pp = parse_params(raw)
+    ms = {stage: execute_stage(stage, pp, tmp_path)[0] for stage in STAGE_ORDER[: STAGE_ORDER.index("student") + 1]}
+    rounds = ms["student"].info["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[0]["student_after"] == rounds[1]["student_before"] != rounds[0]["student_before"]
+    history = json.loads((tmp_path / "artifacts/lm/student/history.json").read_text())
+    assert [row.get("round") for row in history][-2:] == [1, 2]  # one epoch per round, after the cache epochs
+
+    # a killed run resumes at the first unfinished round: replay with the work folder kept
+    from kdflow.tracks.lm import onpolicy
+
+    work = tmp_path / "kept"
+    student = LM.load_model(tmp_path / "artifacts/lm/student")
+    calls: list[int] = []
+
+    def train_round(tensors, batches, r):  # noqa: ANN001, ANN202
+        calls.append(r)
+        batch = batches(torch.arange(2), 1)
+        assert batch["teacher_logprobs"].shape == (2, 32, 8) and torch.equal(batch["x"], tensors["x"][:2])
+        return [{"epoch": 1}]
+
+    spec = onpolicy.Rounds(2, 8, 4, 1, 1.0, 8, "topk", "float16", 1.0)
+    teacher = LM.load_model(tmp_path / "artifacts/lm/teachers/t")
+    args = dict(teacher_loader=lambda: teacher, train=LM.load(tmp_path / "artifacts/lm/condense"), spec=spec,
+                work=work, seed=0, device=torch.device("cpu"), batch_size=4, train_round=train_round)
+    first = onpolicy.run_rounds(student, **args)
+    student2 = LM.load_model(tmp_path / "artifacts/lm/student")
+    (work / "round-2" / onpolicy.ROUND_FILE).unlink()  # killed during round 2
+    again = onpolicy.run_rounds(student2, **args)
+    assert calls == [1, 2, 2] and again[0] == first[0] and again[1]["grades_sha256"] == first[1]["grades_sha256"]

@@ -23,7 +23,7 @@ from kdflow.errors import DataError, ModelError
 from kdflow.losses import LOSSES
 from kdflow.select import STRATEGIES, SelectionData
 from kdflow.tracks import TRACKS, offered
-from kdflow.tracks.lm import corpus, evaluation, generate  # noqa: F401  (generate registers a condenser)
+from kdflow.tracks.lm import corpus, evaluation, generate, onpolicy  # noqa: F401  (generate registers a condenser)
 from kdflow.tracks.lm.blocks import TokenBlocks, load_blocks, ordered, save_blocks
 from kdflow.tracks.lm.models import ARCHS, arg_problems, create_causal_lm, load_causal_lm, save_causal_lm, write_spec
 from kdflow.train.loop import predict
@@ -54,6 +54,7 @@ class LMTrack:
     """Causal language models."""
 
     name = "lm"
+    on_policy = True  # student.on_policy.rounds
     summary = "causal language models (Llama family): text corpora, per-token top-k cache; perplexity, KL, tokens/s"
     views_supported = False
     fidelity_rows = 4
@@ -187,6 +188,28 @@ class LMTrack:
 
     def views(self, ds: Dataset, k: int, seed: int, augment: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise DataError(f"logits.views: the lm track has no augmented views; use logits.views 1 (got {k})")
+
+    def on_policy_rounds(self, model: nn.Module, *, train: Dataset, val: Dataset, teacher: Path, loss: Any,
+                         rounds: int, prompt_tokens: int, max_blocks: int, epochs: int, temperature: float,
+                         cache: dict[str, Any], lr: float, weight_decay: float, batch_size: int, seed: int,
+                         device: torch.device, work: Path, report: Any = None) -> list[dict[str, Any]]:
+        """On-policy rounds on ``model`` in place (see ``onpolicy.py``); the grades use the logit
+        cache's format, k and dtype."""
+        from kdflow.train.loop import fit
+
+        dtype = cache.get("dtype") if cache.get("dtype") in ("float16", "bfloat16") else "float16"  # q8: unused
+        spec = onpolicy.Rounds(rounds, prompt_tokens, max_blocks, epochs, temperature, int(cache.get("k") or 16),
+                               str(cache["format"]), dtype, float(cache.get("capture_temperature", 1.0)))
+
+        def train_round(tensors: dict[str, torch.Tensor], batches: Any, r: int) -> list[dict[str, float]]:
+            result = fit(model, tensors, loss, val=self.val_pair(val), batch_fn=batches, epochs=epochs, lr=lr,
+                         weight_decay=weight_decay, batch_size=batch_size, seed=seed + r, device=device,
+                         val_metric=self.val_metric())
+            return result.history
+
+        return onpolicy.run_rounds(model, teacher_loader=lambda: self.load_model(teacher), train=train, spec=spec,
+                                   work=work, seed=seed, device=device, batch_size=batch_size,
+                                   train_round=train_round, report=report)
 
     # -- what it offers -------------------------------------------------------------------------
     def offers(self, kind: str) -> list[str]:
