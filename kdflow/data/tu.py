@@ -180,6 +180,9 @@ def _read_floats(path: Path, expect: int) -> np.ndarray:
     return values.reshape(len(lines), width)
 
 
+REQUIRED = ("A", "graph_indicator", "graph_labels")  # the files TUDataset cannot do without
+
+
 def load_tu(root: Path, name: str, *, download: bool = False) -> tuple[GraphFeatures, np.ndarray, dict]:
     """A TU dataset through torch_geometric's ``TUDataset``, as pipeline graph features.
 
@@ -211,6 +214,11 @@ def load_tu(root: Path, name: str, *, download: bool = False) -> tuple[GraphFeat
                 f"dataset there, or set data.options.download: true to let torch_geometric fetch it"
             ) from None
         folder = None
+    if folder is not None and not download:  # a missing required file would make TUDataset download the set
+        missing = [f"{name}_{part}.txt" for part in REQUIRED if not (folder / f"{name}_{part}.txt").is_file()]
+        if missing:
+            raise DataError(f"{folder}: TU dataset {name!r} lacks {missing}; nothing is downloaded unless "
+                            "data.options.download is true (into a temporary folder: yours is never touched)")
     with tempfile.TemporaryDirectory(prefix="kdflow-tu-") as tmp:
         if folder is not None:
             raw = Path(tmp) / name / "raw"

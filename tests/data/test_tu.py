@@ -189,3 +189,19 @@ def test_tu_source_mutag_and_imdb_stratified_80_10_10():
     degree = torch.bincount(g.edge_index[1], minlength=g.x.shape[0])
     assert imdb.meta["node_labels_from_degree"] and g.edge_attr is None
     assert torch.equal(torch.unique(degree)[g.x.argmax(1)], degree)  # one-hot of the degree
+
+
+def test_a_missing_raw_file_is_an_error_not_a_download(tmp_path, monkeypatch):
+    from kdflow.data.tu import load_tu
+
+    files = {k: v for k, v in TOY.items() if k != "graph_labels"}
+    write_tu(tmp_path / "TOY", files)
+    before = sorted(p.name for p in (tmp_path / "TOY" / "raw").iterdir())
+
+    def no_network(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr("torch_geometric.data.download.urlopen", no_network, raising=False)
+    with pytest.raises(DataError, match=r"lacks \['TOY_graph_labels.txt'\]; nothing is downloaded"):
+        load_tu(tmp_path, "TOY", download=False)
+    assert sorted(p.name for p in (tmp_path / "TOY" / "raw").iterdir()) == before
