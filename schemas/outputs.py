@@ -79,6 +79,7 @@ class Logits(Output):
 
     views: int = 1
     teachers: list[TeacherCache]
+    teacher_names: list[str] = Field(default_factory=list, description="The chosen teachers, best first (for lineage).")
 
 
 class Student(Output):

@@ -110,4 +110,5 @@ def run(params: LogitsParams, ctx: StageContext) -> Manifest:
         metrics.update(m if not caches else {f"{name}.{k}": v for k, v in m.items()})
         caches.append(TeacherCache(teacher=name, weight=weight, dir=subdir, cache=info,
                                    cache_key=build.header["key"], shards_computed=build.computed))
-    return ctx.manifest(metrics=metrics, info=Logits(views=k_views, teachers=caches))
+    return ctx.manifest(metrics=metrics, info=Logits(views=k_views, teachers=caches,
+                                                     teacher_names=[c.teacher for c in caches]))

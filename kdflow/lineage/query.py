@@ -28,12 +28,14 @@ DETAILS: dict[str, list[tuple[str, str, str]]] = {
                ("metric", "best_score", "score")],
     "condense": [("param", "condense.method", "method"), ("info", "teacher", "teacher"),
                  ("metric", "n_condensed", "samples"), ("metric", "ratio", "ratio")],
-    "logits": [("param", "logits.format", "format"), ("info", "teacher", "teacher"),
+    "logits": [("param", "logits.format", "format"), ("info", "teacher_names", "teachers"),
                ("metric", "top1_agreement", "top1")],
     "student": [("param", "student.arch", "arch"), ("param", "student.loss.name", "loss"),
-                ("metric", "best_val_accuracy", "val acc"), ("tag", "kdflow.registered_model", "registered")],
+                ("metric", "best_val_accuracy", "val acc"), ("metric", "best_val_neg_perplexity", "val -ppl"),
+                ("tag", "kdflow.registered_model", "registered")],
     "evaluate": [("info", "teacher", "teacher"), ("metric", "teacher_accuracy", "teacher acc"),
-                 ("metric", "student_accuracy", "student acc"), ("metric", "agreement", "agreement")],
+                 ("metric", "student_accuracy", "student acc"), ("metric", "teacher_perplexity", "teacher ppl"),
+                 ("metric", "student_perplexity", "student ppl"), ("metric", "agreement", "agreement")],
 }
 
 
@@ -253,8 +255,9 @@ def _step(run: Any, upstream: dict[str, dict[str, str]]) -> Step:
             details[label] = f"{value:.4g}" if isinstance(value, float) else str(value)
     if stage == "teachers":
         for label in sorted(k.split(".")[2] for k in tags if k.startswith("kdflow.model.") and k.endswith(".id")):
-            acc = metrics.get(f"{label}.val_accuracy")
-            details[label] = f"val acc {acc:.4g}" if acc is not None else "logged"
+            acc, ppl = metrics.get(f"{label}.val_accuracy"), metrics.get(f"{label}.val_perplexity")
+            details[label] = (f"val acc {acc:.4g}" if acc is not None else f"val ppl {ppl:.4g}" if ppl is not None
+                              else "logged")
     return Step(stage, run.info.run_id, tags.get("kdflow.fingerprint"), sorted(upstream), details, run.info.status)
 
 
