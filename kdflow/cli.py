@@ -136,13 +136,14 @@ def stage(
     _setup_logging(debug)
     try:
         from flows.distill import RUNNERS
+        from kdflow.train.distributed import is_main
         from schemas.stages import STAGES
         from tasks.common import execute_stage
 
         if name not in STAGES:
             raise KdflowError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
         pp = _load(config, set_)
-        tracker = _tracker(pp)
+        tracker = _tracker(pp) if is_main() else None  # under torchrun, rank 0 records the run
         with _reporter(in_flow=False) as report:
             manifest, executed = execute_stage(name, pp, Path.cwd(), tracker=tracker, resume=resume, force=force,
                                                progress=report, runners=RUNNERS)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ import kdflow
 from kdflow.errors import ArtifactError
 from kdflow.progress import Reporter
 from kdflow.tracks import Track, get_track
+from kdflow.train import distributed
 from kdflow.train.device import resolve_device
 from schemas.manifest import MANIFEST_FILE, FileEntry, Manifest
 from schemas.outputs import OUTPUTS, Output
@@ -36,6 +38,7 @@ from schemas.stages import STAGE_ORDER, STAGES
 log = logging.getLogger(__name__)
 
 PACKAGES = ("kdflow", "tasks", "schemas")  # the code a stage's identity covers
+DISTRIBUTED_STAGES = ("student",)  # the stages that may run under torchrun with several processes
 
 
 def _module_file(module: str) -> Path | None:
@@ -323,6 +326,21 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextmanager
+def rank_dir(final: Path) -> Iterator[Path]:
+    """``atomic_dir(final)`` on rank 0; on the other ranks of a process group, a private temporary
+    folder, deleted. Every rank leaves only once rank 0 has committed ``final``."""
+    rank = distributed.world()[0]
+    if rank == 0:
+        with atomic_dir(final) as tmp:
+            yield tmp
+    else:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".rank{rank}-{final.name}-", dir=final.parent) as tmp:
+            yield Path(tmp)
+    distributed.barrier()  # no-op in one process; a rank that failed never gets here
+
+
 def load_upstream(stage: str, pp: PipelineParams, root: Path) -> dict[str, Manifest]:
     """Verified manifests of the stage's upstream outputs (ArtifactError if missing/altered)."""
     base = artifact_root(root, pp.name)
@@ -355,17 +373,44 @@ def execute_stage(
     progress: Reporter | None = None,
     runners: dict[str, Runner] | None = None,
 ) -> tuple[Manifest, bool]:
-    """Run one stage unless its valid output already exists. Returns (manifest, executed)."""
+    """Run one stage unless its valid output already exists. Returns (manifest, executed).
+
+    Under torchrun with several processes (only ``DISTRIBUTED_STAGES``), every rank runs the stage
+    and returns the manifest rank 0 committed; only rank 0 writes the output and the MLflow run.
+    """
+    distributed.check_stage(stage, DISTRIBUTED_STAGES)
+    joined = distributed.launched() and distributed.init_from_env(resolve_device(stage_runtime(stage, pp)[0]))
+    try:
+        return _execute_stage(stage, pp, root, tracker=tracker, resume=resume, force=force, progress=progress,
+                              runners=runners)
+    finally:
+        if joined:
+            distributed.shutdown()
+
+
+def _execute_stage(
+    stage: str,
+    pp: PipelineParams,
+    root: Path,
+    *,
+    tracker: Any,
+    resume: bool,
+    force: bool,
+    progress: Reporter | None,
+    runners: dict[str, Runner] | None,
+) -> tuple[Manifest, bool]:
     root = Path(root).resolve()
     upstream = load_upstream(stage, pp, root)
     fp = fingerprint(stage, pp, upstream_fingerprints(stage, upstream))
     final = artifact_root(root, pp.name) / stage
-    if not force and check_output(final, fp) is None:
+    if not force and distributed.from_main(check_output(final, fp) is None):
         log.info("%s: up to date (%s)", stage, fp[:12])
         return Manifest.load(final), False
     module = importlib.import_module(f"tasks.{stage}")
     log.info("%s: running (%s)", stage, fp[:12])
-    with atomic_dir(final) as tmp:
+    if not distributed.is_main():  # rank 0 records the run and reports progress
+        tracker, progress = None, None
+    with rank_dir(final) as tmp:
         ctx = StageContext(stage, root, pp, fp, upstream, tmp, tracker=tracker, resume=resume, progress=progress,
                            runners=dict(runners or {}))
         run_id = tracker.start_stage(stage, stage_params(stage, pp), fp, upstream, artifact_root(root, pp.name)) if tracker else None
@@ -380,4 +425,4 @@ def execute_stage(
             if tracker:
                 tracker.fail_stage(run_id)
             raise
-    return manifest, True
+    return (manifest if distributed.is_main() else Manifest.load(final)), True

@@ -3,6 +3,11 @@
 AdamW with a per-epoch cosine schedule, validation accuracy per epoch, best-epoch restore,
 early stopping, and atomic per-epoch checkpoints that resume bit-identically on CPU: every
 epoch reseeds torch and the shuffling generator from ``(seed, epoch)``.
+
+Under torchrun (a process group of several ranks, ``kdflow.train.distributed``) the same loop
+trains with ``DistributedDataParallel``: every rank draws the same global order and takes its share
+of each batch, the loss is scaled so the averaged gradient is the whole batch's, and history,
+validation and early stopping follow rank 0, which alone writes the checkpoint.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import torch
 from torch import nn
 
 from kdflow.errors import DataError, KdflowError
+from kdflow.train import distributed
 from kdflow.train.device import autocast, eval_mode
 
 logger = logging.getLogger(__name__)
@@ -105,7 +111,8 @@ def fit(
         batch_size: samples per optimiser step.
         patience: stop after this many epochs without a better ``val`` accuracy.
         seed: determines shuffling and every random op of each epoch.
-        device: where to train; inputs are moved per batch.
+        device: where to train; inputs are moved per batch (under DDP on CUDA, each rank
+            trains on ``cuda:LOCAL_RANK``).
         checkpoint_dir: write ``checkpoint.pt`` there atomically after every epoch.
         resume: continue from ``checkpoint_dir``'s checkpoint when it matches this run.
         fingerprint: identifies the run; a checkpoint with another fingerprint is ignored.
@@ -119,6 +126,8 @@ def fit(
     """
     n = _check_train(train, batch_size, epochs, classes=val_metric is None)
     val = _check_val(val)
+    device = distributed.train_device(device)
+    main = distributed.is_main()
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
@@ -128,25 +137,30 @@ def fit(
     progress, start = _Progress(), 0
     if path is not None and resume:
         start = _resume(path, run_key, model, optimizer, scheduler, progress)
+    net = distributed.wrap(model, device)  # DDP under a process group of several ranks
     for epoch in range(start + 1, epochs + 1):
         if progress.stopped_early:
             break
-        row = _run_epoch(model, train, loss_fn, optimizer, n, batch_size, seed, epoch, device,
+        row = _run_epoch(net, train, loss_fn, optimizer, n, batch_size, seed, epoch, device,
                          batch_fn)
         scheduler.step()
+        distributed.sync_buffers(model)  # every rank validates the same weights, rank 0's row wins
         if val is not None:
             eval_bs = max(batch_size, 512)
             if val_metric is None:
                 row["val_accuracy"] = accuracy_of(model, *val, batch_size=eval_bs, device=device)
             else:
                 row[f"val_{val_metric[0]}"] = val_metric[1](model, *val, batch_size=eval_bs, device=device)
+        row = distributed.from_main(row)  # every rank keeps rank 0's history and decisions
         _track_best(progress, model, row, epoch, patience, f"val_{val_metric[0]}" if val_metric else "val_accuracy")
         progress.history.append(row)
-        if path is not None:
+        if path is not None and main:
             _save_checkpoint(path, run_key, epoch, model, optimizer, scheduler, progress)
-        _log_epoch(row, epochs, progress.stopped_early)
+        if main:
+            _log_epoch(row, epochs, progress.stopped_early)
         if on_epoch is not None:
             on_epoch(row)
+    distributed.barrier()  # no rank leaves (and may clear the checkpoint folder) while rank 0 writes
     if progress.best_state is not None:
         model.load_state_dict(progress.best_state)
     return FitResult(
@@ -201,12 +215,16 @@ def _run_epoch(
     device: torch.device,
     batch_fn: BatchFn | None = None,
 ) -> dict[str, float]:
-    """One pass over ``train`` in an order fixed by ``(seed, epoch)``; returns the history row."""
+    """One pass over ``train`` in an order fixed by ``(seed, epoch)``; returns the history row.
+
+    Under DDP each rank runs its share of every batch (``distributed.shard``) and the row holds
+    the means over all ranks."""
     t0 = time.perf_counter()
     torch_seed, shuffle_seed = epoch_seeds(seed, epoch)
     torch.manual_seed(torch_seed)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed))
     lr = float(optimizer.param_groups[0]["lr"])
+    rank, world_size = distributed.world()
     model.train()
     sums: dict[str, torch.Tensor] = {}
     seen = 0
@@ -214,13 +232,16 @@ def _run_epoch(
         idx = order[i : i + batch_size]
         if len(idx) == 1 and n > 1:  # a lone sample breaks batch norm; it is seen in other epochs
             continue
-        cpu = batch_fn(idx, epoch) if batch_fn is not None else {k: v[idx] for k, v in train.items()}
+        mine, share = distributed.shard(idx, rank, world_size)  # (idx, len(idx)) in one process
+        cpu = batch_fn(mine, epoch) if batch_fn is not None else {k: v[mine] for k, v in train.items()}
         batch = {k: _to_device(v, device) for k, v in cpu.items()}
-        terms = _step(model, batch, loss_fn, optimizer, device)
+        # DDP averages over ranks: weight this share's mean loss by its part of the batch
+        terms = _step(model, batch, loss_fn, optimizer, device, scale=world_size * share / len(idx))
         for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + v.detach().float() * len(idx)
-        seen += len(idx)
-    row = {"epoch": epoch, **{f"train_{k}": float(v) / seen for k, v in sums.items()}}
+            sums[k] = sums.get(k, 0.0) + v.detach().float() * share
+        seen += share
+    *totals, seen = distributed.all_sum([*(float(v) for v in sums.values()), seen])  # over ranks
+    row = {"epoch": epoch, **{f"train_{k}": total / seen for k, total in zip(sums, totals)}}
     if not math.isfinite(row["train_loss"]):
         loss = row["train_loss"]
         raise KdflowError(f"training diverged at epoch {epoch}: loss is {loss}; lower lr")
@@ -233,15 +254,16 @@ def _step(
     loss_fn: LossFn,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
+    scale: float = 1.0,
 ) -> dict[str, torch.Tensor]:
-    """Forward under autocast, loss in float32, backward, optimiser step."""
+    """Forward under autocast, loss in float32, backward of ``scale * loss``, optimiser step."""
     with autocast(device):
         logits = model(batch["x"])  # [B, K]
     terms = loss_fn(logits.float(), batch)
     if "loss" not in terms:
         raise KdflowError(f"loss function returned {sorted(terms)}; it must return a 'loss' total")
     optimizer.zero_grad(set_to_none=True)
-    terms["loss"].backward()
+    (terms["loss"] if scale == 1.0 else terms["loss"] * scale).backward()
     optimizer.step()
     return terms
 
@@ -316,8 +338,10 @@ def _read_checkpoint(path: Path, run_key: dict[str, Any]) -> dict[str, Any] | No
 
 def _resume(path: Path, run_key: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
             scheduler: Any, progress: _Progress) -> int:
-    """Restore the training state from ``path``; returns the last completed epoch (0 if fresh)."""
-    ckpt = _read_checkpoint(path, run_key)
+    """Restore the training state from ``path``; returns the last completed epoch (0 if fresh).
+
+    Under DDP rank 0 reads the checkpoint and hands it to the other ranks."""
+    ckpt = distributed.from_main(_read_checkpoint(path, run_key) if distributed.is_main() else None)
     if ckpt is None:
         return 0
     try:
