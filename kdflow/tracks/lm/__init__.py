@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from kdflow.data.dataset import Dataset
-from kdflow.errors import DataError, KdflowError, ModelError
+from kdflow.errors import DataError, ModelError, ParamsError
 from kdflow.losses import LOSSES
 from kdflow.select import STRATEGIES, SelectionData
 from kdflow.tracks import TRACKS, offered
@@ -199,8 +199,8 @@ class LMTrack:
         from kdflow.train.loop import fit
 
         if distributed.is_distributed():
-            raise KdflowError("student.on_policy.rounds: on-policy rounds run in one process; launch the student "
-                              "stage without torchrun (or set rounds: 0)")
+            raise ParamsError(["student.on_policy.rounds: on-policy rounds run in one process; launch the student "
+                               "stage without torchrun (or set rounds: 0)"], source="student")
         dtype = cache.get("dtype") if cache.get("dtype") in ("float16", "bfloat16") else "float16"  # q8: unused
         spec = onpolicy.Rounds(rounds, prompt_tokens, max_blocks, epochs, temperature, int(cache.get("k") or 16),
                                str(cache["format"]), dtype, float(cache.get("capture_temperature", 1.0)))
