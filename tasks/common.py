@@ -33,7 +33,7 @@ from kdflow.train.device import resolve_device
 from schemas.manifest import MANIFEST_FILE, FileEntry, Manifest
 from schemas.outputs import OUTPUTS, Output
 from schemas.params import PipelineParams
-from schemas.stages import STAGE_ORDER, STAGES
+from schemas.stages import STAGE_ORDER, STAGES  # noqa: F401  (re-exported: the stage order)
 
 log = logging.getLogger(__name__)
 

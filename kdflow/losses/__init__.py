@@ -131,16 +131,21 @@ def check_args(name: str, temperature: float | None = None, alpha: float | None 
         raise ParamsError(problems, source="loss")
 
 
-def check_batch(
-    name: str, needs: tuple[str, ...], student_logits: Tensor, batch: Mapping[str, Tensor]
-) -> None:
-    """Raises ``DataError`` when the batch lacks a key the loss needs or sizes disagree."""
+def require_keys(name: str, needs: tuple[str, ...], batch: Mapping[str, Tensor]) -> None:
+    """Raises ``DataError`` naming the keys the loss needs that the batch lacks."""
     missing = [k for k in needs if k not in batch]
     if missing:
         raise DataError(
             f"loss {name!r} needs batch keys {list(needs)}; missing {missing} "
             f"(got {sorted(batch)}). Check that the logit cache matches the loss."
         )
+
+
+def check_batch(
+    name: str, needs: tuple[str, ...], student_logits: Tensor, batch: Mapping[str, Tensor]
+) -> None:
+    """Raises ``DataError`` when the batch lacks a key the loss needs or sizes disagree."""
+    require_keys(name, needs, batch)
     if student_logits.dim() != 2:
         shape = tuple(student_logits.shape)
         raise DataError(f"loss {name!r}: student logits must be [B, C], got {shape}")
@@ -183,5 +188,5 @@ from kdflow.losses import lm_ce, lm_jsd, lm_kd, lm_rkl, lm_uld  # noqa: E402, F4
 
 __all__ = [
     "LOSSES", "Loss", "LossBase", "alpha_field", "build_loss", "check_args", "check_batch", "create_loss",
-    "kl_rows", "loss_needs", "loss_params", "temperature_field", "weighted_mean",
+    "kl_rows", "loss_needs", "loss_params", "require_keys", "temperature_field", "weighted_mean",
 ]

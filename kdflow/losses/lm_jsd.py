@@ -15,20 +15,19 @@ a small loss, not one close to the forward KL.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
 from kdflow.errors import ParamsError
-from kdflow.losses import LOSSES, LossBase, alpha_field, check_args, kl_rows
+from kdflow.losses import LOSSES, alpha_field, kl_rows
 from kdflow.losses.lm_kd import kl_reference, student_buckets_reference, teacher_buckets_reference
 from kdflow.losses.lm_rkl import reverse_kl_rows
 from kdflow.losses.lm_tokens import (
-    IGNORE_INDEX, TOPK_NEEDS, capture_context, check_capture_temperature, lm_temperature_field,
-    topk_terms,
+    TopKTokenLoss,
+    IGNORE_INDEX, lm_temperature_field,
 )
 from schemas.base import Section
 
@@ -75,38 +74,21 @@ class LMJSDParams(Section):
 
 
 @LOSSES.register("lm_jsd", params=LMJSDParams, tracks=("lm",))
-class LMJSD(LossBase):
+class LMJSD(TopKTokenLoss):
     """``alpha * T^2 * JSD(beta) + (1 - alpha) * CE`` per token, over k cached tokens + a tail.
 
     Args:
         beta: teacher weight of the mixture (0: forward KL, 1: reverse KL).
-        temperature: softening temperature T.
-        alpha: weight of the distillation term; ``1 - alpha`` weighs next-token CE.
-        capture_temperature: temperature the cache was written at (from the cache's info).
     """
 
-    needs: tuple[str, ...] = TOPK_NEEDS
+    loss_name, term = "lm_jsd", "jsd"
 
-    def __init__(
-        self, beta: float = 0.5, temperature: float = 1.0, alpha: float = 0.9,
-        capture_temperature: float = 1.0,
-    ) -> None:
-        check_args("lm_jsd", temperature, alpha)
+    def __init__(self, beta: float = 0.5, temperature: float = 1.0, alpha: float = 0.9,
+                 capture_temperature: float = 1.0) -> None:
         if not 0.0 <= beta <= 1.0:
             raise ParamsError([f"lm_jsd.beta: must be in [0, 1] (got {beta})"], source="loss")
-        self.beta, self.temperature, self.alpha = float(beta), float(temperature), float(alpha)
-        self.capture_temperature = check_capture_temperature("lm_jsd", capture_temperature)
+        self.beta = float(beta)
+        super().__init__(temperature, alpha, capture_temperature)
 
-    @classmethod
-    def context(cls, cache_info: dict[str, Any], data_meta: dict[str, Any]) -> dict[str, Any]:
-        """The cache's capture temperature."""
-        return capture_context(cache_info)
-
-    def __call__(self, student_logits: Tensor, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return topk_terms("lm_jsd", "jsd", lambda log_p, log_q: jsd_rows(log_p, log_q, self.beta),
-                          student_logits, batch, temperature=self.temperature, alpha=self.alpha,
-                          capture_temperature=self.capture_temperature)
-
-    def __repr__(self) -> str:
-        return (f"LMJSD(beta={self.beta}, temperature={self.temperature}, alpha={self.alpha}, "
-                f"capture_temperature={self.capture_temperature})")
+    def divergence(self, log_p: Tensor, log_q: Tensor) -> Tensor:
+        return jsd_rows(log_p, log_q, self.beta)

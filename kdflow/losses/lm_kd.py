@@ -11,7 +11,7 @@ Both: ``alpha * T^2 * mean_tokens KL + (1 - alpha) * CE``, means over the tokens
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -21,8 +21,9 @@ from kdflow.errors import DataError
 from kdflow.losses import LOSSES, LossBase, alpha_field, check_args, kl_rows
 from kdflow.losses.kd import KD
 from kdflow.losses.lm_tokens import (
-    IGNORE_INDEX, TOPK_NEEDS, capture_context, check_capture_temperature, check_lm_batch,
-    lm_temperature_field, real_tokens, rows, token_weights, topk_terms,
+    TopKTokenLoss,
+    IGNORE_INDEX, check_lm_batch,
+    lm_temperature_field, real_tokens, rows, token_weights,
 )
 from schemas.base import Section
 
@@ -84,39 +85,16 @@ class LMKDDenseParams(Section):
 
 
 @LOSSES.register("lm_kd", params=LMKDParams, tracks=("lm",))
-class LMKD(LossBase):
+class LMKD(TopKTokenLoss):
     """``alpha * T^2 * KL(p || q) + (1 - alpha) * CE`` per token, over k cached tokens + a tail.
 
     With k = V (tail 0) and ``temperature == capture_temperature`` this equals ``lm_kd_dense``.
-
-    Args:
-        temperature: softening temperature T.
-        alpha: weight of the distillation term; ``1 - alpha`` weighs next-token CE.
-        capture_temperature: temperature the cache was written at (from the cache's info).
     """
 
-    needs: tuple[str, ...] = TOPK_NEEDS
+    loss_name, term = "lm_kd", "kd"
 
-    def __init__(
-        self, temperature: float = 1.0, alpha: float = 0.9, capture_temperature: float = 1.0
-    ) -> None:
-        check_args("lm_kd", temperature, alpha)
-        self.temperature, self.alpha = float(temperature), float(alpha)
-        self.capture_temperature = check_capture_temperature("lm_kd", capture_temperature)
-
-    @classmethod
-    def context(cls, cache_info: dict[str, Any], data_meta: dict[str, Any]) -> dict[str, Any]:
-        """The cache's capture temperature."""
-        return capture_context(cache_info)
-
-    def __call__(self, student_logits: Tensor, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return topk_terms("lm_kd", "kd", kl_rows, student_logits, batch,
-                          temperature=self.temperature, alpha=self.alpha,
-                          capture_temperature=self.capture_temperature)
-
-    def __repr__(self) -> str:
-        return (f"LMKD(temperature={self.temperature}, alpha={self.alpha}, "
-                f"capture_temperature={self.capture_temperature})")
+    def divergence(self, log_p: Tensor, log_q: Tensor) -> Tensor:
+        return kl_rows(log_p, log_q)
 
 
 @LOSSES.register("lm_kd_dense", params=LMKDDenseParams, tracks=("lm",))

@@ -7,17 +7,16 @@ log-probabilities are floored at ``TAIL_LOG_FLOOR``: a large but finite penalty.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field
 from torch import Tensor
 
-from kdflow.losses import LOSSES, LossBase, alpha_field, check_args, kl_rows
+from kdflow.losses import LOSSES, alpha_field, kl_rows
 from kdflow.losses.lm_kd import kl_reference, student_buckets_reference, teacher_buckets_reference
 from kdflow.losses.lm_tokens import (
-    IGNORE_INDEX, TOPK_NEEDS, capture_context, check_capture_temperature, lm_temperature_field,
-    topk_terms,
+    TopKTokenLoss,
+    IGNORE_INDEX, lm_temperature_field,
 )
 from kdflow.losses.topk_kd import TAIL_LOG_FLOOR
 from schemas.base import Section
@@ -49,34 +48,10 @@ class LMRKLParams(Section):
 
 
 @LOSSES.register("lm_rkl", params=LMRKLParams, tracks=("lm",))
-class LMRKL(LossBase):
-    """``alpha * T^2 * KL(q || p) + (1 - alpha) * CE`` per token, over k cached tokens + a tail.
+class LMRKL(TopKTokenLoss):
+    """``alpha * T^2 * KL(q || p) + (1 - alpha) * CE`` per token, over k cached tokens + a tail."""
 
-    Args:
-        temperature: softening temperature T.
-        alpha: weight of the distillation term; ``1 - alpha`` weighs next-token CE.
-        capture_temperature: temperature the cache was written at (from the cache's info).
-    """
+    loss_name, term = "lm_rkl", "rkl"
 
-    needs: tuple[str, ...] = TOPK_NEEDS
-
-    def __init__(
-        self, temperature: float = 1.0, alpha: float = 0.9, capture_temperature: float = 1.0
-    ) -> None:
-        check_args("lm_rkl", temperature, alpha)
-        self.temperature, self.alpha = float(temperature), float(alpha)
-        self.capture_temperature = check_capture_temperature("lm_rkl", capture_temperature)
-
-    @classmethod
-    def context(cls, cache_info: dict[str, Any], data_meta: dict[str, Any]) -> dict[str, Any]:
-        """The cache's capture temperature."""
-        return capture_context(cache_info)
-
-    def __call__(self, student_logits: Tensor, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return topk_terms("lm_rkl", "rkl", reverse_kl_rows, student_logits, batch,
-                          temperature=self.temperature, alpha=self.alpha,
-                          capture_temperature=self.capture_temperature)
-
-    def __repr__(self) -> str:
-        return (f"LMRKL(temperature={self.temperature}, alpha={self.alpha}, "
-                f"capture_temperature={self.capture_temperature})")
+    def divergence(self, log_p: Tensor, log_q: Tensor) -> Tensor:
+        return reverse_kl_rows(log_p, log_q)

@@ -27,7 +27,7 @@ from pydantic import Field
 from torch import Tensor
 
 from kdflow.errors import DataError, ParamsError
-from kdflow.losses import weighted_mean
+from kdflow.losses import LossBase, check_args, require_keys, weighted_mean
 from kdflow.losses.topk_kd import student_bucket_logprobs, teacher_bucket_logprobs
 
 IGNORE_INDEX = -100
@@ -57,12 +57,7 @@ def check_lm_batch(
     name: str, needs: tuple[str, ...], student_logits: Tensor, batch: Mapping[str, Tensor]
 ) -> None:
     """Raises ``DataError`` for a missing needed key or a per-token key not ``[B, L, ...]``."""
-    missing = [k for k in needs if k not in batch]
-    if missing:
-        raise DataError(
-            f"loss {name!r} needs batch keys {list(needs)}; missing {missing} "
-            f"(got {sorted(batch)}). Check that the logit cache matches the loss."
-        )
+    require_keys(name, needs, batch)
     if student_logits.dim() != 3:
         shape = tuple(student_logits.shape)
         raise DataError(f"loss {name!r}: student logits must be [B, L, V], got {shape}")
@@ -184,3 +179,43 @@ def topk_terms(
     log_p, log_q = topk_buckets(name, s, batch, mask, temperature, capture_temperature)
     distill = token_mean(divergence(log_p, log_q), token_weights(batch, mask)) * temperature**2
     return mix(alpha, key, distill, token_ce(student_logits, batch, mask))
+
+
+class TopKTokenLoss(LossBase):
+    """Base of the per-token top-k losses: ``alpha * T^2 * D(p, q) + (1 - alpha) * CE`` with ``D``
+    the subclass's ``divergence`` over the k cached tokens + a tail bucket (``topk_terms``).
+
+    Args:
+        temperature: softening temperature T.
+        alpha: weight of the distillation term; ``1 - alpha`` weighs next-token CE.
+        capture_temperature: temperature the cache was written at (from the cache's info).
+    """
+
+    needs: tuple[str, ...] = TOPK_NEEDS
+    loss_name = ""  # the registered name (for messages)
+    term = ""  # the distillation term's key in the returned dict
+
+    def __init__(self, temperature: float = 1.0, alpha: float = 0.9, capture_temperature: float = 1.0) -> None:
+        check_args(self.loss_name, temperature, alpha)
+        self.temperature, self.alpha = float(temperature), float(alpha)
+        self.capture_temperature = check_capture_temperature(self.loss_name, capture_temperature)
+
+    @classmethod
+    def context(cls, cache_info: dict[str, Any], data_meta: dict[str, Any]) -> dict[str, Any]:
+        """The cache's capture temperature."""
+        return capture_context(cache_info)
+
+    def divergence(self, log_p: Tensor, log_q: Tensor) -> Tensor:
+        """Per-row divergence ``[T]`` of teacher ``log_p`` and student ``log_q`` buckets ``[T, k + 1]``."""
+        raise NotImplementedError
+
+    def __call__(self, student_logits: Tensor, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return topk_terms(self.loss_name, self.term, self.divergence, student_logits, batch,
+                          temperature=self.temperature, alpha=self.alpha,
+                          capture_temperature=self.capture_temperature)
+
+    def __repr__(self) -> str:
+        extra = "".join(f"{k}={v}, " for k, v in vars(self).items() if k not in ("temperature", "alpha",
+                                                                                "capture_temperature"))
+        return (f"{type(self).__name__}({extra}temperature={self.temperature}, alpha={self.alpha}, "
+                f"capture_temperature={self.capture_temperature})")
