@@ -133,3 +133,17 @@ def test_names_cannot_leave_the_artifact_root_or_break_mlflow(name: str) -> None
     raw = tiny_params()
     raw["teachers"][0]["name"] = name
     assert problems(raw)[0].startswith("teachers[0].name: String should match pattern")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("student.arch=convnett", "student.arch: unknown architecture 'convnett' for track 'classify'; did you mean 'convnet'?"),
+    ("teachers[1].args={hiden: [8]}", "teachers[1].args: got an unexpected keyword argument 'hiden' (architecture 'mlp')"),
+    ("logits.format=topk", "student.loss.name: 'kd' needs ['teacher_logits'], which logits.format 'topk'"),
+    ("teachers[0].arch=gin", "teachers[0].arch: unknown architecture 'gin' for track 'classify'"),
+])
+def test_validate_rejects_what_the_run_would_fail_on(tmp_path: Path, override: str, message: str) -> None:
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(tiny_params()))
+    proc = subprocess.run([sys.executable, "-m", "kdflow.cli", "validate", "-c", "p.yaml", "-s", override],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in " ".join(proc.stderr.split()), proc.stderr
+    assert "Traceback" not in proc.stderr
