@@ -206,6 +206,7 @@ class StageContext:
     resume: bool = False
     progress: Reporter | None = None
     runners: dict[str, Runner] = field(default_factory=dict)
+    clear_work: bool = False  # set by a stage whose work folder (checkpoints) is done with once committed
     started: float = field(default_factory=time.time)
 
     @property
@@ -425,4 +426,6 @@ def _execute_stage(
             if tracker:
                 tracker.fail_stage(run_id)
             raise
+    if ctx.clear_work and distributed.is_main():  # only now: a kill before the commit keeps the checkpoint
+        shutil.rmtree(artifact_root(root, pp.name) / ".work" / stage, ignore_errors=True)
     return (manifest if distributed.is_main() else Manifest.load(final)), True

@@ -1,8 +1,6 @@
 """student: train the declared student from the condensed data and the cached teacher signal."""
 from __future__ import annotations
 
-import shutil
-
 from kdflow import progress
 from kdflow.cache import CacheReader
 from kdflow.cache.replay import CachedBatches
@@ -70,6 +68,5 @@ def run(params: StudentParams, ctx: StageContext) -> Manifest:
                "params": count_params(model)}
     info = Student(best_epoch=result.best_epoch, resumed_from=result.resumed_from, stopped_early=result.stopped_early,
                    rounds=[{k: v for k, v in r.items() if k != "history"} for r in rounds])
-    manifest = ctx.manifest(metrics=metrics, info=info)
-    shutil.rmtree(ctx.work, ignore_errors=True)  # the checkpoint served its purpose
-    return manifest
+    ctx.clear_work = True  # the checkpoint goes once the output is committed (execute_stage), not before
+    return ctx.manifest(metrics=metrics, info=info)

@@ -136,3 +136,28 @@ def test_a_killed_logits_stage_resumes_from_its_written_shards(tmp_path: Path, m
     fresh, _ = execute_stage("logits", parse_params(raw), tmp_path, force=True)
     assert fresh.info["teachers"][0]["shards_computed"] == shards
     assert {f.path: f.sha256 for f in fresh.files} == resumed  # byte-identical to a clean run
+
+
+def test_a_failure_after_training_keeps_the_student_checkpoint(tmp_path: Path) -> None:
+    raw = tiny_params()
+    out = run_until(tmp_path, raw, "logits")
+    pp = parse_params(raw)
+
+    class DyingTracker:  # a tracking store that fails while the student's output is committed
+        def start_stage(self, *args: object) -> str:
+            return "run"
+
+        def finish_stage(self, *args: object) -> None:
+            raise RuntimeError("tracking server went away")
+
+        def fail_stage(self, *args: object) -> None:
+            pass
+
+    with pytest.raises(RuntimeError, match="went away"):
+        execute_stage("student", pp, tmp_path, tracker=DyingTracker())
+    work = tmp_path / "artifacts/tiny/.work/student"
+    assert (work / "checkpoint.pt").is_file() and not (tmp_path / "artifacts/tiny/student").exists()
+    resumed, _ = execute_stage("student", pp, tmp_path, resume=True)
+    assert resumed.info["resumed_from"] == raw["student"]["train"]["epochs"]  # nothing was trained twice
+    assert not work.exists()  # committed: now the checkpoint goes
+    assert out["logits"].fingerprint == resumed.upstream["logits"]
