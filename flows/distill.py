@@ -19,6 +19,7 @@ from prefect.runtime import flow_run
 
 from flows.shards import run_shards_on_dask
 from kdflow import progress
+from kdflow.errors import ArtifactError
 from kdflow.lineage import open_tracker
 from kdflow.tracks import get_track
 from schemas.manifest import Manifest
@@ -45,7 +46,8 @@ def run_stage(stage: str, fp: str, pp: PipelineParams, root: str, tracker: Any =
     manifest, executed = execute_stage(stage, pp, Path(root), tracker=tracker, resume=resume, progress=report,
                                        runners=RUNNERS)
     if manifest.fingerprint != fp:
-        raise RuntimeError(f"{stage}: fingerprint changed while running ({manifest.fingerprint} != {fp})")
+        raise ArtifactError(f"{stage}: the code or inputs changed while the pipeline ran (fingerprint "
+                            f"{manifest.fingerprint[:12]} != {fp[:12]} when it started): run it again")
     logger.info("%s: %s in %.1fs", stage, "done" if executed else "up to date", manifest.seconds)
     return manifest
 
