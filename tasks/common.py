@@ -29,7 +29,7 @@ from kdflow.errors import ArtifactError
 from kdflow.progress import Reporter
 from kdflow.tracks import Track, get_track
 from kdflow.train import distributed
-from kdflow.train.device import resolve_device
+from kdflow.train.device import resolve_device, torch_threads
 from schemas.manifest import MANIFEST_FILE, FileEntry, Manifest
 from schemas.outputs import OUTPUTS, Output
 from schemas.params import PipelineParams
@@ -276,18 +276,6 @@ def stage_runtime(stage: str, pp: PipelineParams) -> tuple[str, int | None]:
         or (pp.student.device if stage == "student" and pp.student.device else None) or rt.device
     threads = own.threads if own and own.threads else rt.threads
     return device, threads
-
-
-@contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run with ``threads`` intra-op threads (None: leave torch's setting), restored afterwards."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _iso(t: float) -> str:

@@ -22,14 +22,14 @@ from pydantic import Field
 from torch import Tensor
 
 from kdflow.errors import ParamsError
-from kdflow.losses import LOSSES, alpha_field, kl_rows
+from kdflow.losses import LOSSES, kl_rows
 from kdflow.losses.lm_kd import kl_reference, student_buckets_reference, teacher_buckets_reference
 from kdflow.losses.lm_rkl import reverse_kl_rows
 from kdflow.losses.lm_tokens import (
+    TokenKDParams,
     TopKTokenLoss,
-    IGNORE_INDEX, lm_temperature_field,
+    IGNORE_INDEX,
 )
-from schemas.base import Section
 
 
 def lm_jsd_reference(
@@ -60,7 +60,7 @@ def jsd_rows(log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
     return beta * kl_rows(log_p, log_m) + (1.0 - beta) * kl_rows(log_q, log_m)
 
 
-class LMJSDParams(Section):
+class LMJSDParams(TokenKDParams):
     name: Literal["lm_jsd"] = Field(
         "lm_jsd", description="Token-level generalised JSD(beta) (GKD) on a per-token top-k "
                               "cache plus a tail bucket (logits.format topk or topk_q8)."
@@ -69,8 +69,6 @@ class LMJSDParams(Section):
         0.5, ge=0, le=1, description="Teacher weight in the mixture M = beta*P + (1-beta)*Q; "
                                      "0 is forward KL(teacher||student), 1 is reverse KL."
     )
-    temperature: float = lm_temperature_field()
-    alpha: float = alpha_field()
 
 
 @LOSSES.register("lm_jsd", params=LMJSDParams, tracks=("lm",))

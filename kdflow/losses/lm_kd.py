@@ -18,14 +18,14 @@ from pydantic import Field
 from torch import Tensor
 
 from kdflow.errors import DataError
-from kdflow.losses import LOSSES, LossBase, alpha_field, check_args, kl_rows
+from kdflow.losses import LOSSES, LossBase, check_args, kl_rows
 from kdflow.losses.kd import KD
 from kdflow.losses.lm_tokens import (
+    TokenKDParams,
     TopKTokenLoss,
     IGNORE_INDEX, check_lm_batch,
-    lm_temperature_field, real_tokens, rows, token_weights,
+    real_tokens, rows, token_weights,
 )
-from schemas.base import Section
 
 # --- reference formulas (dense, on tiny tensors) ------------------------------------------
 
@@ -66,22 +66,18 @@ def lm_kd_topk_reference(
 # --- the losses ---------------------------------------------------------------------------
 
 
-class LMKDParams(Section):
+class LMKDParams(TokenKDParams):
     name: Literal["lm_kd"] = Field(
         "lm_kd", description="Token-level forward KL on a per-token top-k cache plus a tail "
                              "bucket (logits.format topk or topk_q8)."
     )
-    temperature: float = lm_temperature_field()
-    alpha: float = alpha_field()
 
 
-class LMKDDenseParams(Section):
+class LMKDDenseParams(TokenKDParams):
     name: Literal["lm_kd_dense"] = Field(
         "lm_kd_dense", description="Token-level forward KL on dense per-token teacher logits "
                                    "(logits.format dense)."
     )
-    temperature: float = lm_temperature_field()
-    alpha: float = alpha_field()
 
 
 @LOSSES.register("lm_kd", params=LMKDParams, tracks=("lm",))

@@ -12,14 +12,14 @@ from typing import Literal
 from pydantic import Field
 from torch import Tensor
 
-from kdflow.losses import LOSSES, alpha_field, kl_rows
+from kdflow.losses import LOSSES, kl_rows
 from kdflow.losses.lm_kd import kl_reference, student_buckets_reference, teacher_buckets_reference
 from kdflow.losses.lm_tokens import (
+    TokenKDParams,
     TopKTokenLoss,
-    IGNORE_INDEX, lm_temperature_field,
+    IGNORE_INDEX,
 )
 from kdflow.losses.topk_kd import TAIL_LOG_FLOOR
-from schemas.base import Section
 
 
 def lm_rkl_reference(
@@ -38,13 +38,11 @@ def reverse_kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
     return kl_rows(log_q, log_p.clamp_min(TAIL_LOG_FLOOR))
 
 
-class LMRKLParams(Section):
+class LMRKLParams(TokenKDParams):
     name: Literal["lm_rkl"] = Field(
         "lm_rkl", description="Token-level reverse KL(student || teacher) on a per-token top-k "
                               "cache plus a tail bucket (logits.format topk or topk_q8)."
     )
-    temperature: float = lm_temperature_field()
-    alpha: float = alpha_field()
 
 
 @LOSSES.register("lm_rkl", params=LMRKLParams, tracks=("lm",))

@@ -27,8 +27,9 @@ from pydantic import Field
 from torch import Tensor
 
 from kdflow.errors import DataError, ParamsError
-from kdflow.losses import LossBase, check_args, require_keys, weighted_mean
+from kdflow.losses import LossBase, alpha_field, check_args, require_keys, weighted_mean
 from kdflow.losses.topk_kd import student_bucket_logprobs, teacher_bucket_logprobs
+from schemas.base import Section
 
 IGNORE_INDEX = -100
 TOPK_NEEDS = ("y", "teacher_logprobs", "teacher_indices", "teacher_tail")
@@ -179,6 +180,14 @@ def topk_terms(
     log_p, log_q = topk_buckets(name, s, batch, mask, temperature, capture_temperature)
     distill = token_mean(divergence(log_p, log_q), token_weights(batch, mask)) * temperature**2
     return mix(alpha, key, distill, token_ce(student_logits, batch, mask))
+
+
+class TokenKDParams(Section):
+    """The knobs every per-token KD loss shares; a subclass narrows ``name`` to its own literal."""
+
+    name: str
+    temperature: float = lm_temperature_field()
+    alpha: float = alpha_field()
 
 
 class TopKTokenLoss(LossBase):

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdflow.train.device import torch_threads
+
 
 def measure_latency(
     model: nn.Module,
@@ -48,14 +50,11 @@ def measure_latency(
         x = torch.randn((batch_size, *input_shape), generator=generator).to(device)  # [B, *input_shape]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    old_threads = torch.get_num_threads()
     was_training = model.training
     times_ms: list[float] = []
     try:
-        if threads is not None:
-            torch.set_num_threads(threads)
         model.eval()
-        with torch.inference_mode():
+        with torch_threads(threads), torch.inference_mode():
             for _ in range(warmup):
                 model(x)
             sync()
@@ -66,8 +65,6 @@ def measure_latency(
                 times_ms.append((time.perf_counter() - start) * 1e3)
     finally:
         model.train(was_training)
-        if threads is not None:
-            torch.set_num_threads(old_threads)
     return {
         "median_ms": float(np.median(times_ms)),
         "p90_ms": float(np.percentile(times_ms, 90)),

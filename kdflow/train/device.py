@@ -74,6 +74,18 @@ def seed_everything(seed: int, *, deterministic: bool | None = None) -> None:
 
 
 @contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run with ``threads`` intra-op threads (None: leave torch's setting), restored afterwards."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Put ``model`` in eval mode, restoring its previous mode on exit."""
     was_training = model.training

@@ -44,7 +44,7 @@ class ClassifyTrack:
                     options: dict[str, Any]) -> Dataset:
         scheme = spec.partition(":")[0]
         owner = SOURCES.meta(scheme).get("track", "classify") if scheme in SOURCES else self.name
-        if owner != self.name and not (owner == "classify" and self.name != "classify"):
+        if owner != self.name:
             raise DataError(f"data.source: {scheme!r} is data of track {owner!r}, not {self.name!r}; set `track: {owner}`")
         ds = load_source(spec, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, options=options)
         return self._check(ds, spec)

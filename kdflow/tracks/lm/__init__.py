@@ -26,6 +26,7 @@ from kdflow.tracks import TRACKS, offered
 from kdflow.tracks.lm import corpus, evaluation, generate, onpolicy  # noqa: F401  (generate registers a condenser)
 from kdflow.tracks.lm.blocks import TokenBlocks, load_blocks, ordered, save_blocks
 from kdflow.tracks.lm.models import ARCHS, arg_problems, create_causal_lm, load_causal_lm, save_causal_lm, write_spec
+from kdflow.train.device import torch_threads
 from kdflow.train.loop import predict
 
 log = logging.getLogger(__name__)
@@ -237,7 +238,7 @@ class LMTrack:
                  ece_bins: int, folder: Path) -> dict[str, Any]:
         x, y = test.features, test.labels
         prompt = x[:1, : min(16, x.shape[1])]
-        with _threads(latency_threads):
+        with torch_threads(latency_threads):
             per = {k: evaluation.model_metrics(m, x, y, prompt, new_tokens=32, repeats=max(1, min(latency_repeats, 5)))
                    for k, m in models.items()}
         t, s = per["teacher"], per["student"]
@@ -281,20 +282,6 @@ class LMTrack:
 
     def dvc_plots(self) -> list[dict[str, Any]]:
         return []
-
-
-class _threads:
-    """Torch threads while timing (None: unchanged)."""
-
-    def __init__(self, n: int | None) -> None:
-        self.n, self.before = n, torch.get_num_threads()
-
-    def __enter__(self) -> None:
-        if self.n:
-            torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc: object) -> None:
-        torch.set_num_threads(self.before)
 
 
 TRACKS.register("lm")(LMTrack())

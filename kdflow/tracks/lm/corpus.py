@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from kdflow.data.sources import SOURCES
 from kdflow.errors import DataError, ModelError, ParamsError
@@ -151,8 +152,9 @@ def pack(docs: list[str], tokenizer: Any, seq_len: int, max_tokens: int | None =
     return np.asarray(ids[: n * seq_len], dtype=np.int64).reshape(n, seq_len)
 
 
-def targets(blocks: np.ndarray) -> np.ndarray:
-    """Next-token labels of ``blocks`` ``[N, L]``: ``y[:, t] = x[:, t + 1]``, ``IGNORE`` at the end."""
-    y = np.full_like(blocks, IGNORE)
+def targets(blocks: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """Next-token labels of ``blocks`` ``[N, L]`` (numpy or torch, same type back):
+    ``y[:, t] = x[:, t + 1]``, ``IGNORE`` at the end."""
+    y = torch.full_like(blocks, IGNORE) if isinstance(blocks, torch.Tensor) else np.full_like(blocks, IGNORE)
     y[:, :-1] = blocks[:, 1:]
     return y

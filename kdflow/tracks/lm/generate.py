@@ -19,7 +19,7 @@ from kdflow.condense import CONDENSERS, Report
 from kdflow.data.dataset import Dataset
 from kdflow.errors import DataError
 from kdflow.tracks.lm.blocks import TokenBlocks
-from kdflow.tracks.lm.corpus import IGNORE
+from kdflow.tracks.lm.corpus import targets
 from schemas.base import Section
 
 BATCH = 16  # prompts generated together
@@ -74,8 +74,7 @@ def generate(
             if report is not None:
                 report(r * rows + stop, per_block * rows)
     blocks = torch.cat(made)  # [rows * per_block, L]
-    labels = torch.full_like(blocks, IGNORE)
-    labels[:, :-1] = blocks[:, 1:]
+    labels = targets(blocks)
     ids = [f"gen-{r}-{i:06d}" for r in range(per_block) for i in range(rows)]
     if keep_original:
         blocks, labels = torch.cat([train.features, blocks]), torch.cat([train.labels.to(labels.dtype), labels])

@@ -24,7 +24,7 @@ from torch import nn
 
 from kdflow.cache import CacheReader, write_cache
 from kdflow.cache.replay import CachedBatches
-from kdflow.tracks.lm.corpus import IGNORE
+from kdflow.tracks.lm.corpus import targets
 from kdflow.tracks.lm.generate import continue_blocks
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,7 @@ def run_rounds(student: nn.Module, *, teacher_loader: Callable[[], nn.Module], t
             teacher = teacher_loader()
         reader = grade(teacher, blocks, folder / f"grades-{before[:16]}", spec, vocab=train.num_classes,
                        batch_size=batch_size, device=device)
-        labels = torch.full_like(blocks, IGNORE)
-        labels[:, :-1] = blocks[:, 1:]
+        labels = targets(blocks)
         tensors = {"x": blocks, "y": labels}
         history = train_round(tensors, CachedBatches(tensors, [reader], [1.0], seed=seed + r), r)
         save_file({k: v.detach().cpu().clone() for k, v in student.state_dict().items()}, folder / WEIGHTS)  # tied: copies
