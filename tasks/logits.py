@@ -44,7 +44,7 @@ def _key(ctx: StageContext, teacher: str, transform: dict, spec: dict) -> str:
         teacher=str(sorted(_files_digest(ctx, "teachers", f"{teacher}/").items())),
         data=str(sorted(_files_digest(ctx, "condense").items())),
         transform=transform,
-        spec={**spec, "code": code_hash(stage_code("logits", ctx.pipeline.track))},
+        spec=spec,
     )
 
 
@@ -70,9 +70,12 @@ def run(params: LogitsParams, ctx: StageContext) -> Manifest:
         views = ctx.track.views(ds, k_views, ctx.seed, augment)
         transform = {"features": "views", "views": k_views, "augment": augment, "seed": ctx.seed}
 
+    # the code that turns teachers into shards, hashed once (read from disk) for every teacher's key
+    key_spec = {**{k: v for k, v in spec_args.items() if k != "shard_rows"},
+                "code": code_hash(stage_code("logits", ctx.pipeline.track))}
     builds: list[tuple[CacheBuild, TeacherRows]] = []
     for name, _ in teachers:
-        key = _key(ctx, name, transform, {**{k: v for k, v in spec_args.items() if k != "shard_rows"}, **layout})
+        key = _key(ctx, name, transform, {**key_spec, **layout})
         work = ctx.work / key[:16]
         extra = {} if views is None else {"views": write_views(work, views, views=k_views, augment=transform["augment"])}
         rows = TeacherRows(ctx.input("teachers") / name, ctx.input("condense"), views, k_views,
