@@ -256,10 +256,18 @@ def _step(
     device: torch.device,
     scale: float = 1.0,
 ) -> dict[str, torch.Tensor]:
-    """Forward under autocast, loss in float32, backward of ``scale * loss``, optimiser step."""
-    with autocast(device):
-        logits = model(batch["x"])  # [B, K]
-    terms = loss_fn(logits.float(), batch)
+    """Forward under autocast, loss in float32, backward of ``scale * loss``, optimiser step.
+
+    A loss with a ``run_model(model, batch)`` method runs the model itself (training objectives that
+    call it several times, at inputs they draw: diffusion's denoising, consistency and
+    distribution-matching losses) and returns the terms."""
+    if hasattr(loss_fn, "run_model"):
+        with autocast(device):
+            terms = loss_fn.run_model(model, batch)
+    else:
+        with autocast(device):
+            logits = model(batch["x"])  # [B, K]
+        terms = loss_fn(logits.float(), batch)
     if "loss" not in terms:
         raise KdflowError(f"loss function returned {sorted(terms)}; it must return a 'loss' total")
     optimizer.zero_grad(set_to_none=True)
