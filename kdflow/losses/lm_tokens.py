@@ -158,11 +158,86 @@ def mix(alpha: float, key: str, distill: Tensor, ce: Tensor) -> dict[str, Tensor
     return {"loss": alpha * distill + (1.0 - alpha) * ce, key: distill, "ce": ce}
 
 
+def check_topk_ids(name: str, indices: Tensor, logprobs: Tensor, mask: Tensor, vocab: int) -> None:
+    """``DataError`` unless the real tokens' cached ids ``indices`` ``[B, L, k]`` (int64) lie in
+    ``[0, vocab)`` with ``k <= vocab`` and match the log-probabilities' shape."""
+    if indices.shape != logprobs.shape or indices.shape[-1] > vocab:
+        raise DataError(f"loss {name!r}: teacher_indices and teacher_logprobs must both be "
+                        f"[B, L, k] with k <= V = {vocab}, got {tuple(indices.shape)} and "
+                        f"{tuple(logprobs.shape)}")
+    real = rows(indices, mask)  # [T, k]
+    if real.numel() and (real.min() < 0 or real.max() >= vocab):
+        raise DataError(
+            f"loss {name!r}: teacher_indices outside the student vocabulary [0, {vocab})"
+        )
+
+
+def row_weights(batch: Mapping[str, Tensor], mask: Tensor) -> Tensor:
+    """Per-position weights ``[B * L]`` summing to 1 over the real tokens (0 elsewhere; all 0
+    when there is none): ``sum(w * v)`` is ``token_mean`` of ``v``."""
+    w = mask.float()  # [B, L]
+    if "weight" in batch:
+        w = w * batch["weight"].to(device=mask.device, dtype=torch.float32)[:, None]
+    return (w / w.sum().clamp_min(torch.finfo(torch.float32).tiny)).flatten()
+
+
 def topk_terms(
     name: str, key: str, divergence: Callable[[Tensor, Tensor], Tensor], student_logits: Tensor,
     batch: Mapping[str, Tensor], *, temperature: float, capture_temperature: float, alpha: float,
 ) -> dict[str, Tensor]:
-    """The terms of a top-k LM loss: ``alpha * T^2 * mean_tokens D + (1 - alpha) * CE``.
+    """The terms of a top-k LM loss: ``alpha * T^2 * mean_tokens D + (1 - alpha) * CE``, fused.
+
+    Every position of ``[B, L]`` is one row (no copy of the real tokens' logits): the positions
+    without a label weigh 0. The student's buckets come from ``lm_buckets.bucket_logprobs`` (one
+    softmax, an analytic gradient), the CE term from the same pass when T = 1. Equal to
+    ``topk_terms_reference`` (tested to float32 rounding, values and gradients).
+
+    Args:
+        name: the loss, for error messages.
+        key: the name of the distillation term in the result.
+        divergence: per-row ``D(log_p, log_q)`` ``[T]`` of bucket log-probs ``[T, k + 1]``.
+        student_logits: ``[B, L, V]``.
+        batch: ``TOPK_NEEDS`` and optionally ``"weight"``.
+        temperature: softening temperature T.
+        capture_temperature: temperature the cache was written at.
+        alpha: weight of the distillation term.
+    """
+    from kdflow.losses.lm_buckets import bucket_logprobs
+
+    check_lm_batch(name, TOPK_NEEDS, student_logits, batch)
+    mask = real_tokens(batch, student_logits.device)  # [B, L]
+    vocab = student_logits.shape[-1]
+    device = student_logits.device
+    indices = batch["teacher_indices"].to(device).long()  # [B, L, k]
+    check_topk_ids(name, indices, batch["teacher_logprobs"], mask, vocab)
+    keep = mask.flatten()[:, None]  # [N, 1]
+    indices = indices.flatten(0, 1)  # [N, k]
+    indices = torch.where(keep, indices, torch.arange(indices.shape[-1], device=device))
+    labels = batch["y"].to(device).flatten().long().clamp_min(0)  # [N]
+    logprobs = batch["teacher_logprobs"].to(device).flatten(0, 1).float()  # [N, k]
+    tail = batch["teacher_tail"].to(device).flatten().float()  # [N]
+    same = math.isclose(temperature, capture_temperature, rel_tol=1e-9)
+    log_p = teacher_bucket_logprobs(logprobs, tail, 1.0 if same else capture_temperature / temperature)
+    s = student_logits.float().flatten(0, 1)  # [N, V] a view when already float32
+    unit = temperature == 1.0
+    log_q, log_y = bucket_logprobs(s if unit else s / temperature, indices, labels)
+    w = row_weights(batch, mask)  # [N]
+    per_row = divergence(log_p, log_q)  # [N]
+    distill = torch.where(w > 0, per_row, 0.0).mul(w).sum() * temperature**2
+    if unit:
+        ce = -torch.where(w > 0, log_y, 0.0).mul(w).sum()
+    else:
+        ce = token_ce(student_logits, batch, mask)
+    return mix(alpha, key, distill, ce)
+
+
+def topk_terms_reference(
+    name: str, key: str, divergence: Callable[[Tensor, Tensor], Tensor], student_logits: Tensor,
+    batch: Mapping[str, Tensor], *, temperature: float, capture_temperature: float, alpha: float,
+) -> dict[str, Tensor]:
+    """The terms of a top-k LM loss, unfused: ``alpha * T^2 * mean_tokens D + (1 - alpha) * CE``.
+
+    The plain autograd path over ``topk_buckets``: the oracle ``topk_terms`` is tested against.
 
     Args:
         name: the loss, for error messages.
