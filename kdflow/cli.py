@@ -52,7 +52,7 @@ def _fail(exc: BaseException, debug: bool) -> None:
         traceback.print_exception(exc)
     code = exc.exit_code if isinstance(exc, KdflowError) else 1
     title = "invalid pipeline" if code == 2 else "kdflow failed"
-    console.print(f"[bold red]{title}:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    console.print(f"[bold red]{title}:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)  # a value may hold [/]
     raise typer.Exit(code)
 
 
@@ -79,7 +79,7 @@ def validate(config: ConfigOpt = Path("params.yaml"), set_: SetOpt = None, debug
         pp = _load(config, set_)
     except KdflowError as exc:
         _fail(exc, debug)
-    out.print(f"[green]ok[/] {config}: pipeline {pp.name!r}, track {pp.track!r}, "
+    out.print(f"[green]ok[/] {escape(str(config))}: pipeline {pp.name!r}, track {pp.track!r}, "
               f"{len(pp.teachers)} teacher candidate(s)")
 
 
@@ -120,7 +120,7 @@ def dvc_yaml(
         sys.stdout.write(text)
     else:
         output.write_text(text)
-        out.print(f"wrote {output}", highlight=False)
+        out.print(f"wrote {output}", highlight=False, markup=False)
 
 
 @app.command()
@@ -177,7 +177,7 @@ def run(
     _print_stages(result["stages"], time.perf_counter() - started)
     _print_summary(json.loads(Path(result["metrics_file"]).read_text()), result["track"])
     if result.get("tracking_unavailable"):
-        console.print(f"[yellow]lineage was not recorded:[/] {result['tracking_unavailable']}")
+        console.print(f"[yellow]lineage was not recorded:[/] {escape(str(result['tracking_unavailable']))}")
     elif result.get("mlflow_run"):
         out.print(f"MLflow parent run: {result['mlflow_run']}")
 
@@ -216,7 +216,7 @@ def lineage(
         chain = trace(open_store(uri, Path.cwd()), ref)
     except (KdflowError, OSError) as exc:
         _fail(exc, debug)
-    out.print(f"[bold]{chain.target}[/] in {chain.uri}", highlight=False, soft_wrap=True)
+    out.print(f"[bold]{escape(chain.target)}[/] in {escape(str(chain.uri))}", highlight=False, soft_wrap=True)
     for key, value in chain.facts().items():
         out.print(f"  {key}: {value}", highlight=False, markup=False, soft_wrap=True)
     table = Table(title="lineage, downstream first")

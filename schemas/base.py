@@ -7,9 +7,11 @@ and subclass ``Section``; ``schemas/params.py`` assembles them into discriminate
 from __future__ import annotations
 
 import difflib
+import types
+import typing
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from kdflow.errors import ParamsError
 
@@ -18,6 +20,26 @@ class Section(BaseModel):
     """A params section: ``extra="forbid"`` (a misspelt key is an error), frozen."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """``epochs: true`` is a mistake, not 1: a boolean is refused where a number is expected
+        (pydantic's lax mode would take it as 1 or 0)."""
+        if isinstance(value, bool) and info.field_name in cls.model_fields:
+            kinds = _number_kinds(cls.model_fields[info.field_name].annotation)
+            if kinds and bool not in kinds:
+                raise ValueError(f"must be {'an integer' if float not in kinds else 'a number'}, not a boolean (got {str(value).lower()})")
+        return value
+
+
+def _number_kinds(annotation: Any) -> set[type]:
+    """The scalar types among ``int``/``float``/``bool`` an annotation admits (a union's members too)."""
+    if annotation in (int, float, bool):
+        return {annotation}
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return set().union(*(_number_kinds(a) for a in typing.get_args(annotation)))
+    return set()
 
 
 S = TypeVar("S", bound=Section)

@@ -25,6 +25,7 @@ from kdflow.tracks.compat import compatibility
 from schemas.base import Section
 from schemas.base import message as describe
 from schemas.stages import STAGE_ORDER
+from schemas.yamlfile import YamlProblem, load_yaml, read_text
 
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
 STAGE_NAMES = tuple(STAGE_ORDER)
@@ -360,8 +361,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     for item in overrides:
         key, value = item.split("=", 1)
         try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
+            parsed = load_yaml(value)
+        except (yaml.YAMLError, YamlProblem) as exc:
             raise ParamsError([f"override {key!r}: invalid YAML value {value!r}: {exc}"], source="overrides") from None
         raw = _set(raw, _key_parts(key), parsed, key)
     return raw
@@ -383,8 +384,12 @@ def read_params_file(path: Path) -> dict:
     if not path.exists():
         raise ParamsError([f"file not found: {path}"], str(path))
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+        text = read_text(path)  # a folder or a binary file is refused
+    except YamlProblem as exc:
+        raise ParamsError([f"{path}: {exc}"], str(path)) from None
+    try:
+        raw = load_yaml(text)  # duplicate keys and alias bombs are refused
+    except (yaml.YAMLError, YamlProblem) as exc:
         raise ParamsError([f"invalid YAML: {exc}"], str(path)) from None
     return raw if raw is not None else {}
 
