@@ -1,0 +1,121 @@
+"""Diffusion distillation through the pipeline: a many-step teacher vs. few-step students.
+
+Runs ``kdflow run`` on a declared diffusion pipeline (default ``configs/digits-diffusion.yaml``
+with the larger budgets below) in a copy of the project under ``--workdir``, once per student loss
+(``--losses``); prepare, teachers, select, condense and logits are computed once and ``Cached``
+for the other losses (same fingerprints), so every student learns from the same teacher and the
+same DDIM-trajectory cache. Each run's ``evaluate`` stage scores the teacher at 1/2/4/10/50 DDIM
+steps and the student at its declared 1/2/4 steps on the same reference images with the same
+noise: FID, precision, recall and class coverage in the penultimate features of a ConvNet trained
+on half of the test split (**not Inception FID**), and milliseconds per image at batch 1.
+
+The baseline is the teacher of the same run. Reported per loss: the FID-vs-steps table, the
+student's 1-step FID relative to the teacher's 4- and 50-step FID, and the 1-step speed-up over 50
+DDIM steps; the goal of issue 14 is a 1-step student below the teacher's 4-step FID, within 1.5x
+of its 50-step FID, and >= 10x faster than 50 steps. Run from the repository root::
+
+    .venv/bin/python benchmarks/diffusion_distill.py --out diffusion_distill.json      # ~30 min on a busy 2-core CPU
+    .venv/bin/python benchmarks/diffusion_distill.py --quick                           # the CI config as is, ~3 min
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BUDGET = [  # the benchmark's budgets on top of the config (digits 16x16)
+    "data.test_fraction=0.2",
+    "teachers[0].args={channels: [16, 32], layers_per_block: 1, norm_groups: 8, prediction_type: v_prediction}",
+    "teachers[0].train={epochs: 40, lr: 0.002, batch_size: 64, patience: null}",
+    "condense.samples=1024", "condense.teacher_steps=50", "condense.states=10",
+    "logits.shard_rows=256",
+    "evaluate.latency_repeats=5",
+]
+LOSSES = {
+    "diffusion_regression": ["student.loss={name: diffusion_regression, all_states: true}",
+                             "student.train={epochs: 12, lr: 0.0005, batch_size: 64, patience: null}"],
+    "consistency": ["student.loss={name: consistency, ema: 0.95}",
+                    "student.train={epochs: 12, lr: 0.0005, batch_size: 64, patience: null}"],
+    "dmd": ["student.loss={name: dmd, fake_updates: 2, fake_lr: 0.001, regression_weight: 0.25}",
+            "student.train={epochs: 12, lr: 0.0003, batch_size: 64, patience: null}"],
+}
+
+
+def run_pipeline(root: Path, config: str, overrides: list[str]) -> tuple[float, str]:
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    args = [sys.executable, "-m", "kdflow.cli", "run", "-c", config]
+    for o in overrides:
+        args += ["-s", o]
+    t0 = time.perf_counter()
+    done = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"kdflow run failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return time.perf_counter() - t0, done.stdout + done.stderr
+
+
+def stage_times(log: str) -> dict[str, str]:
+    out = {}
+    for line in log.splitlines():
+        parts = [p.strip() for p in line.strip("│ ").split("│")]
+        if len(parts) == 3 and parts[0] in ("prepare", "teachers", "select", "condense", "logits", "student", "evaluate"):
+            out[parts[0]] = f"{parts[1]} {parts[2]}s" if parts[2] else parts[1]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/digits-diffusion.yaml")
+    ap.add_argument("--losses", default=",".join(LOSSES))
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/kdflow-diffusion-bench"))
+    ap.add_argument("--quick", action="store_true", help="the config's own budgets (CI size)")
+    ap.add_argument("--set", action="append", default=[], help="extra overrides for every run")
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args()
+
+    root = a.workdir
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    for item in ("kdflow", "tasks", "schemas", "flows", "configs"):
+        shutil.copytree(REPO / item, root / item, ignore=shutil.ignore_patterns("__pycache__"))
+    budget = [] if a.quick else BUDGET
+    results = {}
+    for loss in a.losses.split(","):
+        seconds, log = run_pipeline(root, a.config, budget + LOSSES[loss] + a.set)
+        name = next(p for p in (root / "artifacts").iterdir() if p.is_dir()).name
+        metrics = json.loads((root / "artifacts" / name / "evaluate" / "metrics.json").read_text())
+        keep = root / "results" / loss
+        shutil.copytree(root / "artifacts" / name / "evaluate", keep)
+        results[loss] = {"seconds": seconds, "stages": stage_times(log), "metrics": metrics}
+        print(f"{loss}: {seconds:.0f}s, stages {results[loss]['stages']}", flush=True)
+
+    first = next(iter(results.values()))["metrics"]
+    print(f"\n{first['feature_space']}\nreference: {first['n_reference']} test images; FID of its two halves "
+          f"{first['fid_real_halves']:.3f}; classifier accuracy {first['classifier_accuracy']:.3f}\n")
+    print(f"{'model':28s} {'steps':>5s} {'FID':>8s} {'prec':>6s} {'recall':>6s} {'cover':>6s} {'cls-acc':>7s} {'ms/img b1':>9s}")
+    rows = [("teacher (DDIM)", first["teacher"]["steps"])] + [(f"student {k}", v["metrics"]["student"]["steps"])
+                                                           for k, v in results.items()]
+    for label, steps in rows:
+        for n, r in steps.items():
+            print(f"{label:28s} {n:>5s} {r['fid']:8.3f} {r['precision']:6.3f} {r['recall']:6.3f} {r['coverage']:6.3f} "
+                  f"{r.get('class_accuracy', float('nan')):7.3f} {r['latency_ms_b1']:9.2f}")
+    print()
+    for loss, r in results.items():
+        g = r["metrics"]["goal"]
+        print(f"{loss:22s} 1-step FID {g['student_1step_fid']:.3f} vs teacher 4-step {g['teacher_4step_fid']:.3f} "
+              f"(beats: {g['beats_teacher_4step']}), {g['fid_ratio_to_teacher_50step']:.2f}x teacher 50-step "
+              f"{g['teacher_50step_fid']:.3f}, {g['speedup_vs_50step_b1']:.1f}x faster than 50 steps")
+    if a.out:
+        a.out.write_text(json.dumps({"config": a.config, "budget": budget, "losses": LOSSES, "results": results},
+                                    indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
