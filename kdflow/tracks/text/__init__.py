@@ -40,6 +40,7 @@ class TextTrack(ClassifyTrack):
     modalities = ("text",)
     model_default = ()  # only models registered with tracks=("text",)
     views_supported = False
+    fidelity_rows = 128  # a transformer teacher's forward is the cost here
 
     # -- the dataset artifact -----------------------------------------------------------------
     def load_source(self, spec: str, *, seed: int, val_fraction: float, test_fraction: float,
@@ -55,6 +56,7 @@ class TextTrack(ClassifyTrack):
         if unknown:
             raise DataError(f"data.options: unknown option(s) {unknown} for the text track "
                             f"(known: {sorted({*data.SOURCE_OPTIONS, *data.TOKEN_OPTIONS})})")
+        data.tokenizer_dir(str(options.get("tokenizer", data.DEFAULT_TOKENIZER)), options.get("root"))  # fail fast
         table = SOURCES.get(scheme)(arg, seed=seed, options=source_options)
         return data.build(table, spec=spec, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
                           options=options)
@@ -70,6 +72,22 @@ class TextTrack(ClassifyTrack):
                 "track": self.name}
 
     # -- models -----------------------------------------------------------------------------------
+    def model_problems(self, arch: str, args: dict[str, Any], where: str) -> list[str]:
+        """Unknown architectures and arguments, and model packages that are not installed."""
+        problems = super().model_problems(arch, args, where)
+        if problems:
+            return problems
+        from kdflow.tracks.text.models import onnx_file, resolve_pretrained
+
+        checks = {"pretrained": resolve_pretrained, "model": onnx_file}
+        for key, check in checks.items():
+            if isinstance(args.get(key), str):
+                try:
+                    check(args[key])
+                except ModelError as exc:
+                    problems.append(f"{where}.args.{key}: {exc}")
+        return problems
+
     def create_model(self, arch: str, ds: Dataset, args: dict[str, Any], teacher: Path | None = None) -> nn.Module:
         defaults = {"pad_id": int(ds.meta.get("pad_id", 0))}
         if arch in ("text_gru", "text_cnn"):

