@@ -1,8 +1,21 @@
 # Two entry points on a fresh machine: `make run` (install + default pipeline), `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch; users with a GPU set TORCH_SPEC (e.g. "torch" with a CUDA index).
-TORCH_SPEC ?= torch==2.13.0
+# torch: the CPU build on a machine without an NVIDIA GPU (no working `nvidia-smi`), else the CUDA
+# build (PyPI's Linux wheel); force one with TORCH_BUILD=cpu|cuda, or give TORCH_SPEC/TORCH_INDEX.
+# A wheel of this version and build already in pip's find-links (a local mirror, CI's) is used as is.
+# `make torch-choice` prints the choice without installing anything.
+TORCH_VERSION ?= 2.13.0
+TORCH_SPEC ?= torch==$(TORCH_VERSION)
+TORCH_BUILD ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+TORCH_INDEX_cpu := https://download.pytorch.org/whl/cpu
+TORCH_INDEX_cuda :=
+FIND_LINKS := $(subst :, ,$(PIP_FIND_LINKS)) $(shell python3 -m pip config get global.find-links 2>/dev/null)
+TORCH_WHEELS_cpu := torch-$(TORCH_VERSION)+cpu-*.whl
+TORCH_WHEELS_cuda := torch-$(TORCH_VERSION)-*.whl torch-$(TORCH_VERSION)+cu*.whl
+TORCH_LOCAL := $(firstword $(foreach d,$(FIND_LINKS),$(wildcard $(addprefix $(d)/,$(TORCH_WHEELS_$(TORCH_BUILD))))))
+TORCH_INDEX ?= $(if $(TORCH_LOCAL),,$(TORCH_INDEX_$(TORCH_BUILD)))
+TORCH_FROM := $(if $(TORCH_LOCAL),local wheel $(TORCH_LOCAL),$(if $(TORCH_INDEX),index $(TORCH_INDEX),PyPI))
 export DO_NOT_TRACK=1
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export MLFLOW_DISABLE_TELEMETRY=true
@@ -10,12 +23,16 @@ export DVC_NO_ANALYTICS=1
 export HF_HUB_OFFLINE=1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install run test test-fast
+.PHONY: install run test test-fast torch-choice
+
+torch-choice:
+	@echo "torch: $(TORCH_SPEC), $(TORCH_BUILD) build, from $(TORCH_FROM)"
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	@echo "installing torch: $(TORCH_SPEC), $(TORCH_BUILD) build, from $(TORCH_FROM)"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 

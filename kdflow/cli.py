@@ -25,7 +25,10 @@ from kdflow.errors import KdflowError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Declarative, cached and traceable knowledge distillation.")
 console = Console(stderr=True)
-out = Console()
+# Piped (`kdflow lineage | less`), Rich would assume 80 columns and squeeze tables to slivers:
+# use $COLUMNS when set, else a wide page; --json gives a machine-readable document instead.
+out = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Pipeline file.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a key: -s student.loss.temperature=2")]
@@ -73,33 +76,51 @@ def _load(config: Path, overrides: list[str] | None, *, check: bool = True):
 
 
 @app.command()
-def validate(config: ConfigOpt = Path("params.yaml"), set_: SetOpt = None, debug: DebugOpt = False) -> None:
+def validate(config: ConfigOpt = Path("params.yaml"), set_: SetOpt = None, as_json: JsonOpt = False,
+             debug: DebugOpt = False) -> None:
     """Validate a pipeline file and print every problem (schema, methods, architectures, paths)."""
     try:
         pp = _load(config, set_)
     except KdflowError as exc:
+        if as_json:
+            problems = getattr(exc, "problems", None) or [str(exc)]
+            sys.stdout.write(json.dumps({"ok": False, "config": str(config), "problems": problems}, indent=1) + "\n")
+            raise typer.Exit(exc.exit_code) from None
         _fail(exc, debug)
+    if as_json:
+        sys.stdout.write(json.dumps({"ok": True, "config": str(config), "pipeline": pp.name, "track": pp.track,
+                                     "teachers": [t.name for t in pp.teachers]}, indent=1) + "\n")
+        return
     out.print(f"[green]ok[/] {escape(str(config))}: pipeline {pp.name!r}, track {pp.track!r}, "
               f"{len(pp.teachers)} teacher candidate(s)")
 
 
 @app.command("list")
-def list_(debug: DebugOpt = False) -> None:
-    """List the tracks and what each offers (architectures, losses, condensers, cache formats, ...)."""
+def list_(as_json: JsonOpt = False, debug: DebugOpt = False) -> None:
+    """List the tracks and what each offers (sources, architectures, losses, condensers, cache formats, ...)."""
     try:
         from kdflow.data.sources import SOURCES
         from kdflow.tracks import DEFAULT_TRACK, discovered, get_track
 
+        doc = {}
         for name in discovered():
             track = get_track(name)
             sources = [s for s in SOURCES.names() if SOURCES.meta(s).get("track", DEFAULT_TRACK) == name]
-            out.print(f"[bold]{name}[/]: {track.summary}", highlight=False)
-            rows = {"sources": sources, "architectures": track.architectures(),
-                    **{f"{k}s": track.offers(k) for k in ("loss", "condenser", "format", "strategy")}}
-            for key, names in rows.items():
-                out.print(f"  {key}: {', '.join(names) or '-'}", highlight=False, markup=False, soft_wrap=True)
+            doc[name] = {"summary": track.summary, "sources": sources, "architectures": track.architectures(),
+                         **{plural: track.offers(k) for k, plural in (("loss", "losses"), ("condenser", "condensers"),
+                                                                      ("format", "formats"), ("strategy", "strategies"))}}
     except KdflowError as exc:
         _fail(exc, debug)
+    if as_json:
+        sys.stdout.write(json.dumps(doc, indent=1) + "\n")
+        return
+    for name, rows in doc.items():
+        out.print(f"[bold]{name}[/]: {escape(rows['summary'])}", highlight=False)
+        for key, names in rows.items():
+            if key != "summary":
+                out.print(f"  {key}: {', '.join(names) or '-'}", highlight=False, markup=False, soft_wrap=True)
+    out.print("architectures also by import path (arch: package.module:Class); `kdflow params` lists every key",
+              highlight=False, markup=False)
 
 
 @app.command("dvc-yaml")
@@ -108,12 +129,22 @@ def dvc_yaml(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write here (default: print).")] = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Print (or write) dvc.yaml, generated from the stage specs and each stage's imports."""
+    """Print (or write) dvc.yaml, generated from the stage specs and each stage's imports.
+
+    With ``-c configs/x.yaml`` (any file but the project's params.yaml): a DVC pipeline for that
+    file in its own folder (default ``pipelines/x/dvc.yaml``), run with ``dvc repro pipelines/x/dvc.yaml``.
+    """
     try:
+        from tasks.dvcgen import config_dvc_yaml
         from tasks.dvcgen import dvc_yaml as generate
 
-        track = _load(config, None, check=False).track if config.exists() else "classify"
-        text = generate(track)
+        if config.resolve() != (Path.cwd() / "params.yaml").resolve():
+            output = output if output is not None else Path("pipelines") / config.stem / "dvc.yaml"
+            text = config_dvc_yaml(config, output, Path.cwd())
+            output.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            track = _load(config, None, check=False).track if config.exists() else "classify"
+            text = generate(track)
     except KdflowError as exc:
         _fail(exc, debug)
     if output is None:
@@ -206,6 +237,7 @@ def lineage(
     config: ConfigOpt = Path("params.yaml"),
     tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow store; default tracking.uri, "
                                                         "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here.")] = None,
+    as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Print the chain from a model back to its data source, stage by stage, with fingerprints and run ids."""
@@ -216,6 +248,12 @@ def lineage(
         chain = trace(open_store(uri, Path.cwd()), ref)
     except (KdflowError, OSError) as exc:
         _fail(exc, debug)
+    if as_json:
+        steps = [{"stage": s.stage, "run_id": s.run_id, "fingerprint": s.fingerprint, "reads": s.reads,
+                  "details": s.details, "status": s.status} for s in chain.steps]
+        sys.stdout.write(json.dumps({"ref": chain.ref, "target": chain.target, "uri": chain.uri, "facts": chain.facts(),
+                                     "steps": steps}, indent=1, default=str) + "\n")
+        return
     out.print(f"[bold]{escape(chain.target)}[/] in {escape(str(chain.uri))}", highlight=False, soft_wrap=True)
     for key, value in chain.facts().items():
         out.print(f"  {key}: {value}", highlight=False, markup=False, soft_wrap=True)
@@ -234,6 +272,7 @@ def lineage(
 def report(
     config: ConfigOpt = Path("params.yaml"),
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="HTML file (default artifacts/<name>/report.html).")] = None,
+    as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Write one self-contained HTML report (tables and pictures) of the last pipeline run."""
@@ -246,6 +285,9 @@ def report(
         path = build_report(artifacts, output if output is not None else artifacts / "report.html")
     except (KdflowError, OSError) as exc:
         _fail(exc, debug)
+    if as_json:
+        sys.stdout.write(json.dumps({"report": str(path), "pipeline": pp.name}) + "\n")
+        return
     out.print(str(path), soft_wrap=True, highlight=False, markup=False)
 
 
@@ -300,6 +342,15 @@ def _print_summary(m: dict, track: str) -> None:
         table.add_row(*row)
     out.print(table)
     out.print(t.summary_line(m))
+
+
+def _register_info_commands() -> None:
+    from kdflow.cli_info import register  # `kdflow params`, `kdflow status`
+
+    register(app)
+
+
+_register_info_commands()
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, dvc_project, tiny_params
+from conftest import REPO, dvc_project, tiny_params, write_params
 from schemas.params import parse_params, schema_keys
 from schemas.stages import STAGES
 from tasks.common import stage_code
@@ -55,26 +55,148 @@ def _sh(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     return proc
 
 
+def _manifests(root: Path) -> dict[str, str]:
+    return {s: (root / f"artifacts/tiny/{s}/manifest.json").read_text() for s in STAGES}
+
+
 @pytest.mark.integration
 @pytest.mark.slow
-def test_dvc_repro_builds_everything_then_nothing_then_an_experiment(tmp_path: Path) -> None:
+def test_dvc_repro_experiments_compare_then_share_through_a_remote(tmp_path: Path) -> None:
+    """repro, nothing to redo, an experiment compared with metrics/plots diff, push to a folder
+    remote, a fresh clone pulls and finds everything up to date (DVC and kdflow), checkout restores."""
+    import json
+    import re
+
     # DVC reads the params keys from the file itself, so give it every key (defaults resolved)
-    _, env = dvc_project(tmp_path, parse_params(tiny_params()).model_dump(mode="json"))
+    raw = parse_params(tiny_params(tracking={"enabled": True, "experiment": "dvc"})).model_dump(mode="json")
+    (tmp_path / "a").mkdir()
+    root, env = dvc_project(tmp_path / "a", raw)
+    env = {**env, "PYTHONPATH": str(root)}  # `kdflow stage` runs the project's copy of the code (its identity)
     dvc = [sys.executable, "-m", "dvc"]
 
-    first = _sh([*dvc, "repro"], tmp_path, env).stdout
+    first = _sh([*dvc, "repro"], root, env).stdout
     for name in STAGES:
         assert f"Running stage '{name}'" in first
-    assert (tmp_path / "artifacts/tiny/evaluate/metrics.json").exists()
-    assert (tmp_path / "dvc.lock").exists()
-
-    second = _sh([*dvc, "repro"], tmp_path, env).stdout
+    assert (root / "dvc.lock").exists()
+    second = _sh([*dvc, "repro"], root, env).stdout
     assert "Running stage" not in second and "up to date" in second
 
-    _sh(["git", "add", "-A"], tmp_path, env)
-    _sh(["git", "commit", "-qm", "lock"], tmp_path, env)
-    exp = _sh([*dvc, "exp", "run", "-S", "student.loss.temperature=2"], tmp_path, env).stdout
+    _sh(["git", "add", "-A"], root, env)
+    _sh(["git", "commit", "-qm", "baseline"], root, env)
+    tracked = _sh(["git", "ls-files", "artifacts"], root, env).stdout.split()
+    assert "artifacts/tiny/evaluate/metrics.json" in tracked  # small metrics/plots: in git
+    assert "artifacts/tiny/evaluate/plots/reliability_student.csv" in tracked
+    assert not any("/student/" in f or f.endswith(".png") for f in tracked)  # models, pictures: DVC's
+    baseline = _sh(["git", "rev-parse", "HEAD"], root, env).stdout.strip()
+    old_student = json.loads((root / "artifacts/tiny/student/manifest.json").read_text())
+
+    exp = _sh([*dvc, "exp", "run", "-n", "t2", "-S", "student.loss.temperature=2"], root, env).stdout
     ran = {name for name in STAGES if f"Running stage '{name}'" in exp}
     assert ran == {"student", "evaluate"}, exp
-    shown = _sh([*dvc, "exp", "show", "--no-pager", "--csv"], tmp_path, env).stdout
-    assert "student.loss.temperature" in shown
+
+    rows = json.loads(_sh([*dvc, "exp", "show", "--json"], root, env).stdout)
+    found = {}
+    for row in rows:  # the baseline commit and its experiment, each with its own metrics
+        for rev in [row, *(e for x in row.get("experiments") or [] for e in x.get("revs", []))]:
+            data = rev.get("data") or {}
+            m = (data.get("metrics") or {}).get("artifacts/tiny/evaluate/metrics.json", {}).get("data")
+            t = (data.get("params") or {}).get("params.yaml", {}).get("data", {}).get("student", {}).get("loss", {})
+            found[rev.get("name") or rev.get("rev")] = (t.get("temperature"), m and m["student"]["accuracy"])
+    assert found.get("t2", (None, None))[0] == 2 and found["t2"][1] is not None, found
+    assert any(v[0] == 4.0 and v[1] is not None for k, v in found.items() if k != "t2" and k != "workspace"), found
+
+    # what a temperature change would rerun, and why (nothing runs)
+    plan = json.loads(_sh([sys.executable, "-m", "kdflow.cli", "status", "--json", "-s", "student.loss.temperature=3"],
+                          root, env).stdout)
+    why = {s["stage"]: s["reasons"] for s in plan["stages"] if s["runs"]}
+    assert why == {"student": ["params changed: student.loss.temperature"], "evaluate": ["upstream changed: student (will run)"]}
+    lineage = _sh([sys.executable, "-m", "kdflow.cli", "lineage", "tiny-student@latest", "--json"], root, env).stdout
+    assert [s["stage"] for s in json.loads(lineage)["steps"]][:2] == ["evaluate", "student"]
+    piped = _sh([sys.executable, "-m", "kdflow.cli", "lineage", "tiny-student@latest"], root,
+                {k: v for k, v in env.items() if k != "COLUMNS"}).stdout
+    assert re.search(r"<- teachers +│ [0-9a-f]{32} +│ [0-9a-f]{16} +│", piped), piped  # columns not squeezed
+
+    diff = json.loads(_sh([*dvc, "metrics", "diff", "--json", baseline, "t2"], root, env).stdout)
+    acc = diff["artifacts/tiny/evaluate/metrics.json"]["student.accuracy"]
+    assert acc["old"] is not None and acc["new"] is not None
+    plots = _sh([*dvc, "plots", "diff", "--json", baseline, "t2"], root, env).stdout
+    assert "reliability_student.csv" in plots and "t2" in plots and "confusion_student.png" in plots
+
+    # keep the experiment as a commit, share everything through a folder remote
+    _sh([*dvc, "exp", "apply", "t2"], root, env)
+    _sh([*dvc, "remote", "add", "-d", "store", str(tmp_path / "remote")], root, env)
+    _sh(["git", "add", "-A"], root, env)
+    _sh(["git", "commit", "-qm", "temperature 2"], root, env)
+    _sh([*dvc, "push"], root, env)
+
+    clone = tmp_path / "b"
+    _sh(["git", "clone", "-q", str(root), str(clone)], tmp_path, env)
+    env = {**env, "PYTHONPATH": str(clone)}
+    _sh([*dvc, "pull"], clone, env)
+    pulled = _manifests(clone)
+    assert pulled == _manifests(root)
+    up = _sh([*dvc, "repro"], clone, env).stdout
+    assert "Running stage" not in up, up
+    status = json.loads(_sh([sys.executable, "-m", "kdflow.cli", "status", "--json"], clone, env).stdout)
+    assert not any(s["runs"] for s in status["stages"]), status
+    run = _sh([sys.executable, "-m", "kdflow.cli", "run"], clone, env)
+    assert _manifests(clone) == pulled, run.stdout  # nothing retrained: every output is the pulled one
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{clone / 'mlflow.db'}")
+    assert client.search_model_versions("name='tiny-student'") == []  # no new model version
+
+    # an older commit's artifacts come back with dvc checkout
+    _sh(["git", "checkout", "-q", baseline], root, env)
+    _sh([*dvc, "checkout"], root, env)
+    restored = json.loads((root / "artifacts/tiny/student/manifest.json").read_text())
+    assert restored["fingerprint"] == old_student["fingerprint"]
+    from tasks.common import check_output
+
+    assert check_output(root / "artifacts/tiny/student", old_student["fingerprint"]) is None
+
+
+def test_dvc_exp_run_set_changes_only_the_values_it_sets(tmp_path: Path) -> None:
+    # `dvc exp run -S` rewrites params.yaml through ruamel; the committed layout is its fixed point
+    from dvc.utils.hydra import apply_overrides
+
+    copy = tmp_path / "params.yaml"
+    before = (REPO / "params.yaml").read_text()
+    copy.write_text(before)
+    apply_overrides(str(copy), ["student.loss.temperature=2", "teachers.1.train.lr=0.01"])
+    after = copy.read_text()
+    changed = [(a, b) for a, b in zip(before.splitlines(), after.splitlines()) if a != b]
+    assert len(before.splitlines()) == len(after.splitlines()), after
+    assert [b.strip() for _, b in changed] == ["lr: 0.01", "loss: {name: kd, temperature: 2, alpha: 0.9}"], changed
+
+
+def test_config_pipeline_reads_its_own_file_and_writes_its_own_outputs(tmp_path: Path) -> None:
+    from tasks.dvcgen import config_dvc_yaml
+
+    config = write_params(tmp_path / "configs", tiny_params(name="small", student={"arch": "tiny_mlp"}), "small.yaml")
+    text = config_dvc_yaml(config, tmp_path / "pipelines/small/dvc.yaml", tmp_path)
+    stages = yaml.safe_load(text)["stages"]
+    assert list(stages) == list(STAGES)
+    for name, stage in stages.items():
+        assert stage["cmd"] == f"kdflow stage {name} -c configs/small.yaml" and stage["wdir"] == "../.."
+        assert all("${" not in d for d in stage["deps"]), stage["deps"]
+        keys = stage["params"][0]["configs/small.yaml"]
+        assert "track" not in keys  # not written in the file: DVC would fail on it
+    assert stages["select"]["params"] == [{"configs/small.yaml": ["seed", "select", "student.arch"]}]  # no student.args
+    assert stages["student"]["outs"] == ["artifacts/small/student"]
+    assert "artifacts/small/evaluate/metrics.json" in str(stages["evaluate"]["metrics"])
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_dvc_repro_runs_a_config_without_touching_params_yaml(tmp_path: Path) -> None:
+    raw = parse_params(tiny_params()).model_dump(mode="json")
+    root, env = dvc_project(tmp_path, raw)
+    write_params(root / "configs", tiny_params(name="small"), "small.yaml")
+    kdflow = [sys.executable, "-m", "kdflow.cli"]
+    _sh([*kdflow, "dvc-yaml", "-c", "configs/small.yaml"], root, env)
+    out = _sh([sys.executable, "-m", "dvc", "repro", "pipelines/small/dvc.yaml:prepare"], root, env).stdout
+    assert "Running stage 'pipelines/small/dvc.yaml:prepare'" in out, out
+    assert (root / "artifacts/small/prepare/manifest.json").is_file() and not (root / "artifacts/tiny").exists()
+    lock = yaml.safe_load((root / "pipelines/small/dvc.lock").read_text())
+    assert lock["stages"]["prepare"]["params"]["configs/small.yaml"]["seed"] == 0
