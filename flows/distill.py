@@ -21,6 +21,7 @@ from flows.shards import run_shards_on_dask
 from kdflow import progress
 from kdflow.errors import ArtifactError
 from kdflow.lineage import open_tracker
+from kdflow.lock import clean_stale_temps, project_lock
 from kdflow.tracks import get_track
 from schemas.manifest import Manifest
 from schemas.params import PipelineParams, load_params
@@ -94,6 +95,13 @@ def distill(params_file: str = "params.yaml", overrides: list[str] | None = None
     root_path = Path(root).resolve()
     path = Path(params_file)
     pp = load_params(path if path.is_absolute() else root_path / path, overrides or [])
+    # one writer per project; `kdflow run` already holds it (re-entrant), a deployment's run queues here
+    with project_lock(root_path, f"prefect flow run {flow_run.get_name() or ''} of distill", wait=True):
+        clean_stale_temps(artifact_root(root_path, pp.name))
+        return _distill(pp, root_path, resume)
+
+
+def _distill(pp: PipelineParams, root_path: Path, resume: bool) -> dict:
     t = pp.tracking
     tracker = open_tracker(enabled=t.enabled, uri=t.uri, experiment=t.experiment, required=t.required, root=root_path, pipeline=pp.name)
     tracker.start_pipeline(pp.name, pp.model_dump(mode="json"), tags={"prefect.flow_run_id": str(flow_run.get_id() or "")})

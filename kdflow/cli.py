@@ -33,6 +33,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document i
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Pipeline file.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a key: -s student.loss.temperature=2")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+WaitOpt = Annotated[bool, typer.Option("--wait", help="If another kdflow process holds the project lock, wait for it "
+                                                      "(default: exit 1 naming it).")]
 
 
 def _setup_logging(debug: bool) -> None:
@@ -161,6 +163,7 @@ def stage(
     set_: SetOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint of a killed run.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Run even if the output is up to date.")] = False,
+    wait: WaitOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Run one stage (what dvc.yaml calls), without Prefect."""
@@ -174,10 +177,11 @@ def stage(
         if name not in STAGES:
             raise KdflowError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
         pp = _load(config, set_)
-        tracker = _tracker(pp) if is_main() else None  # under torchrun, rank 0 records the run
-        with _reporter(in_flow=False) as report:
-            manifest, executed = execute_stage(name, pp, Path.cwd(), tracker=tracker, resume=resume, force=force,
-                                               progress=report, runners=RUNNERS)
+        with _project_lock(pp, wait, locking=is_main()):  # under torchrun, rank 0 holds it for every rank
+            tracker = _tracker(pp) if is_main() else None  # under torchrun, rank 0 records the run
+            with _reporter(in_flow=False) as report:
+                manifest, executed = execute_stage(name, pp, Path.cwd(), tracker=tracker, resume=resume, force=force,
+                                                   progress=report, runners=RUNNERS)
     except (KdflowError, OSError) as exc:
         _fail(exc, debug)
     verb = "done" if executed else "up to date"
@@ -191,26 +195,88 @@ def run(
     config: ConfigOpt = Path("params.yaml"),
     set_: SetOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Resume a killed student stage from its checkpoint.")] = False,
+    wait: WaitOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Run the whole pipeline as a Prefect flow (ephemeral Prefect when no server is configured)."""
+    """Run the whole pipeline as a Prefect flow (ephemeral Prefect when no server is configured).
+
+    When every stage's output is already up to date (fingerprints and sha256 of every file, as the
+    flow's cache checks them), nothing runs: the tables are printed without starting Prefect.
+    """
     _setup_logging(debug)
+    _prefect_settings()
     started = time.perf_counter()
     try:
         pp = _load(config, set_)
-        _tracker_precheck(pp)
-        from flows.distill import distill
+        with _project_lock(pp, wait):
+            from tasks.plan import cached_status, plan_pipeline, up_to_date
 
-        with _reporter(in_flow=True):
-            result = distill(params_file=str(config.resolve()), overrides=set_ or [], root=str(Path.cwd()), resume=resume)
+            if up_to_date(plan_pipeline(pp, Path.cwd())):
+                metrics = Path.cwd() / "artifacts" / pp.name / "evaluate" / "metrics.json"
+                result = {"stages": cached_status(pp, Path.cwd()), "metrics_file": str(metrics), "track": pp.track,
+                          "noop": True}
+            else:
+                _tracker_precheck(pp)
+                result = _run_flow(config, set_, resume, debug)
     except (KdflowError, OSError) as exc:
         _fail(exc, debug)
     _print_stages(result["stages"], time.perf_counter() - started)
     _print_summary(json.loads(Path(result["metrics_file"]).read_text()), result["track"])
-    if result.get("tracking_unavailable"):
+    if result.get("noop"):
+        out.print("every stage is up to date: nothing ran (no Prefect flow run, no new MLflow run)")
+    elif result.get("tracking_unavailable"):
         console.print(f"[yellow]lineage was not recorded:[/] {escape(str(result['tracking_unavailable']))}")
     elif result.get("mlflow_run"):
         out.print(f"MLflow parent run: {result['mlflow_run']}")
+
+
+EPHEMERAL_TIMEOUT = "Timed out while attempting to connect to ephemeral Prefect API server"
+
+
+def _prefect_settings() -> None:
+    """kdflow's defaults for Prefect settings the user has not set (``flows.PREFECT_DEFAULTS``:
+    importing the package applies them), before Prefect is imported."""
+    import flows  # noqa: F401
+
+
+def _run_flow(config: Path, overrides: list[str] | None, resume: bool, debug: bool) -> dict:
+    """The ``distill`` flow in this process; Prefect's failure logs carry no traceback of a
+    kdflow error unless ``debug``."""
+    from flows.distill import distill
+    from flows.logs import hide_error_tracebacks
+
+    hide_error_tracebacks(not debug)
+    try:
+        with _reporter(in_flow=True):
+            return distill(params_file=str(config.resolve()), overrides=overrides or [], root=str(Path.cwd()),
+                           resume=resume)
+    except RuntimeError as exc:
+        if EPHEMERAL_TIMEOUT not in str(exc):
+            raise
+        raise KdflowError(
+            f"Prefect's temporary server did not start within "
+            f"{os.environ.get('PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS')} s (the machine is very busy): "
+            "run again, raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start a server "
+            "(`prefect server start`, then export PREFECT_API_URL)") from exc
+
+
+@contextmanager
+def _project_lock(pp, wait: bool, *, locking: bool = True):
+    """The project lock (``kdflow.lock``) around a command that writes; stale temporary folders of
+    killed runs are removed once it is held."""
+    from kdflow.lock import clean_stale_temps, project_lock
+
+    if not locking:
+        yield
+        return
+
+    def waiting(holder) -> None:
+        who = holder.describe() if holder else "another kdflow process"
+        console.print(f"waiting for {who} to release the project lock", highlight=False, markup=False)
+
+    with project_lock(Path.cwd(), wait=wait, on_wait=waiting):
+        clean_stale_temps(Path.cwd() / "artifacts" / pp.name)
+        yield
 
 
 @app.command()
@@ -356,6 +422,7 @@ _register_info_commands()
 def main() -> None:
     for key, value in {"DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1"}.items():
         os.environ.setdefault(key, value)
+    _prefect_settings()
     app()
 
 

@@ -58,7 +58,8 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def _imports(path: Path) -> set[str]:
+@functools.lru_cache(maxsize=None)
+def _imports(path: Path) -> frozenset[str]:
     """Every project module ``path`` imports, at any depth of its code (lazy imports too), with
     the packages whose ``__init__`` importing it runs."""
     tree = ast.parse(path.read_text(), filename=str(path))
@@ -79,7 +80,7 @@ def _imports(path: Path) -> set[str]:
     for name in found:
         parts = name.split(".")
         out.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))  # parents' __init__ run too
-    return {m for m in out if _module_file(m) is not None}
+    return frozenset(m for m in out if _module_file(m) is not None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -124,6 +125,7 @@ def stage_params(stage: str, pp: PipelineParams) -> dict[str, Any]:
     return {k: _get(tree, k) for k in stage_keys(stage, pp)}
 
 
+@functools.lru_cache(maxsize=1)
 def code_root() -> Path:
     """Folder that holds the ``kdflow``, ``tasks`` and ``schemas`` packages (the code's identity)."""
     return Path(kdflow.__file__).resolve().parent.parent
@@ -293,6 +295,16 @@ def artifact_root(root: Path, pipeline: str) -> Path:
     return Path(root) / "artifacts" / pipeline
 
 
+def default_modes(directory: Path) -> None:
+    """Give files written private (0600: safetensors and ``save_pretrained`` do) the mode every
+    other file gets, 0666 minus the umask, so a stage output is as readable as the user chose."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in directory.rglob("*"):
+        if p.is_file() and not p.is_symlink() and p.stat().st_mode & 0o777 == 0o600:
+            p.chmod(0o666 & ~umask)
+
+
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``final``; on success swap it in, on failure delete it.
@@ -308,6 +320,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    default_modes(tmp)
     old = final.parent / f".old-{final.name}-{os.getpid()}"
     if final.exists():
         os.replace(final, old)

@@ -20,9 +20,13 @@ def sha256_file(path: Path) -> str:
 
 
 def replace_atomically(tmp: Path, final: Path) -> None:
-    """fsync ``tmp`` then rename it over ``final``."""
+    """fsync ``tmp`` then rename it over ``final`` (with the umask's default mode: safetensors
+    writes 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
+        os.fchmod(fh.fileno(), 0o666 & ~umask)
     os.replace(tmp, final)
 
 

@@ -19,7 +19,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kdflow.data.graph_features import GraphFeatures
-from schemas.frames import validate_graphs, validate_samples, validate_tensors
 
 SPLITS = ("train", "val", "test")
 SAMPLES_FILE = "samples.parquet"
@@ -96,6 +95,7 @@ class Dataset:
     def validate(self, where: str = "dataset") -> None:
         """Raise ``DataError`` naming the column and offending rows if anything is broken."""
         from kdflow.errors import DataError
+        from schemas.frames import validate_graphs, validate_samples, validate_tensors  # pandera: ~1 s to import
 
         if isinstance(self.features, GraphFeatures) != (self.modality == "graph"):
             kind = type(self.features).__name__

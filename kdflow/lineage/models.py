@@ -1,7 +1,7 @@
 """Teachers and the student as MLflow LoggedModels; the student in the model registry.
 
-Models are logged with ``mlflow.pytorch.log_model`` (pickle format, explicit pip requirements so
-nothing is inferred or downloaded) into a LoggedModel created first in the stage run's
+Models are logged with ``mlflow.pytorch.log_model`` (``pt2`` format where ``torch.export`` can
+trace the model, else pickle; explicit pip requirements so nothing is inferred or downloaded) into a LoggedModel created first in the stage run's
 experiment, with a signature and an input example taken from the prepared dataset.
 """
 from __future__ import annotations
@@ -92,15 +92,30 @@ def log_model(client: Any, uri: str, experiment_id: str, run_id: str, name: str,
 
     from kdflow.models.io import load_model
 
-    module = (loader or load_model)(folder)
+    module = (loader or load_model)(folder).eval()  # exported (pt2) in inference mode
     signature, example_np = _signature(module, example)
     logged = client.create_logged_model(experiment_id, name=name, source_run_id=run_id, tags=tags)
     with fluent_uri(uri):
-        mlflow.pytorch.log_model(
-            module, name=name, model_id=logged.model_id, run_id=run_id, signature=signature,
-            input_example=example_np, pip_requirements=_requirements(), serialization_format="pickle",
-        )
+        for fmt in serialization_formats(example_np is not None):
+            try:
+                mlflow.pytorch.log_model(
+                    module, name=name, model_id=logged.model_id, run_id=run_id, signature=signature,
+                    input_example=example_np, pip_requirements=_requirements(), serialization_format=fmt,
+                )
+                break
+            except Exception as exc:  # noqa: BLE001  torch.export cannot trace every model: pickle then
+                if fmt == "pickle":
+                    raise
+                log.info("%s: torch.export failed (%s: %s); logging it with pickle", name, type(exc).__name__, exc)
     return logged.model_id
+
+
+def serialization_formats(has_example: bool) -> tuple[str, ...]:
+    """MLflow formats to try, safest first: ``pt2`` (``torch.export``: a graph and tensors, loadable
+    with ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``) needs an input example to trace; models
+    without one (graphs, language models) and models ``torch.export`` cannot trace fall back to
+    ``pickle``."""
+    return ("pt2", "pickle") if has_example else ("pickle",)
 
 
 def register(client: Any, name: str, model_id: str, run_id: str, tags: dict[str, str], description: str) -> str:

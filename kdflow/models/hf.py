@@ -49,10 +49,12 @@ def _from_pretrained(directory: Path) -> tuple[nn.Module, str]:
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
     try:
-        model = AutoModelForImageClassification.from_pretrained(directory, local_files_only=True)
+        model = AutoModelForImageClassification.from_pretrained(directory, local_files_only=True,
+                                                                trust_remote_code=False)
         return model, "image"
     except ValueError:  # the config is not an image-classification architecture
-        model = AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True)
+        model = AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True,
+                                                                   trust_remote_code=False)
         return model, "sequence"
 
 

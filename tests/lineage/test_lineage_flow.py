@@ -106,8 +106,8 @@ def test_flow_records_runs_inputs_models_registry_and_lineage(tmp_path: Path, pr
         by_id = mlflow.pytorch.load_model(f"models:/{student.model_id}")
         by_alias = mlflow.pytorch.load_model("models:/tiny-student@latest")
     with torch.no_grad():
-        assert torch.equal(by_id.eval()(test.features), expected.detach())
-        assert torch.equal(by_alias.eval()(test.features), expected.detach())
+        assert torch.equal(by_id(test.features), expected.detach())  # pt2: exported in eval mode
+        assert torch.equal(by_alias(test.features), expected.detach())
 
     # evaluation metrics attached to the logged student (and the chosen teacher)
     metrics = json.loads((art / "evaluate/metrics.json").read_text())
