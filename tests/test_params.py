@@ -118,11 +118,12 @@ def test_cli_reports_broken_yaml(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "invalid YAML" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_topk_kd_accepts_both_topk_formats() -> None:
-    for fmt in ("topk", "topk_q8"):
+def test_topk_kd_accepts_every_topk_format() -> None:
+    for fmt in ("topk", "topk_q8", "topk_packed"):
         assert parse_params(tiny_params(logits={"format": fmt}, student={"loss": {"name": "topk_kd"}}))
     found = problems(tiny_params(logits={"format": "dense"}, student={"loss": {"name": "topk_kd"}}))
-    assert any("'topk_kd' needs" in p and "use logits.format 'topk' or logits.format 'topk_q8'" in p for p in found)
+    assert any("'topk_kd' needs" in p and "use logits.format 'topk' or logits.format 'topk_packed' or logits.format 'topk_q8'" in p
+               for p in found)
     assert any("'kd' needs" in p and "use logits.format 'dense'" in p for p in problems(tiny_params(logits={"format": "topk_q8"})))
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from kdflow.cache.formats import FORMATS, Stored, decode_to_batch
+from kdflow.cache.formats import FORMATS, Stored, cat_stored, decode_to_batch
 from kdflow.cache.store import INFO_FILE, corrupt, load_info, shard_problem
 from kdflow.cache.views import load_views, views_problem
 
@@ -127,14 +127,14 @@ class CacheReader:
             positions.append(where)
             pieces.append({key: value[local] for key, value in tensors.items()})
         order = torch.cat(positions).argsort()  # undo the grouping (uint16 has no index_put)
-        return self._decode({k: torch.cat([p[k] for p in pieces])[order] for k in pieces[0]})
+        return self._decode({k: v[order] for k, v in cat_stored(pieces).items()})
 
     def load_all(self) -> dict[str, torch.Tensor]:
         """Every row, in order, in the loss batch keys (all in memory: see ``iter_batches``)."""
         parts = [self._shard(i) for i in range(len(self.info["shards"]))]
         if not parts:
             raise IndexError("the cache is empty")
-        return self._decode({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+        return self._decode(cat_stored(parts))
 
     def iter_batches(self, batch_size: int, *, verify: bool = True
                      ) -> Iterator[dict[str, torch.Tensor]]:
@@ -165,8 +165,8 @@ class CacheReader:
                 pending_rows += take
                 start += take
                 if pending_rows == batch_size:
-                    yield self._decode({k: torch.cat([p[k] for p in pending]) for k in pending[0]})
+                    yield self._decode(cat_stored(pending))
                     pending, pending_rows = [], 0
             self._open.pop(number, None)  # the last views keep its mapping alive until used
         if pending:
-            yield self._decode({k: torch.cat([p[k] for p in pending]) for k in pending[0]})
+            yield self._decode(cat_stored(pending))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kdflow.cache.formats import Stored, encode
+from kdflow.cache.formats import FORMATS, Stored, check_finite, encode, topk_logprobs
 
 _SIGNED = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
 
@@ -59,6 +59,19 @@ def encode_sequences(
     mask = mask_from_lengths(lengths, logits.shape[1])  # [B, L]
     full = bool(mask.all())  # packed sequences: no padding to drop, no copy
     rows = logits.detach().flatten(0, 1) if full else logits.detach()[mask]  # [T, V]
+    fmt = FORMATS.get(format)
+    if fmt.per_row:  # the whole row at once: top-k per real token, zeros at the padding
+        rows = rows.float()
+        check_finite(rows)
+        values, indices, tail = topk_logprobs(rows, k, capture_temperature)
+        per_token = [values, indices.long(), tail]
+        if full:
+            per_token = [v.unflatten(0, mask.shape) for v in per_token]
+        else:
+            per_token = [_scatter(v, mask) for v in per_token]
+        out = fmt.encode_rows(*per_token, num_classes=logits.shape[-1])
+        out["lengths"] = lengths.to(torch.int32)
+        return out
     flat = encode(rows, format=format, k=k, dtype=dtype, capture_temperature=capture_temperature)
     out = {key: (value.unflatten(0, mask.shape) if full else _scatter(value, mask))
            for key, value in flat.items()}

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from kdflow.cache.formats import FORMATS, Format, Stored, encode, narrowest_uint, value_dtype
+from kdflow.cache.formats import FORMATS, Format, Stored, cat_stored, encode, narrowest_uint, value_dtype
 from kdflow.cache.store import (
     CACHE_VERSION,
     INFO_FILE,
@@ -144,9 +144,7 @@ def _write_shard(directory: Path, number: int, stored: Stored, start: int, spec:
 
 
 def _cat(parts: list[Stored]) -> Stored:
-    if len(parts) == 1:
-        return {k: v.contiguous() for k, v in parts[0].items()}
-    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+    return {k: v.contiguous() for k, v in cat_stored(parts).items()}
 
 
 def _finish(directory: Path, header: dict, shards: list[dict]) -> dict:

@@ -28,7 +28,7 @@ def _sequences(seed: int = 0) -> torch.Tensor:
     return logits
 
 
-@pytest.mark.parametrize("fmt", ["topk", "topk_q8"])
+@pytest.mark.parametrize("fmt", ["topk", "topk_q8", "topk_packed"])
 def test_sequence_cache_round_trip(tmp_path: Path, fmt: str) -> None:
     logits = _sequences()
     batches = [(logits[:2], LENGTHS[:2]), (logits[2:], LENGTHS[2:])]

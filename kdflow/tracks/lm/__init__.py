@@ -221,7 +221,7 @@ class LMTrack:
         if kind == "condenser":
             return ["generate", "none"]
         if kind == "format":
-            return ["dense", "topk", "topk_q8"]
+            return ["dense", "topk", "topk_q8", "topk_packed"]
         registry = {"loss": LOSSES, "strategy": STRATEGIES}[kind]
         return offered(registry, self.name, ())
 
