@@ -407,6 +407,16 @@ def _print_summary(m: dict, track: str) -> None:
     for row in t.summary_rows(m):
         table.add_row(*row)
     out.print(table)
+    from kdflow.report import seed_rows
+
+    rows = seed_rows(m)
+    if rows:
+        seeds = Table(title="students over seeds (test split)")
+        for col in ("", "teacher", "student mean ± std", "student min - max"):
+            seeds.add_column(col, justify="right")
+        for row in rows:
+            seeds.add_row(*(escape(c) for c in row))
+        out.print(seeds)
     out.print(t.summary_line(m))
 
 

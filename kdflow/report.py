@@ -146,12 +146,39 @@ def _ranking(select_dir: Path) -> str:
 
 
 def _comparison(artifacts_dir: Path, metrics: dict[str, Any]) -> str:
-    """The track's section: teacher vs. student (the track is recorded by ``prepare``)."""
+    """The track's section: teacher vs. student (the track is recorded by ``prepare``), then the
+    students of every seed."""
     from kdflow.tracks import DEFAULT_TRACK, get_track
 
     prepare = artifacts_dir / "prepare" / MANIFEST_FILE
     track = Manifest.load(prepare.parent).info.get("track", DEFAULT_TRACK) if prepare.is_file() else DEFAULT_TRACK
-    return get_track(track).report_section(metrics)
+    html = get_track(track).report_section(metrics)
+    rows = seed_rows(metrics)
+    if rows:
+        html += "\n" + table(["over seeds", "teacher", "student mean ± std", "student min - max"],
+                             [list(r) for r in rows], numeric=(1, 2, 3))
+    return html
+
+
+def seed_rows(m: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(metric over N seeds, teacher, student mean ± std, student min - max) rows of
+    ``metrics["student_seeds"]`` (none with one seed); the stage's model is the first seed's."""
+    seeds = m.get("student_seeds")
+    if not seeds:
+        return []
+    n, first = len(seeds["seeds"]), seeds["seeds"][0]
+    rows = []
+    for key, value in seeds.items():
+        if not isinstance(value, dict) or "mean" not in value:
+            continue
+        teacher = m.get("teacher", {}).get(key)
+        points = key.endswith("_gap")  # a difference of accuracies, in points
+        f = (lambda v: f"{v * 100:+.2f} pts") if points else (lambda v: f"{v:.4f}")
+        std = f"{value['std'] * 100:.2f} pts" if points else f"{value['std']:.4f}"
+        rows.append((f"{key} ({n} seeds, model: seed {first})",
+                     f"{teacher:.4f}" if isinstance(teacher, (int, float)) else "",
+                     f"{f(value['mean'])} ± {std}", f"{f(value['min'])} - {f(value['max'])}"))
+    return rows
 
 
 def _figures(artifacts_dir: Path, stages: list[str]) -> str:

@@ -82,13 +82,25 @@ class Logits(Output):
     teacher_names: list[str] = Field(default_factory=list, description="The chosen teachers, best first (for lineage).")
 
 
+class SeedRun(Output):
+    """One of the students ``student.seeds`` trains."""
+
+    seed: int
+    dir: str = Field(".", description="Its folder in the stage output ('.': the stage's model, the first seed).")
+    best_epoch: int = 0
+    best_val: float = 0.0
+    epochs_run: int = 0
+    resumed_from: int | None = None
+
+
 class Student(Output):
-    """student: how training went."""
+    """student: how training went (of the first seed's student, the stage's model)."""
 
     best_epoch: int
     resumed_from: int | None = None
     stopped_early: bool = False
     rounds: list[dict[str, Any]] = Field(default_factory=list, description="On-policy rounds: students' weights digests before/after, the grades' sha256.")
+    seeds: list[SeedRun] = Field(default_factory=list, description="Every seed's student, the first being the stage's model.")
 
 
 class Evaluated(Output):

@@ -181,6 +181,7 @@ class StudentParams(Section):
         description="With several teachers (select.top > 1): weighted_mean of their probabilities at the loss temperature (dense caches), or per_sample: each sample learns from the teacher giving its true class the highest probability.",
     )
     on_policy: OnPolicyParams = Field(default_factory=OnPolicyParams, description="On-policy distillation rounds (lm track).")
+    seeds: int = Field(1, ge=1, le=100, description="Students trained, with seeds seed, seed+1, ...: evaluate reports each test metric's mean, std, min and max over them; the first seed's student is the stage's model (the one registered in MLflow).")
     cache_in_memory_mb: float = Field(1024.0, ge=0, le=1_000_000, description="Load the logit cache(s) into memory up to this decoded size (float32 values, int64 indices: several times the size on disk); larger caches are read per batch from the memory-mapped shards.")
 
 
@@ -198,6 +199,7 @@ class StageRuntimeParams(Section):
 class RuntimeParams(Section):
     device: str = Field("auto", pattern=DEVICE_PATTERN, description="Device of every stage's torch work: auto (cuda, then mps, then cpu), cpu, cuda[:i], mps.")
     threads: int | None = Field(None, ge=1, le=1024, description="CPU threads torch uses in every stage (null: torch's default; a busy machine is often much faster with 1-2).")
+    deterministic: bool | None = Field(None, description="torch.use_deterministic_algorithms in every stage (null: on without CUDA, so CPU rebuilds are byte-identical for the same threads; off on CUDA for its fast kernels).")
     stages: dict[Literal[STAGE_NAMES], StageRuntimeParams] = Field(  # type: ignore[valid-type]
         default_factory=dict, description="Per-stage overrides, e.g. {student: {device: cuda}, logits: {threads: 4}}.")
 
@@ -258,6 +260,8 @@ class PipelineParams(Section):
                                  method=self.condense.method, views=self.logits.views)
         if self.student.on_policy.rounds and not getattr(track, "on_policy", False):
             problems.append(f"student.on_policy.rounds: track {track.name!r} has no on-policy rounds; use 0")
+        if self.student.seeds > 1 and not hasattr(track, "seed_metrics"):
+            problems.append(f"student.seeds: track {track.name!r} cannot compare students over seeds; use 1")
         if self.select.strategy not in track.offers("strategy"):
             problems.append(f"select.strategy: must be one of {track.offers('strategy')} (got {self.select.strategy!r})")
         if self.select.top > len(self.teachers):

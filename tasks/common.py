@@ -29,7 +29,7 @@ from kdflow.errors import ArtifactError
 from kdflow.progress import Reporter
 from kdflow.tracks import Track, get_track
 from kdflow.train import distributed
-from kdflow.train.device import resolve_device, torch_threads
+from kdflow.train.device import deterministic_algorithms, resolve_device, torch_threads
 from schemas.manifest import MANIFEST_FILE, FileEntry, Manifest
 from schemas.outputs import OUTPUTS, Output
 from schemas.params import PipelineParams
@@ -229,6 +229,11 @@ class StageContext:
         """The stage's device: ``runtime.stages.<stage>.device``, else ``runtime.device``."""
         return resolve_device(stage_runtime(self.stage, self.pipeline)[0])
 
+    @property
+    def deterministic(self) -> bool:
+        """Deterministic torch algorithms: ``runtime.deterministic``, else on unless the stage runs on CUDA."""
+        return stage_deterministic(self.stage, self.pipeline)
+
     def input(self, stage: str) -> Path:
         """Output folder of an upstream stage."""
         return self.artifacts / stage
@@ -278,6 +283,12 @@ def stage_runtime(stage: str, pp: PipelineParams) -> tuple[str, int | None]:
         or (pp.student.device if stage == "student" and pp.student.device else None) or rt.device
     threads = own.threads if own and own.threads else rt.threads
     return device, threads
+
+
+def stage_deterministic(stage: str, pp: PipelineParams) -> bool:
+    """``runtime.deterministic``, else on unless the stage's device is CUDA."""
+    on = pp.runtime.deterministic
+    return on if on is not None else resolve_device(stage_runtime(stage, pp)[0]).type != "cuda"
 
 
 def _iso(t: float) -> str:
@@ -417,7 +428,7 @@ def _execute_stage(
                            runners=dict(runners or {}))
         run_id = tracker.start_stage(stage, stage_params(stage, pp), fp, upstream, artifact_root(root, pp.name)) if tracker else None
         try:
-            with torch_threads(stage_runtime(stage, pp)[1]):
+            with torch_threads(stage_runtime(stage, pp)[1]), deterministic_algorithms(stage_deterministic(stage, pp)):
                 manifest = module.run(section(stage, pp), ctx)
             manifest.mlflow_run_id = run_id
             manifest.save(tmp)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+from kdflow.metrics.intervals import seed_headline
 from schemas.manifest import Manifest
 from schemas.outputs import Evaluated
 from schemas.params import EvaluateParams
@@ -23,5 +24,10 @@ def run(params: EvaluateParams, ctx: StageContext) -> Manifest:
     metrics = ctx.track.evaluate(models, test, names={"teacher": name}, histories=histories,
                                  latency_repeats=params.latency_repeats, latency_threads=params.latency_threads,
                                  ece_bins=params.ece_bins, folder=ctx.out)
+    seeds = ctx.output("student").seeds
+    if len(seeds) > 1:  # every seed's student on the same test split, the first being the stage's model
+        students = {r.seed: ctx.track.load_model(ctx.input("student") / r.dir) for r in seeds}
+        metrics["student_seeds"] = ctx.track.seed_metrics(models["teacher"], students, test)
     (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return ctx.manifest(metrics=ctx.track.headline(metrics), info=Evaluated(teacher=name))
+    headline = ctx.track.headline(metrics) | seed_headline(metrics.get("student_seeds", {}))
+    return ctx.manifest(metrics=headline, info=Evaluated(teacher=name))

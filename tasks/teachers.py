@@ -30,7 +30,7 @@ def _load(candidate: TeacherParams, ctx: StageContext, out: Path) -> tuple[nn.Mo
 
 
 def _train(candidate: TeacherParams, index: int, ctx: StageContext, ds: Dataset, out: Path) -> tuple[nn.Module, dict]:
-    seed_everything(ctx.seed + index)
+    seed_everything(ctx.seed + index, deterministic=ctx.deterministic)
     train, val = ds.split("train"), ds.split("val")
     model = ctx.track.create_model(candidate.arch, ds, candidate.args)
     t = candidate.train

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from collections.abc import Iterator
 
@@ -63,14 +64,32 @@ def seed_everything(seed: int, *, deterministic: bool | None = None) -> None:
 
     Args:
         seed: the run's seed.
-        deterministic: ask torch for deterministic kernels (warn-only). ``None`` means
+        deterministic: ask torch for deterministic kernels (warn-only), or not. ``None`` means
             "when CUDA is absent": CPU runs are exact, CUDA runs keep their fast kernels.
     """
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    if deterministic if deterministic is not None else not torch.cuda.is_available():
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    set_deterministic(deterministic if deterministic is not None else not torch.cuda.is_available())
+
+
+def set_deterministic(on: bool) -> None:
+    """``torch.use_deterministic_algorithms(on)`` (warn-only: an op without a deterministic kernel
+    warns instead of failing); on CUDA also the cuBLAS workspace setting it needs."""
+    if on and torch.cuda.is_available():
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(on: bool) -> Iterator[None]:
+    """Run with ``set_deterministic(on)``, restoring the previous setting afterwards."""
+    before = torch.are_deterministic_algorithms_enabled()
+    set_deterministic(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=True)
 
 
 @contextlib.contextmanager

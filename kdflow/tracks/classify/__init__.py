@@ -182,6 +182,11 @@ class ClassifyTrack:
                                   histories)
         return metrics
 
+    def seed_metrics(self, teacher: nn.Module, students: dict[int, nn.Module], test: Dataset) -> dict[str, Any]:
+        """Test accuracy, agreement and gap of every seed's student: mean, std, min, max (``student.seeds``)."""
+        return evaluation.seed_metrics(predict(teacher, test.features),
+                                       {k: predict(m, test.features) for k, m in students.items()}, test.labels)
+
     def headline(self, m: dict[str, Any]) -> dict[str, float]:
         return {"teacher_accuracy": m["teacher"]["accuracy"], "student_accuracy": m["student"]["accuracy"],
                 "agreement": m["agreement"], "params_ratio": m["compression"]["params_ratio"]}

@@ -11,6 +11,7 @@ from torch import nn
 from kdflow.metrics import (
     accuracy, agreement, confusion_matrix, expected_calibration_error, kl_divergence, macro_f1, reliability_bins,
 )
+from kdflow.metrics.intervals import METHOD, proportion_interval, spread
 from kdflow.metrics.latency import measure_latency
 from kdflow.models import count_params, model_bytes
 from kdflow.report import fmt, table
@@ -21,11 +22,14 @@ BATCHES = (1, 256)
 def model_metrics(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
                   input_shape: tuple[int, ...], latency_inputs: dict[int, Any], repeats: int,
                   threads: int | None, ece_bins: int) -> dict[str, float]:
-    """Accuracy, macro-F1, ECE, size and CPU latency at batch 1 and 256 of one model."""
+    """Accuracy (with its 95% Wilson interval), macro-F1, ECE, size and CPU latency at batch 1 and
+    256 of one model."""
     lat = {b: measure_latency(model, input_shape, b, repeats=repeats, threads=threads, inputs=latency_inputs.get(b))
            for b in BATCHES}
+    acc = accuracy(logits, labels)
     return {
-        "accuracy": accuracy(logits, labels),
+        "accuracy": acc,
+        "accuracy_ci95": proportion_interval(acc, len(labels)),
         "macro_f1": macro_f1(logits, labels, num_classes),
         "ece": expected_calibration_error(logits, labels, ece_bins),
         "params": count_params(model),
@@ -38,10 +42,13 @@ def model_metrics(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor, 
 def compare(per: dict[str, dict], logits: dict[str, torch.Tensor], teacher_name: str, n_test: int) -> dict[str, Any]:
     """metrics.json: both models, their agreement and the compression ratios."""
     t, s = per["teacher"], per["student"]
+    agree = agreement(logits["teacher"], logits["student"])
     return {
         "teacher": {"name": teacher_name, **t},
         "student": s,
-        "agreement": agreement(logits["teacher"], logits["student"]),
+        "agreement": agree,
+        "agreement_ci95": proportion_interval(agree, n_test),
+        "ci_method": METHOD,
         "kl_teacher_student": kl_divergence(logits["teacher"], logits["student"]),
         "ece_student": s["ece"],
         "compression": {
@@ -53,6 +60,17 @@ def compare(per: dict[str, dict], logits: dict[str, torch.Tensor], teacher_name:
         "accuracy_gap": t["accuracy"] - s["accuracy"],
         "n_test": n_test,
     }
+
+
+def seed_metrics(teacher_logits: torch.Tensor, students: dict[int, torch.Tensor], labels: torch.Tensor
+                 ) -> dict[str, Any]:
+    """Test accuracy, agreement with the teacher and accuracy gap of every seed's student
+    (``students``: seed -> logits ``[N, C]``), each as mean, std, min, max and the values in seed order."""
+    acc = [accuracy(v, labels) for v in students.values()]
+    agree = [agreement(teacher_logits, v) for v in students.values()]
+    t = accuracy(teacher_logits, labels)
+    return {"seeds": list(students), "accuracy": spread(acc), "agreement": spread(agree),
+            "accuracy_gap": spread([t - a for a in acc])}
 
 
 def write_pictures(folder: Path, teacher_name: str, logits: dict[str, torch.Tensor], y: torch.Tensor,
@@ -83,6 +101,8 @@ def summary_rows(m: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     t, s, c = m["teacher"], m["student"], m["compression"]
     return [
         ("accuracy", f"{t['accuracy']:.4f}", f"{s['accuracy']:.4f}", f"gap {m['accuracy_gap'] * 100:+.2f} pts"),
+        *([("  95% CI (Wilson)", _ci(t["accuracy_ci95"]), _ci(s["accuracy_ci95"]), f"n = {m['n_test']}")]
+          if "accuracy_ci95" in s else []),
         ("macro-F1", f"{t['macro_f1']:.4f}", f"{s['macro_f1']:.4f}", ""),
         ("ECE", f"{t['ece']:.4f}", f"{s['ece']:.4f}", ""),
         ("params", f"{t['params']:,}", f"{s['params']:,}", f"{c['params_ratio']:.1f}x"),
@@ -90,6 +110,10 @@ def summary_rows(m: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         ("latency b1 (ms)", f"{t['latency_ms_b1']:.3f}", f"{s['latency_ms_b1']:.3f}", f"{c['latency_ratio_b1']:.1f}x"),
         ("latency b256 (ms)", f"{t['latency_ms_b256']:.2f}", f"{s['latency_ms_b256']:.2f}", f"{c['latency_ratio_b256']:.1f}x"),
     ]
+
+
+def _ci(ci: dict[str, float]) -> str:
+    return f"[{ci['low']:.4f}, {ci['high']:.4f}]"
 
 
 DVC_PLOTS = [
@@ -126,9 +150,13 @@ def report_section(m: dict[str, Any]) -> str:
         else:
             ratio = ""
         rows.append([label, form.format(t[key]), form.format(s[key]), ratio])
+        if key == "accuracy" and "accuracy_ci95" in s:
+            rows.append(["  95% CI (Wilson)", _ci(t["accuracy_ci95"]), _ci(s["accuracy_ci95"]), ""])
     html = table(["", f"teacher ({t.get('name', '?')})", "student", "teacher / student"], rows, numeric=(1, 2, 3))
     extra = {"agreement": "top-1 agreement", "kl_teacher_student": "KL(teacher || student)", "n_test": "test samples"}
     shown = [f"{label} {fmt(m[k])}" for k, label in extra.items() if k in m]
+    if "agreement_ci95" in m:
+        shown.insert(1, f"agreement 95% CI {_ci(m['agreement_ci95'])}")
     if shown:
         html += "\n<p>" + escape(" · ".join(shown)) + "</p>"
     return html
