@@ -183,6 +183,10 @@ def test_init_from_teacher_copies_the_chosen_layers(small, tmp_path: Path) -> No
     assert len(dst) == 2 and "teacher" not in student.kdflow_spec["args"]
     for d, i in zip(dst, [0, 2]):
         assert all(torch.equal(a, b) for a, b in zip(d.state_dict().values(), src[i].state_dict().values()))
+    onnx = TEXT.create_model("onnx_encoder", small, {"model": ONNX})
+    TEXT.save_model(onnx, tmp_path / "o")
+    with pytest.raises(ModelError, match="teacher 'o' is not a BERT"):
+        TEXT.create_model("text_bert", small, {"init_from_teacher": [0]}, teacher=tmp_path / "o")
     with pytest.raises(ModelError, match="outside the teacher's 0..2"):
         TEXT.create_model("text_bert", small, {"init_from_teacher": [5]}, teacher=tmp_path / "t")
 

@@ -116,6 +116,9 @@ def _from_teacher(num_classes: int, layers: list[int], teacher: Path | None, pad
 
     if teacher is None:
         raise ModelError("text_bert.init_from_teacher: needs the chosen teacher (a student argument only)")
+    if not (Path(teacher) / "config.json").is_file():
+        raise ModelError(f"text_bert.init_from_teacher: the chosen teacher {Path(teacher).name!r} is not a BERT "
+                         "(save_pretrained) model; drop init_from_teacher or choose a text_bert teacher")
     source = BertForSequenceClassification.from_pretrained(str(teacher), local_files_only=True)
     n = source.config.num_hidden_layers
     bad = [i for i in layers if not 0 <= i < n]
