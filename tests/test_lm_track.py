@@ -244,3 +244,90 @@ def test_on_policy_rounds_grade_the_students_text_and_resume(tmp_path: Path, tex
     (work / "round-2" / onpolicy.ROUND_FILE).unlink()  # killed during round 2
     again = onpolicy.run_rounds(student2, **args)
     assert calls == [1, 2, 2] and again[0] == first[0] and again[1]["grades_sha256"] == first[1]["grades_sha256"]
+
+
+def test_blocks_longer_than_any_model_positions_are_a_validate_error(text_file: Path) -> None:
+    """Before compute, naming the keys: the student's and a trained teacher's max_positions."""
+    raw = tiny_lm(f"text:{text_file}", data={"options": {"tokenizer": "byte", "seq_len": 48}})
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    for where in ("teachers[0]", "student"):
+        assert any(f"exceed {where}.args.max_positions (32)" in p and p.startswith("data.options.seq_len: 48")
+                   for p in err.value.problems), err.value.problems
+
+
+@pytest.mark.slow
+def test_validate_cli_exits_2_on_blocks_longer_than_the_positions(tmp_path: Path, text_file: Path) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    raw = tiny_lm(f"text:{text_file}", data={"options": {"tokenizer": "byte", "seq_len": 48}})
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "-m", "kdflow.cli", "validate", "-c", "p.yaml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "student.args.max_positions" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_gguf_teacher_that_is_no_gguf_is_a_validate_error(tmp_path: Path, text_file: Path) -> None:
+    (tmp_path / "broken.gguf").write_bytes(b"PK\x03\x04 not a gguf")
+    raw = tiny_lm(f"text:{text_file}", teachers=[{"name": "g", "checkpoint": "broken.gguf"}])
+    found = LM.checkpoint_problems("broken.gguf", tmp_path, "teachers[0].checkpoint")
+    assert len(found) == 1 and found[0].startswith(f"teachers[0].checkpoint: {tmp_path / 'broken.gguf'}: not a GGUF file")
+    assert parse_params(raw).teachers[0].checkpoint == "broken.gguf"  # the schema passes; the file check refuses
+
+
+def test_a_trimmed_student_keeps_the_most_frequent_tokens(tmp_path: Path, text_file: Path) -> None:
+    """keep_tokens N: an (N + 1)-row embedding and head; the logits span the full vocabulary (a
+    proper distribution: the tail id's mass spread over the dropped ids); saved and loaded with
+    its map; the per-token KD loss trains it."""
+    from kdflow.losses import create_loss
+    from kdflow.tracks.lm.evaluation import perplexity
+    from kdflow.tracks.lm.models import most_frequent
+
+    ds = LM.load_source(f"text:{text_file}", seed=0, val_fraction=0.1, test_fraction=0.1,
+                        options={"tokenizer": "byte", "seq_len": 32})
+    train, args = ds.split("train"), {"layers": 1, "hidden": 16, "heads": 2, "max_positions": 32}
+    torch.manual_seed(0)
+    full = LM.create_model("llama", train, args)
+    torch.manual_seed(0)
+    trimmed = LM.create_model("llama", train, {**args, "keep_tokens": 20})
+    counts = np.bincount(train.features.numpy().ravel(), minlength=ds.num_classes)
+    kept = trimmed.kept
+    assert len(kept) == 20 and counts[kept].min() >= np.delete(counts, kept).max()
+    assert torch.equal(kept, most_frequent(train.features, ds.num_classes, 20))
+    assert trimmed.model.config.vocab_size == 21 and trimmed.vocab_size == ds.num_classes
+    saved = (ds.num_classes - 21) * 16  # tied embedding rows
+    from kdflow.models import count_params
+
+    assert count_params(full) - count_params(trimmed) == saved
+    x = train.features[:2]
+    logits = trimmed(x)  # [2, 32, V]
+    assert logits.shape == (2, 32, ds.num_classes)
+    probs = logits.softmax(-1)
+    inner = trimmed.model(input_ids=trimmed.to_student[x]).logits.softmax(-1)  # [2, 32, 21]
+    dropped = torch.ones(ds.num_classes, dtype=torch.bool)
+    dropped[kept] = False
+    assert torch.allclose(probs[..., kept], inner[..., :20], atol=1e-6)
+    assert torch.allclose(probs[..., dropped].sum(-1), inner[..., 20], atol=1e-6)
+    unseen = int(dropped.nonzero()[0])
+    assert torch.equal(trimmed.to_student[torch.tensor([unseen])], torch.tensor([20]))
+    LM.save_model(trimmed, tmp_path / "m")
+    back = LM.load_model(tmp_path / "m")
+    assert torch.equal(back.kept, kept) and torch.allclose(back(x), logits, atol=1e-6)
+    test = ds.split("test")
+    assert perplexity(back, test.features, test.labels) == pytest.approx(
+        perplexity(trimmed, test.features, test.labels), rel=1e-6)
+    teacher = torch.randn(2, 32, ds.num_classes)
+    top, idx = teacher.log_softmax(-1).topk(8, -1)
+    batch = {"y": train.labels[:2], "teacher_logprobs": top, "teacher_indices": idx,
+             "teacher_tail": (1 - top.exp().sum(-1)).clamp_min(0)}
+    out = create_loss("lm_kd", alpha=0.5)(trimmed(x), batch)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and trimmed.model.model.embed_tokens.weight.grad.abs().sum() > 0
+    with pytest.raises(ModelError, match=r"keep_tokens 400 must be in \[1, "):
+        LM.create_model("llama", train, {**args, "keep_tokens": 400})
+    assert LM.model_problems("llama", {**args, "keep_tokens": 0}, "student") == [
+        "student.args.keep_tokens: must be an integer >= 1 (got 0)"]

@@ -78,7 +78,9 @@ def find_package_file(spec: str) -> Path:
     return ggufs[0]
 
 
-def _check_gguf_file(path: Path) -> None:
+def check_gguf_file(path: Path) -> None:
+    """``ModelError`` naming ``path`` unless it is a GGUF file (magic bytes) and the ``gguf`` and
+    ``accelerate`` packages transformers needs to read it are installed."""
     if not path.is_file():
         raise ModelError(f"{path}: no such GGUF file")
     with path.open("rb") as fh:
@@ -119,7 +121,7 @@ def load_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """
     quiet_transformers()
     path = Path(path)
-    _check_gguf_file(path)
+    check_gguf_file(path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # An absolute gguf_file: transformers reads the weights from a *relative* name resolved

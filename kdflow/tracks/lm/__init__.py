@@ -106,7 +106,8 @@ class LMTrack:
         return arg_problems(arch, args, where)
 
     def create_model(self, arch: str, ds: Dataset, args: dict[str, Any], teacher: Path | None = None) -> nn.Module:
-        model = create_causal_lm(arch, ds.num_classes, args, teacher)
+        tokens = ds.features if "keep_tokens" in args else None  # the training blocks' ids
+        model = create_causal_lm(arch, ds.num_classes, args, teacher, tokens)
         model.tokenizer_dir = getattr(ds, "tokenizer_dir", None)  # saved next to the weights
         if ds.input_shape and ds.input_shape[0] > model.max_positions:
             raise ModelError(f"{arch}: blocks of {ds.input_shape[0]} tokens exceed the model's "
@@ -141,7 +142,29 @@ class LMTrack:
             return []
         path = (Path(root) / spec).resolve()
         ok = path.is_dir() or (path.is_file() and path.suffix == ".gguf")
-        return [] if ok else [f"{where}: not a model folder or .gguf file: {path}"]
+        if not ok:
+            return [f"{where}: not a model folder or .gguf file: {path}"]
+        if path.is_file():
+            from kdflow.models.causal_lm import check_gguf_file
+
+            try:
+                check_gguf_file(path)  # the magic bytes and the loader's packages, not the weights
+            except ModelError as exc:
+                return [f"{where}: {exc}"]
+        return []
+
+    def params_problems(self, pp: Any) -> list[str]:
+        """Blocks longer than a from-scratch model's positions (teachers and student), with the
+        keys to change."""
+        seq_len = int(pp.data.options.get("seq_len", DEFAULT_SEQ_LEN))
+        models = [(f"teachers[{i}]", t.arch, t.args) for i, t in enumerate(pp.teachers) if t.arch is not None]
+        problems = []
+        for where, arch, args in [*models, ("student", pp.student.arch, pp.student.args)]:
+            positions = args.get("max_positions", 512) if arch == "llama" else None
+            if isinstance(positions, int) and seq_len > positions:
+                problems.append(f"data.options.seq_len: {seq_len} tokens per block exceed {where}.args.max_positions "
+                                f"({positions}); lower data.options.seq_len or raise {where}.args.max_positions")
+        return problems
 
     def load_model(self, folder: Path) -> nn.Module:
         return load_causal_lm(folder)
