@@ -58,7 +58,7 @@ class TrainParams(Section):
 
 class TeacherParams(Section):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_-]+$", description="Unique candidate name (folder name of its artifact and part of its MLflow model name): letters, digits, _ and -.")
-    arch: str | None = Field(None, description="Registry architecture to train here (mlp, convnet, resnet, ...).")
+    arch: str | None = Field(None, description="Registry architecture to train here (mlp, convnet, resnet, ...), or your own class by import path (package.module:Name).")
     args: dict[str, Any] = Field(default_factory=dict, description="Constructor arguments of the architecture.")
     checkpoint: str | None = Field(
         None,
@@ -171,8 +171,9 @@ class OnPolicyParams(Section):
 
 
 class StudentParams(Section):
-    arch: str = Field("mlp", min_length=1, description="Registry architecture of the student.")
+    arch: str = Field("mlp", min_length=1, description="Registry architecture of the student (kdflow list), or your own class or factory by import path, package.module:Name, called as Name(input_shape, num_classes, **args).")
     args: dict[str, Any] = Field(default_factory=dict, description="Constructor arguments of the student.")
+    init: str | None = Field(None, min_length=1, description="Start from the weights of this model folder (model.safetensors: e.g. an earlier run's artifacts/<name>/student, or a teacher of the same architecture) instead of random ones; relative: to the project root. Only the path is in the fingerprint: use a new folder when its weights change.")
     loss: LossParams = Field(default_factory=LOSS.default_factory, description="Training loss (its `name` picks the method; each takes only its own keys).")
     train: TrainParams = Field(default_factory=TrainParams, description="Training budget.")
     device: str | None = Field(None, pattern=DEVICE_PATTERN, description="Training device: auto (cuda, then mps, then cpu), cpu, cuda[:i], mps; null: runtime.device.")
@@ -268,9 +269,6 @@ class PipelineParams(Section):
             problems.append(f"select.top: {self.select.top} teachers asked for, {len(self.teachers)} candidate(s) declared")
         if self.select.top > 1 and self.student.combine == "weighted_mean" and self.logits.format != "dense":
             problems.append("student.combine: 'weighted_mean' is defined for logits.format 'dense' only; use 'per_sample' or select.top 1")
-        track_problems = getattr(track, "params_problems", None)  # a track's own cross-checks
-        if track_problems is not None:
-            problems += track_problems(self)
         if problems:
             raise ValueError("\n".join(problems))  # one line each, with its own key path
         return self

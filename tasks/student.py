@@ -9,6 +9,7 @@ from kdflow.cache.replay import CachedBatches
 from kdflow.errors import ParamsError
 from kdflow.losses import LOSSES, build_loss
 from kdflow.models import count_params
+from kdflow.models.io import init_weights
 from kdflow.tracks.compat import compatibility
 from kdflow.train.device import seed_everything
 from kdflow.train.loop import fit
@@ -76,6 +77,8 @@ def train_one(params: StudentParams, ctx: StageContext, seed: int, train, val, t
     seed_everything(seed, deterministic=ctx.deterministic)
     model = ctx.track.create_model(params.arch, train, params.args,
                                    teacher=ctx.input("teachers") / logits.teachers[0].teacher)
+    if params.init:  # a checkpoint instead of random weights (the seed still orders the batches)
+        init_weights(model, ctx.root / params.init)
     t = params.train
     work.mkdir(parents=True, exist_ok=True)
     result = fit(

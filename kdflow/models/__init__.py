@@ -6,6 +6,10 @@ returns an ``nn.Module`` with ``forward(x) -> logits [B, num_classes]`` and
 """
 from __future__ import annotations
 
+import importlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -28,7 +32,7 @@ def create_model(
         UnknownNameError: ``name`` is not registered.
         ModelError: the arguments or the input shape do not fit the architecture.
     """
-    factory = MODELS.get(name)
+    factory = resolve_architecture(name)
     if num_classes < 1:
         raise ModelError(f"model {name!r}: num_classes must be >= 1 (got {num_classes})")
     try:
@@ -42,6 +46,42 @@ def create_model(
         "num_classes": int(num_classes),
     }
     return model
+
+
+def is_import_path(name: str) -> bool:
+    """``package.module:Name``: a user's model class (or factory) instead of a registered name."""
+    module, sep, attr = name.partition(":")
+    return bool(sep and module and attr) and all(p.isidentifier() for p in [*module.split("."), *attr.split(".")])
+
+
+def resolve_architecture(name: str) -> Callable[..., nn.Module]:
+    """The factory of ``name``: a registered architecture, or a user's class or function given by
+    import path (``mypkg.models:MyNet``), called like a registered one: ``(input_shape,
+    num_classes, **args)``. A module in the project folder (the working directory) is found too.
+
+    Raises:
+        UnknownNameError: an unknown registered name.
+        ModelError: the import path cannot be imported or does not name a callable.
+    """
+    if not is_import_path(name):
+        return MODELS.get(name)
+    module_name, _, attr = name.partition(":")
+    try:
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            here = str(Path.cwd())
+            if exc.name != module_name.split(".")[0] or here in sys.path:
+                raise
+            sys.path.append(here)  # like `python -m`: the project folder's own modules
+            obj = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise ModelError(f"architecture {name!r}: cannot import it ({type(exc).__name__}: {exc})") from None
+    if not callable(obj):
+        raise ModelError(f"architecture {name!r}: {type(obj).__name__} is not a class or function")
+    return obj
 
 
 def count_params(model: nn.Module) -> int:
@@ -58,4 +98,4 @@ def model_bytes(model: nn.Module) -> int:
 # Registration side effects; imported last because they use MODELS.
 from kdflow.models import convnet, gnn, mlp, resnet  # noqa: E402,F401
 
-__all__ = ["MODELS", "count_params", "create_model", "model_bytes"]
+__all__ = ["MODELS", "count_params", "create_model", "is_import_path", "model_bytes", "resolve_architecture"]

@@ -118,3 +118,27 @@ def _load_kdflow(directory: Path) -> nn.Module:
             + " ".join(detail).strip()
         ) from None
     return model
+
+
+def init_weights(model: nn.Module, directory: Path) -> nn.Module:
+    """Copy the weights of the model folder ``directory`` (its ``model.safetensors``, written by
+    ``save_model`` or ``save_pretrained``) into ``model``: every tensor, same names and shapes.
+
+    Raises:
+        ModelError: the folder or its weights are missing, or they do not fit ``model``.
+    """
+    weights = Path(directory) / WEIGHTS_FILE
+    if not weights.is_file():
+        where = directory if Path(directory).is_dir() else f"{directory} (no such folder)"
+        raise ModelError(f"student.init: {where}: no {WEIGHTS_FILE} to start from")
+    try:
+        state = load_file(weights, device="cpu")
+    except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"student.init: {weights}: unreadable safetensors file ({exc})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).splitlines()[1:3]).strip()
+        raise ModelError(f"student.init: {weights} does not fit the student (arch and args must be the ones it was "
+                         f"saved with): {detail}") from None
+    return model

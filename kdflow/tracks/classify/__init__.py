@@ -22,7 +22,7 @@ from kdflow.data.sources import SOURCES, load_source
 from kdflow.errors import DataError, ModelError
 from kdflow.losses import LOSSES, create_loss
 from kdflow.metrics import accuracy
-from kdflow.models import MODELS, create_model
+from kdflow.models import MODELS, create_model, is_import_path, resolve_architecture
 from kdflow.models.io import load_model, save_model
 from kdflow.select import STRATEGIES, SelectionData
 from kdflow.tracks import TRACKS, offered
@@ -72,14 +72,21 @@ class ClassifyTrack:
     def model_problems(self, arch: str, args: dict[str, Any], where: str) -> list[str]:
         """Why ``arch(**args)`` cannot be built for this track (checked without data)."""
         known = self.architectures()
-        if arch not in known:
+        if is_import_path(arch):  # a user's model class: importable, and its signature takes the args
+            try:
+                factory = resolve_architecture(arch)
+            except ModelError as exc:
+                return [f"{where}.arch: {exc}"]
+        elif arch not in known:
             import difflib
 
             close = difflib.get_close_matches(arch, known, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             return [f"{where}.arch: unknown architecture {arch!r} for track {self.name!r}; {hint}(known: {', '.join(known)})"]
+        else:
+            factory = MODELS.get(arch)
         try:
-            inspect.signature(MODELS.get(arch)).bind((1,), 2, **args)
+            inspect.signature(factory).bind((1,), 2, **args)
         except TypeError as exc:
             return [f"{where}.args: {exc} (architecture {arch!r})"]
         return []
