@@ -269,6 +269,9 @@ class PipelineParams(Section):
             problems.append(f"select.top: {self.select.top} teachers asked for, {len(self.teachers)} candidate(s) declared")
         if self.select.top > 1 and self.student.combine == "weighted_mean" and self.logits.format != "dense":
             problems.append("student.combine: 'weighted_mean' is defined for logits.format 'dense' only; use 'per_sample' or select.top 1")
+        track_problems = getattr(track, "params_problems", None)  # a track's own cross-checks
+        if track_problems is not None:
+            problems += track_problems(self)
         if problems:
             raise ValueError("\n".join(problems))  # one line each, with its own key path
         return self

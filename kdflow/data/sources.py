@@ -177,7 +177,16 @@ for _name in ("iris", "wine", "breast_cancer"):
     SKLEARN_DATASETS.register(_name)(_sklearn_tabular(_name))
 
 
-@SOURCES.register("sklearn")
+def _sklearn_problems(arg: str, options: dict, root: Path) -> list[str]:
+    if (arg or "digits") in SKLEARN_DATASETS:
+        return []
+    close = difflib.get_close_matches(arg, SKLEARN_DATASETS.names(), n=1)
+    hint = f"did you mean 'sklearn:{close[0]}'? " if close else ""
+    return [f"data.source: unknown sklearn dataset {arg!r}; {hint}(known: {', '.join(SKLEARN_DATASETS.names())})"]
+
+
+@SOURCES.register("sklearn", check=_sklearn_problems,
+                  modality=lambda arg: "image" if (arg or "digits") == "digits" else "tabular")
 def _sklearn(arg: str, *, seed: int, options: dict) -> RawSource:
     """Datasets bundled with scikit-learn (no download): ``digits`` (default), ``iris``, ..."""
     _check_options("sklearn", options, [])
@@ -187,7 +196,7 @@ def _sklearn(arg: str, *, seed: int, options: dict) -> RawSource:
 # --- mnist1d ---------------------------------------------------------------------------------
 
 
-@SOURCES.register("mnist1d")
+@SOURCES.register("mnist1d", modality="sequence")
 def _mnist1d(arg: str, *, seed: int, options: dict) -> RawSource:
     """MNIST-1D generated offline with ``mnist1d.data.make_dataset``; keeps its test split.
 
@@ -252,7 +261,16 @@ def _read_pair(
     return x, y.astype(np.int64), [images.name, labels.name]
 
 
-@SOURCES.register("idx")
+def _path_check(kind: str) -> Callable[[str, dict, Path], list[str]]:
+    """The ``check`` of a source whose argument is a file or folder (relative: to the project root)."""
+    def check(arg: str, options: dict, root: Path) -> list[str]:
+        path = Path(resolve_source(f"{kind}:{arg}", root).partition(":")[2]).expanduser()
+        return [] if arg and path.exists() else [f"data.source: {kind} path not found: {path}"]
+
+    return check
+
+
+@SOURCES.register("idx", check=_path_check("idx"), modality="image")
 def _idx(arg: str, *, seed: int, options: dict) -> RawSource:
     """MNIST-format IDX files in a directory; ``t10k`` is the fixed test split beside ``train``.
 
@@ -397,7 +415,7 @@ def validate_table(
     return frame, features, num_classes
 
 
-@SOURCES.register("parquet")
+@SOURCES.register("parquet", check=_path_check("parquet"), modality="tabular")
 def _parquet(arg: str, *, seed: int, options: dict) -> RawSource:
     """A table: one label column, an optional id column, numeric feature columns.
 
@@ -429,7 +447,20 @@ def _parquet(arg: str, *, seed: int, options: dict) -> RawSource:
 TU_ROOT_ENV = "KDFLOW_TU_ROOT"
 
 
-@SOURCES.register("tu", track="graph")
+def _tu_problems(arg: str, options: dict, root: Path) -> list[str]:
+    if not arg:
+        return [f"data.source: the tu source needs a dataset name, e.g. tu:MUTAG ({SPEC_EXAMPLES})"]
+    base = resolve_options(options, root).get("root") or os.environ.get(TU_ROOT_ENV)
+    if not base:
+        return [f"data.options.root: where the TU files are (<root>/{arg}/raw/{arg}_A.txt); "
+                f"set data.options.root or ${TU_ROOT_ENV}"]
+    folder = Path(base).expanduser() / arg
+    if not (folder / "raw").is_dir() and not folder.is_dir() and not options.get("download", False):
+        return [f"data.options.root: no TU dataset folder {folder / 'raw'} (and download is off)"]
+    return []
+
+
+@SOURCES.register("tu", track="graph", check=_tu_problems, modality="graph")
 def _tu(arg: str, *, seed: int, options: dict) -> RawSource:
     """A TU graph dataset (https://chrsmrrs.github.io/datasets/) read through torch_geometric's ``TUDataset``.
 
