@@ -87,14 +87,18 @@ def size(model: torch.nn.Module) -> dict[str, int]:
             "bytes": model_bytes(model) + getattr(model, "frozen_bytes", 0)}
 
 
-def train_student(track, arch: str, loss_name: str, train, val, reader: CacheReader, seed: int,
+def train_student(track, arch: str, loss_name: str, train, val, reader: CacheReader | None, seed: int,
                   epochs: int, lr: float) -> tuple[torch.nn.Module, float]:
     from schemas.params import LOSS
 
     params = LOSS.validate({"name": loss_name, **({"temperature": 2.0, "alpha": 0.7} if loss_name == "kd" else {})})
     tensors = track.fit_inputs(train)
-    batches = CachedBatches(tensors, [reader], [1.0], temperature=getattr(params, "temperature", 1.0), seed=seed)
-    loss = build_loss(params, reader.info, train.meta)
+    if reader is None:  # CE: plain batches of the samples
+        batches = None
+        loss = build_loss(params, {}, train.meta)
+    else:  # the student stage's path: samples + the cached teacher rows
+        batches = CachedBatches(tensors, [reader], [1.0], temperature=getattr(params, "temperature", 1.0), seed=seed)
+        loss = build_loss(params, reader.info, train.meta)
     seed_everything(seed)
     model = track.create_model(arch, train, STUDENTS[arch])  # same seed: same initial weights for kd and ce
     t0 = time.perf_counter()
@@ -141,47 +145,125 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
+def derive(result: dict) -> None:
+    """Ratios against all-MiniLM-L6-v2 and the KD - CE / KD - TF-IDF differences, where measured."""
+    teachers = result.get("teachers", {})
+    ref = teachers.get("minilm_l6") or next(iter(teachers.values()), None)
+    tfidf = result.get("tfidf_lr")
+    for row in result["students"].values():
+        kd, ce = row.get("kd"), row.get("ce")
+        if ref is not None:
+            row["params_ratio"] = ref["params"] / row["params"]
+            row["speedup_b1"] = ref["latency_ms_b1"] / row["latency_ms_b1"]
+            row["speedup_b64"] = ref["latency_ms_b64"] / row["latency_ms_b64"]
+            if kd:
+                row["gap_kd_pts"] = (ref["accuracy"] - kd["accuracy"]["mean"]) * 100
+        if kd and ce:
+            row["kd_minus_ce_pts"] = (kd["accuracy"]["mean"] - ce["accuracy"]["mean"]) * 100
+        if kd and tfidf:
+            row["kd_minus_tfidf_pts"] = (kd["accuracy"]["mean"] - tfidf["accuracy"]) * 100
+        if {"params_ratio", "gap_kd_pts", "kd_minus_tfidf_pts"} <= set(row):
+            row["goal_met"] = bool(row["params_ratio"] >= 20 and row["speedup_b1"] >= 5 and row["gap_kd_pts"] <= 2
+                                   and row["kd_minus_tfidf_pts"] > 0)
+
+
+def merge(paths: list[str]) -> dict:
+    """One result from parts run separately (e.g. ``--losses ce`` while the teacher trains, then ``kd``)."""
+    out: dict = {"students": {}}
+    for path in paths:
+        part = json.loads(Path(path).read_text())
+        for key, value in part.items():
+            if key == "students":
+                for arch, row in value.items():
+                    out["students"].setdefault(arch, {}).update(row)
+            elif key == "teachers":
+                out.setdefault("teachers", {}).update(value)
+            else:
+                out.setdefault(key, value)
+    return out
+
+
+def show(result: dict) -> None:
+    print(f"\ntest: {result['n_test']} articles, {result['mean_test_tokens']:.0f} tokens on average; "
+          f"reference teacher all-MiniLM-L6-v2; chosen teacher (cache): {result.get('chosen_teacher')}")
+    print(f"{'model':<22}{'acc':>8}{'F1':>8}{'params':>12}{'b1 ms':>9}{'b64 ms':>9}{'x smaller':>10}{'x faster b1':>12}")
+    for name, t in result.get("teachers", {}).items():
+        print(f"{'teacher ' + name:<22}{t['accuracy']:>8.4f}{t['macro_f1']:>8.4f}{t['params']:>12,}"
+              f"{t['latency_ms_b1']:>9.2f}{t['latency_ms_b64']:>9.1f}")
+    if "tfidf_lr" in result:
+        tl = result["tfidf_lr"]
+        print(f"{'tfidf+lr':<22}{tl['accuracy']:>8.4f}{tl['macro_f1']:>8.4f}{tl['params']:>12,}"
+              f"{tl['latency_ms_b1']:>9.2f}{tl['latency_ms_b64']:>9.1f}")
+    for arch, r in result["students"].items():
+        for loss_name in ("kd", "ce"):
+            if loss_name not in r:
+                continue
+            a = r[loss_name]["accuracy"]
+            print(f"{arch + ' ' + loss_name:<22}{a['mean']:>8.4f}{r[loss_name]['macro_f1']['mean']:>8.4f}"
+                  f"{r['params']:>12,}{r['latency_ms_b1']:>9.2f}{r['latency_ms_b64']:>9.1f}"
+                  f"{r.get('params_ratio', float('nan')):>10.1f}{r.get('speedup_b1', float('nan')):>12.1f}"
+                  f"   acc range [{a['min']:.4f}, {a['max']:.4f}] over {a['n']} seed(s)")
+        diffs = [f"{label} {r[k]:+.2f} pts" for k, label in (("kd_minus_ce_pts", "KD - CE"), ("gap_kd_pts", "teacher - KD"),
+                                                             ("kd_minus_tfidf_pts", "KD - TF-IDF")) if k in r]
+        if diffs:
+            print(f"{'':<22}{', '.join(diffs)}" + (f", goal met: {r['goal_met']}" if "goal_met" in r else ""))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--artifacts", default="/tmp/bbc/artifacts/bbc-minilm")
     p.add_argument("--workdir", default="/tmp/bbc")
     p.add_argument("--students", nargs="+", default=list(STUDENTS))
+    p.add_argument("--losses", nargs="+", default=["kd", "ce"], choices=["kd", "ce"])
+    p.add_argument("--no-teachers", action="store_true", help="skip the teachers and TF-IDF + LR rows")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--epochs", type=int, default=None, help="override every student's epochs")
     p.add_argument("--repeats", type=int, default=10, help="timed forward passes per latency")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--merge", nargs="+", default=None, help="combine JSON parts written by --out and print them")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.merge:
+        result = merge(args.merge)
+        derive(result)
+        show(result)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        return
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    art = ensure_artifacts(args)
+    needs_cache = "kd" in args.losses
+    art = ensure_artifacts(args) if needs_cache else Path(args.artifacts)
     track = get_track("text")
     ds = track.load(art / "prepare")
     train, val, test = ds.split("train"), ds.split("val"), ds.split("test")
-    logits_manifest = json.loads((art / "logits" / "manifest.json").read_text())
-    chosen = logits_manifest["info"]["teachers"][0]["teacher"]
-    reader = CacheReader(art / "logits")
-    reader.verify()
     result: dict = {"machine": platform.platform(), "threads": args.threads, "n_train": len(train),
                     "n_val": len(val), "n_test": len(test), "max_length": ds.meta["max_length"],
-                    "mean_test_tokens": float((test.features != 0).sum(1).float().mean()), "chosen_teacher": chosen,
-                    "teachers": {}, "students": {}}
+                    "mean_test_tokens": float((test.features != 0).sum(1).float().mean()), "students": {}}
+    reader = None
+    if needs_cache:
+        logits_manifest = json.loads((art / "logits" / "manifest.json").read_text())
+        result["chosen_teacher"] = logits_manifest["info"]["teachers"][0]["teacher"]
+        reader = CacheReader(art / "logits")
+        reader.verify()
+    else:  # CE students read the labels only: a cache of the right shape is not needed
+        reader = None
 
-    for name in sorted(p.name for p in (art / "teachers").iterdir() if p.is_dir()):
-        model = track.load_model(art / "teachers" / name)
-        result["teachers"][name] = {**quality(model, test), **size(model), **latency(model, test, args.repeats)}
-        print(f"teacher {name}: {result['teachers'][name]}", flush=True)
-    ref = result["teachers"].get("minilm_l6") or result["teachers"][chosen]
-
-    result["tfidf_lr"] = tfidf_lr(train, val, test)
-    print(f"tfidf+lr: {result['tfidf_lr']}", flush=True)
+    if not args.no_teachers:
+        result["teachers"] = {}
+        for name in sorted(p.name for p in (art / "teachers").iterdir() if p.is_dir()):
+            model = track.load_model(art / "teachers" / name)
+            result["teachers"][name] = {**quality(model, test), **size(model), **latency(model, test, args.repeats)}
+            print(f"teacher {name}: {result['teachers'][name]}", flush=True)
+        result["tfidf_lr"] = tfidf_lr(train, val, test)
+        print(f"tfidf+lr: {result['tfidf_lr']}", flush=True)
 
     for arch in args.students:
         epochs, lr = TRAIN[arch]
         epochs = args.epochs or epochs
         row: dict = {"args": STUDENTS[arch], "epochs": epochs, "lr": lr}
-        for loss_name in ("kd", "ce"):
+        for loss_name in args.losses:
             accs, f1s, secs = [], [], []
             for seed in range(args.seeds):
                 model, sec = train_student(track, arch, loss_name, train, val, reader, seed, epochs, lr)
@@ -192,33 +274,11 @@ def main() -> None:
                 print(f"{arch} {loss_name} seed {seed}: {q} ({sec:.0f} s)", flush=True)
             row[loss_name] = {"accuracy": spread(accs), "macro_f1": spread(f1s), "train_s": spread(secs)}
         row.update(size(model), **latency(model, test, args.repeats))
-        row["params_ratio"] = ref["params"] / row["params"]
-        row["speedup_b1"] = ref["latency_ms_b1"] / row["latency_ms_b1"]
-        row["speedup_b64"] = ref["latency_ms_b64"] / row["latency_ms_b64"]
-        row["gap_kd_pts"] = (ref["accuracy"] - row["kd"]["accuracy"]["mean"]) * 100
-        row["kd_minus_ce_pts"] = (row["kd"]["accuracy"]["mean"] - row["ce"]["accuracy"]["mean"]) * 100
-        row["kd_minus_tfidf_pts"] = (row["kd"]["accuracy"]["mean"] - result["tfidf_lr"]["accuracy"]) * 100
-        row["goal_met"] = bool(row["params_ratio"] >= 20 and row["speedup_b1"] >= 5 and row["gap_kd_pts"] <= 2
-                               and row["kd_minus_tfidf_pts"] > 0)
         result["students"][arch] = row
-
-    print(f"\ntest: {len(test)} articles, {result['mean_test_tokens']:.0f} tokens on average; "
-          f"reference teacher all-MiniLM-L6-v2; chosen teacher (cache): {chosen}")
-    print(f"{'model':<22}{'acc':>8}{'F1':>8}{'params':>12}{'b1 ms':>9}{'b64 ms':>9}{'x smaller':>10}{'x faster b1':>12}")
-    for name, t in result["teachers"].items():
-        print(f"{'teacher ' + name:<22}{t['accuracy']:>8.4f}{t['macro_f1']:>8.4f}{t['params']:>12,}"
-              f"{t['latency_ms_b1']:>9.2f}{t['latency_ms_b64']:>9.1f}")
-    tl = result["tfidf_lr"]
-    print(f"{'tfidf+lr':<22}{tl['accuracy']:>8.4f}{tl['macro_f1']:>8.4f}{tl['params']:>12,}"
-          f"{tl['latency_ms_b1']:>9.2f}{tl['latency_ms_b64']:>9.1f}")
-    for arch, r in result["students"].items():
-        for loss_name in ("kd", "ce"):
-            a = r[loss_name]["accuracy"]
-            print(f"{arch + ' ' + loss_name:<22}{a['mean']:>8.4f}{r[loss_name]['macro_f1']['mean']:>8.4f}"
-                  f"{r['params']:>12,}{r['latency_ms_b1']:>9.2f}{r['latency_ms_b64']:>9.1f}{r['params_ratio']:>10.1f}"
-                  f"{r['speedup_b1']:>12.1f}   acc range [{a['min']:.4f}, {a['max']:.4f}]")
-        print(f"{'':<22}KD - CE {r['kd_minus_ce_pts']:+.2f} pts, teacher - KD {r['gap_kd_pts']:+.2f} pts, "
-              f"KD - TF-IDF {r['kd_minus_tfidf_pts']:+.2f} pts, goal met: {r['goal_met']}")
+        if args.out:  # written after every student: a long run keeps what it measured
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    derive(result)
+    show(result)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
