@@ -12,7 +12,8 @@ it, then ``--repeats`` rounds time, each in a fresh process and in turn:
 - ``dvc status``: the baseline (``cmd`` DVC's own no-op check; the outputs were built by kdflow,
   so it reports them as changed after hashing them).
 
-Prints median, min and max seconds per command and the ratios of the medians to ``dvc status``;
+Prints median, min and max wall seconds per command, the median CPU seconds (user + system, which
+a busy machine inflates less than wall time), and the ratios of the medians to ``dvc status``;
 ``--out`` writes them as JSON. Nothing is asserted. Run from the repository root::
 
     .venv/bin/python benchmarks/noop_rerun.py --repeats 5 --out noop.json
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -56,13 +58,16 @@ def make_project(root: Path, epochs: int) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
-def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
+def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system of the process and its children)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0 and cmd[-1] != "status":
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return seconds
+    return seconds, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main() -> None:
@@ -80,24 +85,30 @@ def main() -> None:
         root = Path(tmp)
         make_project(root, args.epochs)
         subprocess.run([py, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, env=env, check=True)
-        build = timed([py, "-m", "kdflow.cli", "run"], root, env)
+        build = timed([py, "-m", "kdflow.cli", "run"], root, env)[0]
         commands = {"kdflow run": [py, "-m", "kdflow.cli", "run"], "dvc status": [py, "-m", "dvc", "status"]}
         if not args.no_flow:
             commands["flow"] = [py, "-c", FLOW]
         times: dict[str, list[float]] = {k: [] for k in commands}
+        cpu: dict[str, list[float]] = {k: [] for k in commands}
         for _ in range(args.repeats):
             for name, cmd in commands.items():
-                times[name].append(timed(cmd, root, env))
-    base = statistics.median(times["dvc status"])
-    table = Table(title=f"no-op rerun, {args.repeats} rounds (first build {build:.1f}s)")
-    for col in ("command", "median s", "min s", "max s", "median / dvc status"):
+                wall, used = timed(cmd, root, env)
+                times[name].append(wall)
+                cpu[name].append(used)
+    base, base_cpu = statistics.median(times["dvc status"]), statistics.median(cpu["dvc status"])
+    table = Table(title=f"no-op rerun, {args.repeats} rounds (first build {build:.1f}s, "
+                        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
+    for col in ("command", "median s", "min s", "max s", "/ dvc status", "CPU s (median)", "CPU / dvc status"):
         table.add_column(col, justify="right")
     rows = {}
     for name, ts in times.items():
-        med = statistics.median(ts)
+        med, med_cpu = statistics.median(ts), statistics.median(cpu[name])
         rows[name] = {"median_s": med, "min_s": min(ts), "max_s": max(ts), "ratio_to_dvc_status": med / base,
-                      "all_s": ts}
-        table.add_row(name, f"{med:.2f}", f"{min(ts):.2f}", f"{max(ts):.2f}", f"{med / base:.2f}")
+                      "all_s": ts, "cpu_median_s": med_cpu, "cpu_ratio_to_dvc_status": med_cpu / base_cpu,
+                      "cpu_all_s": cpu[name]}
+        table.add_row(name, f"{med:.2f}", f"{min(ts):.2f}", f"{max(ts):.2f}", f"{med / base:.2f}",
+                      f"{med_cpu:.2f}", f"{med_cpu / base_cpu:.2f}")
     console.print(table)
     if args.out:
         doc = {"build_s": build, "repeats": args.repeats, "epochs": args.epochs, "commands": rows,

@@ -4,17 +4,23 @@ Every check failure becomes a ``DataError`` that names the column and shows offe
 """
 from __future__ import annotations
 
-import pandera.polars as pa
+from typing import TYPE_CHECKING
+
 import polars as pl
 import torch
 
 from kdflow.errors import DataError
+
+if TYPE_CHECKING:  # pandera (with pandas) takes ~1 s to import: each function imports it when it runs
+    import pandera.polars as pa
 
 MAX_SHOWN = 5
 
 
 def sample_schema(num_classes: int) -> pa.DataFrameSchema:
     """The schema of ``samples.parquet`` for a dataset with ``num_classes`` classes."""
+    import pandera.polars as pa
+
     return pa.DataFrameSchema(
         {
             "sample_id": pa.Column(pl.Utf8, nullable=False, unique=True),
@@ -65,6 +71,8 @@ def validate_samples(frame: pl.DataFrame, num_classes: int, where: str = "datase
     missing = [c for c in ("sample_id", "split", "label", "row") if c not in frame.columns]
     if missing:
         raise DataError(f"{where}: sample table is missing column(s) {missing}")
+    import pandera.polars as pa
+
     try:
         return sample_schema(num_classes).validate(frame, lazy=True)
     except pa.errors.SchemaErrors as err:
@@ -104,6 +112,8 @@ def validate_tensors(
 
 def graph_schema(num_classes: int) -> pa.DataFrameSchema:
     """The per-graph table of a graph dataset: label range, node counts, edges inside their graph."""
+    import pandera.polars as pa
+
     return pa.DataFrameSchema(
         {
             "graph": pa.Column(pl.Int64, pa.Check.ge(0), nullable=False, unique=True),
@@ -159,6 +169,8 @@ def validate_graphs(graphs, labels: torch.Tensor, num_classes: int, extras: dict
         if t.shape[0] != n:
             raise DataError(f"{where}: extra {name!r} has {t.shape[0]} rows but 'label' has {n}")
     frame = graph_table(graphs, labels)
+    import pandera.polars as pa
+
     try:
         return graph_schema(num_classes).validate(frame, lazy=True)
     except pa.errors.SchemaErrors as err:

@@ -58,6 +58,17 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+def _statements(tree: ast.Module) -> Iterator[ast.AST]:
+    """Every statement, at any depth (function and class bodies, branches, handlers, cases): an
+    import is a statement, so expressions need no visit (``ast.walk`` is ~10x slower)."""
+    todo: list[ast.AST] = list(tree.body)
+    while todo:
+        node = todo.pop()
+        yield node
+        for name in ("body", "orelse", "finalbody", "handlers", "cases"):  # handlers, cases: their body next
+            todo.extend(getattr(node, name, None) or ())
+
+
 @functools.lru_cache(maxsize=None)
 def _imports(path: Path) -> frozenset[str]:
     """Every project module ``path`` imports, at any depth of its code (lazy imports too), with
@@ -66,7 +77,7 @@ def _imports(path: Path) -> frozenset[str]:
     here = _module_name(path)
     package = here if path.name == "__init__.py" else here.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(tree):
+    for node in _statements(tree):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):

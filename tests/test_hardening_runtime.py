@@ -246,6 +246,8 @@ def test_a_failing_run_prints_one_line_and_no_traceback(tmp_path: Path, prefect_
     mlp = {"name": "mlp", "arch": "mlp", "args": {"hidden": [8]}, "train": {"epochs": 1}}
     write_params(tmp_path, tiny_params(data={"source": "parquet:data.parquet"}, teachers=[mlp]))
     monkeypatch.chdir(tmp_path)
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))  # the CLI's handler writes to CliRunner's stream
     result = CliRunner().invoke(app, ["run"])
     text = result.output + "".join(capfd.readouterr())
     assert result.exit_code == 1, text
@@ -312,6 +314,8 @@ def test_noop_run_skips_prefect_a_changed_param_runs_it_and_a_second_run_meets_t
     assert noop.stdout.count("Cached") == 7
     assert not dead.exists()  # a killed run's temporary folder is cleaned under the lock
 
+    art = built / "artifacts" / "tiny"
+    before = {s: json.loads((art / s / "manifest.json").read_text()) for s in ("prepare", "student")}
     changed = _cli(built, "run", "-s", "student.loss.temperature=2", "-s", "student.train.epochs=150", popen=True)
     deadline = time.time() + 300
     while (read_holder(built) is None or read_holder(built).pid != changed.pid) and time.time() < deadline:
@@ -324,8 +328,11 @@ def test_noop_run_skips_prefect_a_changed_param_runs_it_and_a_second_run_meets_t
     assert changed.returncode == 0, err[-3000:]
     assert "prefect imported: True" in out
     states = {line.split()[1]: line.split()[3] for line in out.splitlines() if line.startswith("│ ") and
-              len(line.split()) > 3 and line.split()[1] in ("prepare", "student", "evaluate")}
-    assert states == {"prepare": "Cached", "student": "Completed", "evaluate": "Completed"}
+              len(line.split()) > 3 and line.split()[1] in ("student", "evaluate")}
+    assert states == {"student": "Completed", "evaluate": "Completed"}
+    after = {s: json.loads((art / s / "manifest.json").read_text()) for s in ("prepare", "student")}
+    assert after["prepare"] == before["prepare"]  # reused, not rebuilt
+    assert after["student"]["fingerprint"] != before["student"]["fingerprint"]
     assert second.returncode == 1, second.stdout + second.stderr
     assert f"pid {changed.pid}" in second.stderr and "student.loss.temperature=2" in second.stderr
     assert "Traceback" not in second.stderr

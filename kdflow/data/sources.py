@@ -12,9 +12,9 @@ import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandera.polars as pa
 import polars as pl
 import torch
 
@@ -25,6 +25,9 @@ from kdflow.data.split import stratified_split
 from kdflow.errors import DataError, ParamsError, UnknownNameError
 from kdflow.registry import Registry
 from schemas.frames import MAX_SHOWN, format_failures
+
+if TYPE_CHECKING:  # pandera (with pandas) takes ~1 s to import: imported when a table is read
+    import pandera.polars as pa
 
 log = logging.getLogger(__name__)
 
@@ -346,6 +349,8 @@ def _column_schema(
     frame: pl.DataFrame, label_col: str | None, id_col: str, features: list[str], num_classes: int
 ) -> pa.DataFrameSchema:
     """pandera schema of the well-typed columns (``label_col`` None: label not checked)."""
+    import pandera.polars as pa  # ~1 s to import: only when a table is read
+
     finite = pa.Check(
         lambda d: d.lazyframe.select(pl.col(d.key).is_finite().fill_null(False)),
         name="finite", error="no NaN, inf or null", ignore_na=False,
@@ -406,9 +411,11 @@ def validate_table(
         problems.append(f"column {label_col!r} has {num_classes} class(es); need at least 2")
     checked_label = label_col if label_problem is None else None
     schema = _column_schema(frame, checked_label, id_col, numeric, num_classes)
+    from pandera.errors import SchemaErrors
+
     try:
         schema.validate(frame, lazy=True)
-    except pa.errors.SchemaErrors as err:
+    except SchemaErrors as err:
         problems.extend(format_failures(err, frame, context))
     if problems:
         raise DataError(f"{where}: invalid table\n" + "\n".join(problems))
