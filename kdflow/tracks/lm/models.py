@@ -74,7 +74,7 @@ class CausalLM(nn.Module):
         if self.kept is None:
             return self.model(input_ids=x, use_cache=False).logits  # [B, L, V]
         z = self.model(input_ids=self.to_student[x], use_cache=False).logits  # [B, L, N + 1]
-        return z.index_select(-1, self.to_student) + self.spread.to(z.dtype)  # [B, L, V]
+        return z[..., self.to_student] + self.spread.to(z.dtype)  # [B, L, V] (faster than index_select here)
 
     @property
     def vocab_size(self) -> int:
