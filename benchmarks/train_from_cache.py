@@ -5,22 +5,27 @@ order, the seconds per epoch of
 
 - ``plain``: cross-entropy on the labels, student only (the baseline);
 - ``cache``: KD whose teacher rows come from a kdflow logit cache, written once beforehand with
-  ``write_cache`` and read back memory-mapped: every step calls ``CacheReader.get(batch_indices)``,
-  so fetching and decoding the cached rows is part of the timed step (loss ``kd`` for a dense
-  cache, ``topk_kd`` for a top-k one);
+  ``write_cache`` and read the way the student stage reads it: decoded into memory once by
+  ``CachedBatches`` (caches up to ``student.cache_in_memory_mb``), each step gathering its rows by
+  index; with ``--stream``, every step calls ``CacheReader.get(batch_indices)`` on the
+  memory-mapped shards instead (larger caches), so decoding is part of the timed step (loss ``kd``
+  for a dense cache, ``topk_kd`` for a top-k one);
 - ``live``: KD with a teacher forward every step (eval mode, ``torch.inference_mode``, loss ``kd``);
 - ``views`` (with ``--views K`` > 1): like ``cache``, from a cache of K augmented views per sample
   (random resized crops, ``logits.views``): every step replays one cached view per sample
   through ``CachedBatches`` (rebuilds the crop with ``apply_views``, reads that view's row).
 
-All three use one small timed loop (not ``kdflow.train.loop.fit``) that differs only in where the
+All use one small timed loop (not ``kdflow.train.loop.fit``) that differs only in where the
 teacher signal comes from. Each mode runs 1 untimed warm-up epoch then ``--epochs`` timed epochs,
-``--repeats`` times, from the same initial student weights; the modes take turns epoch by epoch.
-Epoch times are medians over all timed epochs with their min and max; ``teacher s`` is the
-median part of an epoch spent getting the teacher keys (cache fetch + decode, or the forward).
-It also reports the one-time cost of the cache (teacher inference over the training set plus
-``write_cache``) and the number of epochs after which it is repaid vs. ``live``.
-Ratios to watch: cache/plain (goal <= 1.10) and live/cache.
+``--repeats`` times, from the same initial student weights. By default the modes take turns step
+by step (``--interleave step``; order rotated every epoch), so a burst of load from other
+processes hits every mode alike; an epoch's time is the sum of its steps. ``--interleave epoch``
+runs whole epochs in turn (the protocol before 2026-11-30). Epoch times are medians over all timed
+epochs with their min and max; ``paired`` ratios divide epoch by epoch (same round). ``teacher s``
+is the median part of an epoch spent getting the teacher keys (cache gather/decode, or the
+forward). It also reports the one-time cost of the cache (teacher inference over the training
+set plus ``write_cache``) and the number of epochs after which it is repaid vs. ``live``.
+Ratios to watch: cache/plain (goal <= 1.05) and live/cache.
 
 The teacher is randomly initialised unless ``--teacher-epochs`` > 0: its weights do not change the
 cost of a forward pass. The cache is read right after being written, so its pages are usually in
@@ -29,7 +34,7 @@ small ops (a 128x10 log_softmax can take milliseconds); compare with ``--threads
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/train_from_cache.py --out bench.json
+    .venv/bin/python benchmarks/train_from_cache.py --threads 1 --repeats 6 --out bench.json
     .venv/bin/python benchmarks/train_from_cache.py --data sklearn:digits --format topk --k 5
 """
 from __future__ import annotations
@@ -61,7 +66,7 @@ from kdflow.train.loop import epoch_seeds, fit, predict
 Batch = dict[str, torch.Tensor]
 TeacherFn = Callable[[torch.Tensor, torch.Tensor, int], Batch]  # (indices [B], x [B, ...], epoch) -> keys
 MODES = ("plain", "cache", "live")
-GOAL_CACHE_OVER_PLAIN = 1.10
+GOAL_CACHE_OVER_PLAIN = 1.05
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -84,6 +89,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="where to write the cache (default: a temporary folder)")
     p.add_argument("--views", type=int, default=1,
                    help="K > 1 adds the 'views' mode: a cache of K augmented views per sample")
+    p.add_argument("--stream", action="store_true",
+                   help="cache mode reads every batch's rows from the memory-mapped shards (CacheReader.get), "
+                        "as the student stage does for caches above student.cache_in_memory_mb; default: "
+                        "decoded into memory once (CachedBatches), as it does below")
+    p.add_argument("--interleave", choices=("step", "epoch"), default="step",
+                   help="modes take turns step by step (default: load bursts hit all alike) or epoch by epoch")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     if args.epochs < 1 or args.repeats < 1 or args.batch_size < 2:
@@ -149,9 +160,10 @@ def write_views_cache(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, dire
 
 
 def teacher_sources(teacher: nn.Module, reader: CacheReader,
-                    device: torch.device, views: CachedBatches | None = None
-                    ) -> dict[str, TeacherFn]:
-    """Per mode, how a batch gets its teacher keys."""
+                    device: torch.device, views: CachedBatches | None = None,
+                    replay: CachedBatches | None = None) -> dict[str, TeacherFn]:
+    """Per mode, how a batch gets its teacher keys (``cache``: through ``replay``, the student
+    stage's ``CachedBatches``, when given; else ``CacheReader.get`` per batch)."""
     teacher.to(device).eval()
 
     def live(idx: torch.Tensor, xb: torch.Tensor, epoch: int) -> Batch:
@@ -160,7 +172,8 @@ def teacher_sources(teacher: nn.Module, reader: CacheReader,
         return {"teacher_logits": out}
 
     def cached(idx: torch.Tensor, xb: torch.Tensor, epoch: int) -> Batch:
-        return {k: v.to(device) for k, v in reader.get(idx).items()}
+        rows = replay.teacher(idx, None) if replay is not None else reader.get(idx)
+        return {k: v.to(device) for k, v in rows.items()}
 
     def replayed(idx: torch.Tensor, xb: torch.Tensor, epoch: int) -> Batch:
         batch = views(idx, epoch + 1)  # this epoch's replayed input (key "x") and its view's row
@@ -170,38 +183,59 @@ def teacher_sources(teacher: nn.Module, reader: CacheReader,
     return sources if views is None else {**sources, "views": replayed}
 
 
-def run_epoch(student: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Loss,
-              teacher_fn: TeacherFn, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-              seed: int, epoch: int, device: torch.device) -> tuple[float, float, float]:
-    """One epoch in the order fixed by ``(seed, epoch)``.
-
-    Returns:
-        the epoch's seconds, the part of them spent getting the teacher keys (host time: not
-        synchronised on CUDA), and the mean training loss.
-    """
-    torch_seed, shuffle_seed = epoch_seeds(seed, epoch)
-    torch.manual_seed(torch_seed)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(shuffle_seed))
-    student.train()
-    total, seen, teacher_s = torch.zeros((), device=device), 0, 0.0
+def _step(student: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Loss, teacher_fn: TeacherFn,
+          x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int,
+          device: torch.device) -> tuple[float, float, torch.Tensor]:
+    """One optimiser step on samples ``idx``: (seconds, of which getting the teacher keys, loss)."""
     sync(device)
     t0 = time.perf_counter()
-    for i in range(0, len(y), batch_size):
-        idx = order[i : i + batch_size]  # [B]
-        if len(idx) == 1:  # a lone sample breaks batch norm (as in fit)
-            continue
-        xb, yb = x[idx].to(device), y[idx].to(device)
-        t = time.perf_counter()
-        batch = {"x": xb, "y": yb, **teacher_fn(idx, xb, epoch)}
-        teacher_s += time.perf_counter() - t
-        terms = loss_fn(student(batch["x"]).float(), batch)  # "views" replaces "x"
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        optimizer.step()
-        total += terms["loss"].detach() * len(idx)
-        seen += len(idx)
+    xb, yb = x[idx].to(device), y[idx].to(device)
+    t = time.perf_counter()
+    batch = {"x": xb, "y": yb, **teacher_fn(idx, xb, epoch)}
+    teacher_s = time.perf_counter() - t
+    terms = loss_fn(student(batch["x"]).float(), batch)  # "views" replaces "x"
+    optimizer.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    optimizer.step()
     sync(device)
-    return time.perf_counter() - t0, teacher_s, float(total) / seen
+    return time.perf_counter() - t0, teacher_s, terms["loss"].detach()
+
+
+def run_epoch(students: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+              losses: dict[str, Loss], sources: dict[str, TeacherFn], x: torch.Tensor, y: torch.Tensor,
+              batch_size: int, seed: int, epoch: int, device: torch.device, modes: tuple[str, ...],
+              interleave: str) -> dict[str, tuple[float, float, float]]:
+    """One epoch of every mode in the order fixed by ``(seed, epoch)``.
+
+    ``interleave="step"``: the modes take turns step by step (in the order ``modes``), so a burst
+    of background load hits all of them alike; ``"epoch"``: each mode runs its whole epoch in turn.
+    An epoch's time is the sum of its steps' times (fetching the batch, the teacher keys, forward,
+    loss, backward, optimiser step).
+
+    Returns:
+        per mode the epoch's seconds, the part of them spent getting the teacher keys (host time:
+        not synchronised on CUDA), and the mean training loss.
+    """
+    torch_seed, shuffle_seed = epoch_seeds(seed, epoch)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(shuffle_seed))
+    batches = [order[i : i + batch_size] for i in range(0, len(y), batch_size)]
+    batches = [b for b in batches if len(b) > 1]  # a lone sample breaks batch norm (as in fit)
+    sums = {m: [0.0, 0.0, torch.zeros((), device=device)] for m in modes}
+    for m in modes:
+        students[m].train()
+    rounds = [[(m, b) for m in modes] for b in batches] if interleave == "step" \
+        else [[(m, b) for b in batches] for m in modes]
+    for turn in rounds:
+        for m, idx in turn:
+            seconds, teacher_s, loss = _step(students[m], optimizers[m], losses[m], sources[m], x, y, idx,
+                                             epoch, device)
+            acc = sums[m]
+            acc[0] += seconds
+            acc[1] += teacher_s
+            acc[2] += loss * len(idx)
+    seen = sum(len(b) for b in batches)
+    torch.manual_seed(torch_seed)
+    return {m: (a[0], a[1], float(a[2]) / seen) for m, a in sums.items()}
 
 
 def time_repeat(init: dict[str, torch.Tensor], student: nn.Module, losses: dict[str, Loss],
@@ -209,8 +243,7 @@ def time_repeat(init: dict[str, torch.Tensor], student: nn.Module, losses: dict[
                 args: argparse.Namespace, device: torch.device,
                 repeat: int) -> tuple[dict[str, list[tuple[float, float]]], dict[str, float]]:
     """One repeat: per mode a fresh student (same init) and AdamW, 1 warm-up epoch, then
-    ``args.epochs`` timed epochs. Modes take turns epoch by epoch (order rotated every round),
-    so a burst of background load hits all of them alike.
+    ``args.epochs`` timed epochs; the order of the modes is rotated every epoch.
 
     Returns:
         per mode the timed epochs' (seconds, teacher-part seconds), and the last epoch's mean
@@ -225,10 +258,9 @@ def time_repeat(init: dict[str, torch.Tensor], student: nn.Module, losses: dict[
     loss: dict[str, float] = {}
     for epoch in range(args.epochs + 1):
         shift = (repeat + epoch) % len(modes)
-        for m in modes[shift:] + modes[:shift]:
-            seconds, teacher_s, loss[m] = run_epoch(students[m], optimizers[m], losses[m],
-                                                    sources[m], x, y, args.batch_size, args.seed,
-                                                    epoch, device)
+        result = run_epoch(students, optimizers, losses, sources, x, y, args.batch_size, args.seed, epoch,
+                           device, modes[shift:] + modes[:shift], args.interleave)
+        for m, (seconds, teacher_s, loss[m]) in result.items():
             if epoch > 0:
                 times[m].append((seconds, teacher_s))
     return times, loss
@@ -296,7 +328,11 @@ def benchmark(args: argparse.Namespace, cache_dir: Path) -> dict:
         views, views_cache = write_views_cache(teacher, x, y, cache_dir / "views", args,
                                                num_classes, device)
         loss_specs["views"] = loss_specs["cache"]
-    sources = teacher_sources(teacher, reader, device, views)
+    # as the student stage reads the cache: decoded into memory once (up to student.cache_in_memory_mb),
+    # or, with --stream, CacheReader.get per batch from the memory-mapped shards
+    replay = None if args.stream else CachedBatches({"x": x, "y": y}, [reader], [1.0],
+                                                    temperature=args.temperature, seed=args.seed)
+    sources = teacher_sources(teacher, reader, device, views, replay)
     modes = time_modes(student.to(device), loss_specs, sources, x, y, args, device)
     return {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

@@ -20,29 +20,43 @@ class KDParams(Section):
     alpha: float = alpha_field()
 
 
+def kd_loss(s: Tensor, t: Tensor, y: Tensor, T: float, alpha: float) -> Tensor:
+    """The plain formula: ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)``."""
+    log_p, log_q = F.log_softmax(t / T, dim=-1), F.log_softmax(s / T, dim=-1)  # [B, C]
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    return alpha * T**2 * kl + (1 - alpha) * F.cross_entropy(s, y)
+
+
 class _FusedKD(torch.autograd.Function):
-    """``alpha * T^2 * KL + (1 - alpha) * CE`` as one autograd node.
+    """``kd_loss`` (with per-sample weights) as one autograd node.
 
     The gradient with respect to the student logits has a closed form,
     ``w_i / W * [alpha * T * (q_i - p_i) + (1 - alpha) * (r_i - onehot(y_i))]`` with
     ``p = softmax(t/T)``, ``q = softmax(s/T)``, ``r = softmax(s)``, per-sample weights ``w`` and
-    ``W = sum(w)``; computing it in the forward pass skips a dozen small autograd nodes, which is
-    most of what KD costs over plain CE on small students (``benchmarks/train_from_cache.py``).
+    ``W = sum(w)``; computing it in the forward pass, in place where it can, skips a dozen small
+    autograd nodes and temporaries: KD from the cache then costs about what CE costs per step
+    (``benchmarks/train_from_cache.py``). ``w`` None: every sample weighs 1 (no weight kernels).
     """
 
     @staticmethod
-    def forward(ctx, s: Tensor, t: Tensor, y: Tensor, w: Tensor, T: float, alpha: float):
-        log_p = F.log_softmax(t / T, dim=-1)  # [B, C]
-        log_q = F.log_softmax(s / T, dim=-1)  # [B, C]
+    def forward(ctx, s: Tensor, t: Tensor, y: Tensor, w: Tensor | None, T: float, alpha: float):
+        inv_t = 1.0 / T
+        log_p = F.log_softmax(t * inv_t, dim=-1)  # [B, C]
+        log_q = F.log_softmax(s * inv_t, dim=-1)  # [B, C]
         log_r = F.log_softmax(s, dim=-1)  # [B, C]
         p = log_p.exp()
-        w = w / w.sum()  # [B]
-        kd = (w * (p * (log_p - log_q)).sum(-1)).sum() * T**2
-        ce = -(w * log_r.gather(1, y[:, None])[:, 0]).sum()
-        grad_ce = log_r.exp()
-        grad_ce.scatter_add_(1, y[:, None], torch.full_like(y[:, None], -1, dtype=s.dtype))
-        grad = (alpha * T) * (log_q.exp() - p) + (1.0 - alpha) * grad_ce  # [B, C]
-        ctx.save_for_backward(grad * w[:, None])
+        rows = (p * (log_p - log_q)).sum(-1)  # [B] KL per sample
+        nll = -log_r.gather(1, y[:, None])[:, 0]  # [B]
+        if w is None:
+            scale = torch.full_like(rows[:1], 1.0 / len(rows))  # [1]
+            kd, ce = rows.mean() * T**2, nll.mean()
+        else:
+            scale = (w / w.sum())[:, None]  # [B, 1]
+            kd, ce = (scale[:, 0] * rows).sum() * T**2, (scale[:, 0] * nll).sum()
+        grad = log_q.exp_().sub_(p).mul_(alpha * T)  # [B, C] alpha T (q - p), in log_q's memory
+        grad.add_(log_r.exp_(), alpha=1.0 - alpha)  # + (1 - alpha) r
+        grad.scatter_add_(1, y[:, None], torch.full_like(grad[:, :1], alpha - 1.0))  # - (1 - alpha) onehot(y)
+        ctx.save_for_backward(grad.mul_(scale))
         ctx.mark_non_differentiable(kd, ce)
         return alpha * kd + (1.0 - alpha) * ce, kd, ce
 
@@ -80,8 +94,8 @@ class KD(LossBase):
             )
         y = batch["y"].to(s.device).long()  # [B]
         w = batch.get("weight")
-        w = torch.ones_like(s[:, 0]) if w is None else w.to(device=s.device, dtype=torch.float32)
-        loss, kd, ce = _FusedKD.apply(s, t, y, w.detach(), self.temperature, self.alpha)
+        w = None if w is None else w.to(device=s.device, dtype=torch.float32).detach()
+        loss, kd, ce = _FusedKD.apply(s, t, y, w, self.temperature, self.alpha)
         return {"loss": loss, "kd": kd, "ce": ce}
 
     def __repr__(self) -> str:

@@ -249,3 +249,19 @@ def test_kd_gradient_equals_autograd_of_the_plain_formula(data, T: float, alpha:
     (out["loss"] * 3.0).backward()  # an upstream gradient scales it
     assert out["loss"].item() == pytest.approx(ref.item(), rel=1e-5)
     torch.testing.assert_close(s2.grad.double(), 3.0 * s1.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("T", "alpha"), [(4.0, 0.9), (1.0, 0.0), (2.0, 1.0)])
+def test_fused_kd_equals_the_plain_formula_in_its_file(data, T: float, alpha: float) -> None:
+    """kd.py's reference ``kd_loss`` and the fused loss: same value and gradient, fp16 teacher rows too."""
+    from kdflow.losses.kd import kd_loss
+
+    t16 = data["t"].half()
+    s1 = data["s"].clone().requires_grad_(True)
+    ref = kd_loss(s1, t16.float(), data["y"], T, alpha)
+    ref.backward()
+    s2 = data["s"].clone().requires_grad_(True)
+    out = create_loss("kd", temperature=T, alpha=alpha)(s2, {"y": data["y"], "teacher_logits": t16})
+    out["loss"].backward()
+    assert out["loss"].item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(s2.grad, s1.grad, rtol=1e-5, atol=1e-6)
