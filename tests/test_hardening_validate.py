@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO
 
@@ -217,3 +219,77 @@ def test_a_corrupt_mlflow_db_or_unknown_scheme_is_a_clean_tracking_error(tmp_pat
     assert expected in str(info.value)
     assert (tmp_path / "mlflow.db").read_bytes().startswith(b"this is not")  # the user's file is left alone
     assert expected in open_tracker(required=False, **kwargs).unavailable  # runs on without lineage
+
+
+# --- broken data and model files are clean errors naming the file (item 5) --------------------------
+
+def test_an_idx_header_with_huge_dims_is_a_clean_error(tmp_path: Path) -> None:
+    import gzip
+    import struct
+
+    from kdflow.data.idx import read_idx
+    from kdflow.errors import DataError
+
+    header = bytes([0, 0, 8, 3]) + struct.pack(">III", 4_000_000_000, 4_000_000_000, 4_000_000_000)
+    (tmp_path / "raw").write_bytes(header + b"\0" * 100)
+    with pytest.raises(DataError, match=r"raw: truncated or corrupt IDX file: its header claims shape "
+                                        r"\[4000000000, 4000000000, 4000000000\].* but the file has 116 bytes"):
+        read_idx(tmp_path / "raw")
+    (tmp_path / "packed.gz").write_bytes(gzip.compress(header + b"\0" * 100))
+    with pytest.raises(DataError, match=r"packed.gz: truncated IDX file: expected 64000000000000000000000000000 "
+                                        r"bytes .*got 100"):
+        read_idx(tmp_path / "packed.gz")
+
+
+@pytest.mark.parametrize("labels", ["", "1\n-1\n" * 5])
+def test_a_tu_folder_without_graph_labels_is_a_clean_error(tmp_path: Path, labels: str) -> None:
+    from conftest import shared_data
+    from kdflow.data.tu import load_tu
+    from kdflow.errors import DataError
+
+    src = shared_data() / "tu" / "MUTAG"
+    src = src / "raw" if (src / "raw").is_dir() else src
+    if not (src / "MUTAG_A.txt").is_file():
+        pytest.skip(f"MUTAG not found under {src}")
+    raw = tmp_path / "MUTAG" / "raw"
+    shutil.copytree(src, raw)
+    (raw / "MUTAG_graph_labels.txt").write_text(labels)
+    n = len(labels.split())
+    with pytest.raises(DataError, match=rf"MUTAG_graph_labels.txt: {n} graph label\(s\) for 188 graphs"):
+        load_tu(tmp_path, "MUTAG")
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("hf") / "good"
+    config = ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8], depths=[1], num_labels=10)
+    ResNetForImageClassification(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("pickle", "weights only as ['pytorch_model.bin']; pickle files can run code when loaded and are refused"),
+    ("garbage", "model.safetensors: not a readable safetensors file (SafetensorError: "),
+    ("none", "no *.safetensors weights"),
+])
+def test_an_hf_folder_with_pickle_or_garbage_weights_is_a_model_error(tmp_path: Path, hf_folder: Path, kind: str,
+                                                                      expected: str) -> None:
+    from safetensors.torch import load_file
+
+    from kdflow.errors import ModelError
+    from kdflow.models.io import load_model
+
+    folder = tmp_path / kind
+    folder.mkdir()
+    shutil.copy(hf_folder / "config.json", folder)
+    if kind == "pickle":
+        torch.save(load_file(hf_folder / "model.safetensors"), folder / "pytorch_model.bin")
+    elif kind == "garbage":
+        (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage" + b"x" * 100)
+    with pytest.raises(ModelError) as info:
+        load_model(folder)
+    assert expected in str(info.value)
+    assert load_model(hf_folder).kdflow_spec["num_classes"] == 10  # the intact folder loads

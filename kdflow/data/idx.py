@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import zlib
 from pathlib import Path
 from typing import BinaryIO
@@ -33,8 +34,26 @@ def _open(path: Path) -> BinaryIO:
     return gzip.open(path, "rb") if head == GZIP_MAGIC else open(path, "rb")
 
 
+CHUNK = 64 * 2**20  # bytes read at a time: a header's claimed size is never allocated up front
+
+
+def _open_size(path: Path) -> int | None:
+    """The size of an uncompressed file (None for gzip: only reading tells)."""
+    with open(path, "rb") as fh:
+        return None if fh.read(2) == GZIP_MAGIC else path.stat().st_size
+
+
 def _read_exact(fh: BinaryIO, nbytes: int, path: Path, what: str) -> bytes:
-    data = fh.read(nbytes)
+    """``nbytes`` bytes, read in chunks so that a header claiming more than the file holds
+    (dims of 4e9) is a truncation error, not an OverflowError or MemoryError."""
+    parts, got = [], 0
+    while got < nbytes:
+        part = fh.read(min(CHUNK, nbytes - got))
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    data = b"".join(parts)
     if len(data) != nbytes:
         raise DataError(
             f"{path}: truncated IDX file: expected {nbytes} bytes of {what}, got {len(data)}; "
@@ -67,8 +86,12 @@ def read_idx(path: Path, limit: int | None = None) -> np.ndarray:
             dtype, ndim = DTYPES[magic[2]], magic[3]
             dims = [int(d) for d in np.frombuffer(_read_exact(fh, 4 * ndim, path, "dims"), ">u4")]
             rows = dims[0] if limit is None else min(dims[0], limit)
-            count = rows * int(np.prod(dims[1:], dtype=np.int64))
-            data = _read_exact(fh, count * dtype.itemsize, path, f"data for shape {dims}")
+            count = rows * math.prod(dims[1:])  # Python ints: no overflow
+            nbytes = count * dtype.itemsize
+            if _open_size(path) is not None and 4 + 4 * ndim + nbytes > _open_size(path):
+                raise DataError(f"{path}: truncated or corrupt IDX file: its header claims shape {dims} "
+                                f"({nbytes:,} bytes of data) but the file has {_open_size(path):,} bytes")
+            data = _read_exact(fh, nbytes, path, f"data for shape {dims}")
             if limit is None and fh.read(1):
                 raise DataError(f"{path}: IDX file has trailing bytes after shape {dims}")
     except (OSError, EOFError, zlib.error) as err:

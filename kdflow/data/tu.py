@@ -231,6 +231,11 @@ def load_tu(root: Path, name: str, *, download: bool = False) -> tuple[GraphFeat
             if folder is not None:
                 read_tu(folder, name)  # raises a DataError naming the file and line when it can
             raise DataError(f"{folder or root}: torch_geometric cannot read TU dataset {name!r}: {exc}") from None
+        y = getattr(ds._data, "y", None)
+        if y is None or y.numel() != len(ds):
+            labels_file = (folder or root / name) / f"{name}_graph_labels.txt"
+            raise DataError(f"{labels_file}: {0 if y is None else y.numel()} graph label(s) for {len(ds)} graphs; "
+                            "the file needs one integer class label per graph (line i: graph i)")
         graphs, labels, meta = _from_pyg(ds, name)
     meta.update(loader="torch_geometric.datasets.TUDataset", name=name)
     return graphs, labels, meta

@@ -200,6 +200,25 @@ def _check_safetensors(folder: Path) -> list[Path]:
     return files
 
 
+def hf_weight_files(folder: Path) -> list[Path]:
+    """The readable ``*.safetensors`` weights of a Hugging Face folder.
+
+    Raises:
+        ModelError: a safetensors file that does not parse, or pickle-only weights (refused:
+            loading a pickle can run code), or no weights at all.
+    """
+    files = _check_safetensors(folder)
+    if not files:
+        pickles = [n for n in PICKLE_WEIGHTS if (folder / n).exists()]
+        if pickles:
+            raise ModelError(
+                f"{folder}: weights only as {pickles}; pickle files can run code when loaded and "
+                "are refused. Convert them to safetensors where the source is trusted."
+            )
+        raise ModelError(f"{folder}: no *.safetensors weights")
+    return files
+
+
 def load_hf_causal_lm(folder: Path, *, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Load a local HF causal-LM folder (``config.json`` + safetensors) in eval mode.
 
@@ -211,15 +230,7 @@ def load_hf_causal_lm(folder: Path, *, dtype: torch.dtype = torch.float32) -> Pr
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ModelError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    files = _check_safetensors(folder)
-    if not files:
-        pickles = [n for n in PICKLE_WEIGHTS if (folder / n).exists()]
-        if pickles:
-            raise ModelError(
-                f"{folder}: weights only as {pickles}; pickle files can run code when loaded and "
-                "are refused. Convert them to safetensors where the source is trusted."
-            )
-        raise ModelError(f"{folder}: no *.safetensors weights")
+    hf_weight_files(folder)
     from transformers import AutoModelForCausalLM
 
     start = time.perf_counter()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from kdflow.errors import ModelError
@@ -49,11 +50,11 @@ def _from_pretrained(directory: Path) -> tuple[nn.Module, str]:
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
     try:
-        model = AutoModelForImageClassification.from_pretrained(directory, local_files_only=True,
+        model = AutoModelForImageClassification.from_pretrained(directory, local_files_only=True, use_safetensors=True,
                                                                 trust_remote_code=False)
         return model, "image"
     except ValueError:  # the config is not an image-classification architecture
-        model = AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True,
+        model = AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True, use_safetensors=True,
                                                                    trust_remote_code=False)
         return model, "sequence"
 
@@ -76,10 +77,14 @@ def load_hf_classifier(directory: Path) -> HFClassifier:
     Raises:
         ModelError: the directory is not a loadable classification model.
     """
+    from kdflow.models.causal_lm import hf_weight_files
+
     directory = Path(directory)
     try:
-        model, task = _from_pretrained(directory)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        model, task = _from_pretrained(directory)  # safetensors only: a pickle .bin is never loaded
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        if isinstance(exc, (OSError, SafetensorError)):
+            hf_weight_files(directory)  # names pickle-only, garbage or absent weights
         raise ModelError(
             f"{directory / 'config.json'}: cannot load as a transformers image or sequence "
             f"classifier ({type(exc).__name__}: {exc})"
