@@ -14,6 +14,7 @@ cache is byte-identical to the local run. The teacher's rows and shard jobs live
 """
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from schemas.manifest import Manifest
 from schemas.outputs import Logits, TeacherCache
 from schemas.params import LogitsParams
 from tasks.common import StageContext, code_hash, stage_code
+
+log = logging.getLogger(__name__)
 
 TRANSFORM: dict = {"features": "as stored"}  # the input transform of a cache without views
 
@@ -56,6 +59,10 @@ def _clear_other_caches(work: Path, keep: set[Path]) -> None:
 
 def run(params: LogitsParams, ctx: StageContext) -> Manifest:
     ds = ctx.track.load(ctx.input("condense"))
+    if params.format != "dense" and params.k > ctx.track.output_dim(ds):
+        log.warning("logits.k %d is above the %d classes of the teacher's output: the top-k cache keeps all %d "
+                    "(set logits.k to at most %d, or use logits.format dense)", params.k, ctx.track.output_dim(ds),
+                    ctx.track.output_dim(ds), ctx.track.output_dim(ds))
     teachers = ctx.output("select").chosen()
     k_views = params.views
     spec_args = {"num_rows": len(ds) * k_views, "num_classes": ctx.track.output_dim(ds),

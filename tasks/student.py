@@ -1,6 +1,7 @@
 """student: train the declared student from the condensed data and the cached teacher signal."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from kdflow import progress
@@ -17,6 +18,9 @@ from schemas.manifest import Manifest
 from schemas.outputs import Logits, SeedRun, Student
 from schemas.params import StudentParams
 from tasks.common import StageContext, save_history
+
+
+log = logging.getLogger(__name__)
 
 
 def cache_readers(ctx: StageContext, logits: Logits) -> tuple[list[CacheReader], list[float]]:
@@ -67,6 +71,15 @@ def run(params: StudentParams, ctx: StageContext) -> Manifest:
     return ctx.manifest(metrics=metrics, info=info)
 
 
+def _warn_if_larger(ctx: StageContext, logits: Logits, student_params: int) -> None:
+    """Distillation makes models smaller: say so when the student has more parameters than its teacher."""
+    name = logits.teachers[0].teacher
+    teacher = ctx.output("teachers").candidates[name].params
+    if teacher and student_params > teacher:
+        log.warning("student: %s parameters, more than the teacher %r (%s: %.1fx its size); check student.arch/args",
+                    f"{student_params:,}", name, f"{teacher:,}", student_params / teacher)
+
+
 def train_one(params: StudentParams, ctx: StageContext, seed: int, train, val, tensors: dict, readers: list[CacheReader],
               weights: list[float], logits: Logits, loss, out: Path, work: Path, label: str) -> dict:
     """Train one student with ``seed`` into ``out`` (checkpoints in ``work``, resumable); what happened."""
@@ -77,6 +90,8 @@ def train_one(params: StudentParams, ctx: StageContext, seed: int, train, val, t
     seed_everything(seed, deterministic=ctx.deterministic)
     model = ctx.track.create_model(params.arch, train, params.args,
                                    teacher=ctx.input("teachers") / logits.teachers[0].teacher)
+    if seed == ctx.seed:
+        _warn_if_larger(ctx, logits, count_params(model))
     if params.init:  # a checkpoint instead of random weights (the seed still orders the batches)
         init_weights(model, ctx.root / params.init)
     t = params.train

@@ -293,3 +293,79 @@ def test_an_hf_folder_with_pickle_or_garbage_weights_is_a_model_error(tmp_path: 
         load_model(folder)
     assert expected in str(info.value)
     assert load_model(hf_folder).kdflow_spec["num_classes"] == 10  # the intact folder loads
+
+
+# --- values accepted silently before: refused or warned about, with the count (item 7) ---------------
+
+def test_corrupted_labels_that_add_empty_classes_are_refused_with_the_count(tmp_path: Path) -> None:
+    import numpy as np
+
+    from kdflow.data.idx import write_idx
+    from kdflow.data.sources import load_source
+    from kdflow.errors import DataError
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10, dtype=np.uint8), 20)
+    labels[[3, 50, 100, 150, 190]] = 255  # five corrupted label bytes
+    write_idx(tmp_path / "train-images-idx3-ubyte", rng.integers(0, 255, (200, 8, 8), dtype=np.uint8))
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labels)
+    split = dict(seed=0, val_fraction=0.1, test_fraction=0.1)
+    with pytest.raises(DataError) as info:
+        load_source(f"idx:{tmp_path}", **split)
+    text = str(info.value)
+    assert "the labels make 256 classes (0..255) but 245 of them have no sample (e.g. [10, 11, 12, 13, 14" in text
+    assert "255: 5}" in text and "data.options.num_classes: 256" in text
+    labels[[3, 50, 100, 150, 190]] = [0, 2, 5, 7, 9]
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labels)
+    assert load_source(f"idx:{tmp_path}", **split).num_classes == 10
+
+
+@pytest.fixture(scope="module")
+def oversized(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Warnings of a tiny pipeline with ipc above the class sizes, k above the classes and a
+    student larger than its teacher."""
+    import logging
+
+    from tasks.common import execute_stage
+
+    root = tmp_path_factory.mktemp("oversized")
+    quick = {"epochs": 1, "lr": 0.01, "batch_size": 128, "patience": None}
+    raw = tiny_params(teachers=[{"name": "small", "arch": "mlp", "args": {"hidden": [8]}, "train": quick}],
+                      condense={"method": "random", "ipc": 150}, logits={"format": "topk", "k": 25},
+                      student={"arch": "mlp", "args": {"hidden": [64]}, "loss": {"name": "topk_kd"}, "train": quick})
+    pp = parse_params(raw)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger().addHandler(handler)
+    try:
+        for stage in ("prepare", "teachers", "select", "condense", "logits", "student"):
+            execute_stage(stage, pp, root)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    return [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+
+
+def test_ipc_above_the_class_sizes_is_warned_with_the_counts(oversized: list[str]) -> None:
+    from kdflow.condense import ipc_above_class_sizes
+
+    assert any(re.match(r"condense\.ipc 150 is above the training samples of 10 of 10 classes \(smallest: class \d "
+                        r"with \d+\)", w) for w in oversized), oversized
+    labels = torch.tensor([0, 0, 0, 1, 2, 2])
+    assert ipc_above_class_sizes(labels, 3, 2) == (
+        "condense.ipc 2 is above the training samples of 1 of 3 classes (smallest: class 1 with 1): those classes have "
+        "fewer samples than ipc, so the condensed set is not balanced; lower condense.ipc to at most 1 to balance it")
+    assert ipc_above_class_sizes(labels, 3, 1) is None
+
+
+def test_logits_k_above_the_classes_is_warned_with_the_count(oversized: list[str]) -> None:
+    assert "logits.k 25 is above the 10 classes of the teacher's output: the top-k cache keeps all 10 " \
+           "(set logits.k to at most 10, or use logits.format dense)" in oversized, oversized
+
+
+def test_a_student_larger_than_its_teacher_is_warned_with_the_counts(oversized: list[str]) -> None:
+    from kdflow.models import count_params, create_model
+
+    student, teacher = (count_params(create_model("mlp", (1, 8, 8), 10, hidden=[h])) for h in (64, 8))
+    assert (f"student: {student:,} parameters, more than the teacher 'small' ({teacher:,}: "
+            f"{student / teacher:.1f}x its size); check student.arch/args") in oversized, oversized

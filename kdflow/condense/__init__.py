@@ -14,6 +14,7 @@ student's loss, e.g. ``weight``).
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -24,6 +25,8 @@ from torch import nn
 from kdflow.data.dataset import Dataset
 from kdflow.registry import Registry
 from schemas.base import Section, parse_section
+
+log = logging.getLogger(__name__)
 
 Report = Callable[[int, int], None]  # report(done, total)
 
@@ -66,7 +69,21 @@ def condense(
     """
     params = parse_section(condense_params(method), {"method": method, **options}, "condense")
     knobs = params.model_dump(exclude={"method"})
+    if "ipc" in knobs and (note := ipc_above_class_sizes(train.labels, train.num_classes, knobs["ipc"])):
+        log.warning("%s", note)
     return CONDENSERS.get(method)(train, teacher=teacher, seed=seed, device=device, report=report, **knobs)
+
+
+def ipc_above_class_sizes(labels: torch.Tensor, num_classes: int, ipc: int) -> str | None:
+    """A warning when ``ipc`` exceeds the training samples of some classes (None: it does not)."""
+    counts = torch.bincount(labels.long(), minlength=num_classes)  # [C]
+    short = (counts < ipc).nonzero().flatten().tolist()
+    if not short:
+        return None
+    c = min(short, key=lambda i: (int(counts[i]), i))
+    return (f"condense.ipc {ipc} is above the training samples of {len(short)} of {num_classes} classes "
+            f"(smallest: class {c} with {int(counts[c])}): those classes have fewer samples than ipc, "
+            f"so the condensed set is not balanced; lower condense.ipc to at most {int(counts.min())} to balance it")
 
 
 def ipc_field() -> Any:

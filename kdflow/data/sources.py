@@ -127,6 +127,8 @@ def load_source(
         raise UnknownNameError(f"{err}; specs look like {SPEC_EXAMPLES}") from None
     options = dict(options or {})
     raw = loader(arg, seed=seed, options=options)
+    if "num_classes" not in options:
+        _check_no_empty_classes(raw, spec)
     splits = stratified_split(
         raw.labels, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
         fixed_test=raw.fixed_test,
@@ -147,6 +149,25 @@ def load_source(
     log.info("loaded %s: %d samples, input shape %s, %d classes", spec, len(ds), ds.input_shape,
              ds.num_classes)
     return ds
+
+
+def _check_no_empty_classes(raw: RawSource, spec: str) -> None:
+    """Classes are inferred as 0..max label: refuse labels that leave some of them without a sample
+    (five corrupted label bytes of 255 in MNIST would make 256 classes, 245 of them empty)."""
+    labels = np.asarray(raw.labels)
+    if not len(labels) or labels.min() < 0:
+        return  # the dataset's pandera check names negative labels
+    counts = np.bincount(labels, minlength=raw.num_classes)
+    empty = np.flatnonzero(counts[: raw.num_classes] == 0)
+    if not len(empty):
+        return
+    present = {int(c): int(counts[c]) for c in np.flatnonzero(counts)}
+    items = list(present.items())
+    shown = dict(items if len(items) <= 12 else [*items[:6], *items[-6:]])
+    raise DataError(
+        f"{spec}: the labels make {raw.num_classes} classes (0..{raw.num_classes - 1}) but {len(empty)} of them have "
+        f"no sample (e.g. {empty[:MAX_SHOWN].tolist()}); samples per label: {shown}. Corrupted labels? Fix them, "
+        f"or set data.options.num_classes: {raw.num_classes} to keep the empty classes on purpose")
 
 
 # --- sklearn ---------------------------------------------------------------------------------
