@@ -98,10 +98,10 @@ def distill(params_file: str = "params.yaml", overrides: list[str] | None = None
     # one writer per project; `kdflow run` already holds it (re-entrant), a deployment's run queues here
     with project_lock(root_path, f"prefect flow run {flow_run.get_name() or ''} of distill", wait=True):
         clean_stale_temps(artifact_root(root_path, pp.name))
-        return _distill(pp, root_path, resume)
+        return _distill(pp, root_path, resume, path, overrides or [])
 
 
-def _distill(pp: PipelineParams, root_path: Path, resume: bool) -> dict:
+def _distill(pp: PipelineParams, root_path: Path, resume: bool, path: Path, overrides: list[str]) -> dict:
     t = pp.tracking
     tracker = open_tracker(enabled=t.enabled, uri=t.uri, experiment=t.experiment, required=t.required, root=root_path, pipeline=pp.name)
     tracker.start_pipeline(pp.name, pp.model_dump(mode="json"), tags={"prefect.flow_run_id": str(flow_run.get_id() or "")})
