@@ -408,11 +408,11 @@ def _print_summary(m: dict, track: str) -> None:
     for row in t.summary_rows(m):
         table.add_row(*row)
     out.print(table)
-    from kdflow.report import seed_rows
+    from kdflow.report import seed_rows, seed_title
 
     rows = seed_rows(m)
     if rows:
-        seeds = Table(title="students over seeds (test split)")
+        seeds = Table(title=escape(seed_title(m)))
         for col in ("", "teacher", "student mean ± std", "student min - max"):
             seeds.add_column(col, justify="right")
         for row in rows:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import subprocess
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ def build_report(artifacts_dir: Path, out: Path) -> Path:
     body = [
         f"<h1>kdflow report: {escape(name)}</h1>",
         f'<p class="meta">{_meta(manifests)}</p>',
+        "<h2>Run</h2>", _context(artifacts_dir, manifests),
         "<h2>Stages</h2>", _stage_table(manifests),
         "<h2>Teacher ranking</h2>", _ranking(artifacts_dir / "select"),
         "<h2>Teacher vs. student (test split)</h2>", _comparison(artifacts_dir, metrics),
@@ -125,8 +127,71 @@ def _stage_table(manifests: list[Manifest]) -> str:
     rows = []
     for m in manifests:
         headline = ", ".join(f"{k} {fmt(v)}" for k, v in sorted(m.metrics.items()))
-        rows.append([m.stage, m.fingerprint[:12], f"{m.seconds:.1f}", headline])
-    return table(["stage", "fingerprint", "seconds", "headline metrics"], rows, numeric=(2,))
+        rows.append([m.stage, m.fingerprint[:12], f"{m.seconds:.1f}", m.mlflow_run_id or "-", headline])
+    return table(["stage", "fingerprint", "seconds", "MLflow run", "headline metrics"], rows, numeric=(2,))
+
+
+RUN_FILE = "run.json"  # artifacts/<pipeline>/run.json: the context of the last flow run (kdflow run)
+
+
+def git_state(root: Path) -> dict[str, Any]:
+    """``{"commit", "dirty"}`` of the git work tree at ``root`` (empty outside one or without git)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return {}
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def write_run_context(artifacts_dir: Path, context: dict[str, Any]) -> Path:
+    """Record what the report shows about how the outputs were made (``run.json``, atomically)."""
+    path = Path(artifacts_dir) / RUN_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(context, indent=1, default=str) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _context(artifacts_dir: Path, manifests: list[Manifest]) -> str:
+    """How these outputs were made: the flow run's pipeline file, overrides, git commit, MLflow
+    and Prefect run ids (``run.json``, when it belongs to these outputs), else what the manifests
+    say, with the git state now; then the params every stage used."""
+    by_stage = {m.stage: m for m in manifests}
+    run_file = Path(artifacts_dir) / RUN_FILE
+    ctx: dict[str, Any] = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    last = manifests[-1]
+    if ctx and ctx.get("fingerprints", {}).get(last.stage) != last.fingerprint:
+        ctx = {}  # stages ran outside that flow run since (kdflow stage, dvc repro): not its context
+    rows: list[list[Any]] = []
+    if ctx:
+        rows += [["made by", "kdflow run (Prefect flow)"],
+                 ["pipeline file", ctx.get("params_file") or "-"],
+                 ["overrides", " ".join(ctx.get("overrides") or []) or "none"],
+                 ["git commit", _commit(ctx.get("git") or {})],
+                 ["MLflow parent run", ctx.get("mlflow_run") or "not recorded"],
+                 ["Prefect flow run", ctx.get("prefect_flow_run_id") or "-"],
+                 ["finished", ctx.get("finished_at") or "-"]]
+    else:
+        rows += [["made by", "stages run one by one (kdflow stage / dvc repro), or no flow context recorded"],
+                 ["git commit (now)", _commit(git_state(Path(artifacts_dir).parent.parent))]]
+    runs = ", ".join(f"{m.stage} {m.mlflow_run_id}" for m in manifests if m.mlflow_run_id)
+    rows.append(["MLflow stage runs", runs or "not recorded"])
+    params = {s: m.params for s, m in by_stage.items()}
+    html = table(["", ""], rows)
+    html += ("\n<details><summary>Params each stage used (the keys its fingerprint covers)</summary>"
+             f"<pre>{escape(json.dumps(params, indent=1, sort_keys=True))}</pre></details>")
+    return html
+
+
+def _commit(git: dict[str, Any]) -> str:
+    if not git.get("commit"):
+        return "not a git work tree"
+    return git["commit"] + (" (with uncommitted changes)" if git.get("dirty") else "")
 
 
 def _ranking(select_dir: Path) -> str:
@@ -155,18 +220,23 @@ def _comparison(artifacts_dir: Path, metrics: dict[str, Any]) -> str:
     html = get_track(track).report_section(metrics)
     rows = seed_rows(metrics)
     if rows:
-        html += "\n" + table(["over seeds", "teacher", "student mean ± std", "student min - max"],
-                             [list(r) for r in rows], numeric=(1, 2, 3))
+        html += f"\n<p>{escape(seed_title(metrics))}</p>\n" + table(
+            ["", "teacher", "student mean ± std", "student min - max"], [list(r) for r in rows], numeric=(1, 2, 3))
     return html
 
 
+def seed_title(m: dict[str, Any]) -> str:
+    """What the rows of ``seed_rows`` cover."""
+    seeds = m["student_seeds"]["seeds"]
+    return f"students over {len(seeds)} seeds {seeds} (test split; the stage's model: seed {seeds[0]})"
+
+
 def seed_rows(m: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    """(metric over N seeds, teacher, student mean ± std, student min - max) rows of
-    ``metrics["student_seeds"]`` (none with one seed); the stage's model is the first seed's."""
+    """(metric, teacher, student mean ± std, student min - max) rows of ``metrics["student_seeds"]``
+    (none with one seed)."""
     seeds = m.get("student_seeds")
     if not seeds:
         return []
-    n, first = len(seeds["seeds"]), seeds["seeds"][0]
     rows = []
     for key, value in seeds.items():
         if not isinstance(value, dict) or "mean" not in value:
@@ -175,7 +245,7 @@ def seed_rows(m: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         points = key.endswith("_gap")  # a difference of accuracies, in points
         f = (lambda v: f"{v * 100:+.2f} pts") if points else (lambda v: f"{v:.4f}")
         std = f"{value['std'] * 100:.2f} pts" if points else f"{value['std']:.4f}"
-        rows.append((f"{key} ({n} seeds, model: seed {first})",
+        rows.append((key,
                      f"{teacher:.4f}" if isinstance(teacher, (int, float)) else "",
                      f"{f(value['mean'])} ± {std}", f"{f(value['min'])} - {f(value['max'])}"))
     return rows
