@@ -314,6 +314,12 @@ def test_a_trimmed_student_keeps_the_most_frequent_tokens(tmp_path: Path, text_f
     assert torch.allclose(probs[..., dropped].sum(-1), inner[..., 20], atol=1e-6)
     unseen = int(dropped.nonzero()[0])
     assert torch.equal(trimmed.to_student[torch.tensor([unseen])], torch.tensor([20]))
+    from kdflow.tracks.lm.evaluation import generate
+
+    seq = test_prompt = train.features[:1, :8]
+    for _ in range(6):  # greedy over the full-vocabulary logits (ties: the smallest dropped id)
+        seq = torch.cat([seq, trimmed(seq)[:, -1].argmax(-1, keepdim=True).to(seq.dtype)], dim=1)
+    assert torch.equal(generate(trimmed, test_prompt, 6), seq.long())
     LM.save_model(trimmed, tmp_path / "m")
     back = LM.load_model(tmp_path / "m")
     assert torch.equal(back.kept, kept) and torch.allclose(back(x), logits, atol=1e-6)

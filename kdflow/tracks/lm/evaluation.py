@@ -56,7 +56,7 @@ def compare_tokens(teacher: nn.Module, student: nn.Module, x: torch.Tensor, y: t
 def generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """Greedy continuation of ``prompt`` ``[1, P]`` by ``new_tokens`` tokens (``[1, P + n]``)."""
     with eval_mode(model), torch.inference_mode():
-        return model.model.generate(prompt.long(), max_new_tokens=new_tokens, do_sample=False,
+        return model.generate(prompt.long(), max_new_tokens=new_tokens, do_sample=False,
                                     attention_mask=torch.ones_like(prompt), pad_token_id=0)
 
 

@@ -46,8 +46,8 @@ def continue_blocks(teacher: nn.Module, prompts: torch.Tensor, length: int, *, t
     new = length - prompts.shape[1]
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
     with torch.inference_mode():
-        out = teacher.model.generate(prompts.long().to(device), attention_mask=torch.ones_like(prompts).to(device),
-                                     max_new_tokens=new, min_new_tokens=new, pad_token_id=0, **sampling)
+        out = teacher.generate(prompts.long().to(device), attention_mask=torch.ones_like(prompts).to(device),
+                               max_new_tokens=new, min_new_tokens=new, pad_token_id=0, **sampling)
     return out[:, :length].to(torch.int32).cpu()
 
 

@@ -76,6 +76,31 @@ class CausalLM(nn.Module):
         z = self.model(input_ids=self.to_student[x], use_cache=False).logits  # [B, L, N + 1]
         return z[..., self.to_student] + self.spread.to(z.dtype)  # [B, L, V] (faster than index_select here)
 
+    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """``transformers``' ``generate`` over full-vocabulary ids ``[B, P]`` -> ``[B, P + n]``.
+
+        Trimmed: the prompt is mapped in, the tail id's logit is lowered by ``log(V - N)`` at each
+        step (so greedy and sampled choices follow the full-vocabulary distribution, the tail id
+        standing for "one of the dropped tokens"), and a chosen tail id comes back as the smallest
+        dropped id (every dropped id reads back in as the tail id)."""
+        if self.kept is None:
+            return self.model.generate(input_ids, **kwargs)
+        from transformers import LogitsProcessorList
+
+        n, full = len(self.kept), len(self.to_student)
+        dropped = int((self.to_student == n).nonzero()[0])
+        back = torch.cat([self.kept, torch.tensor([dropped])]).to(input_ids.device)  # [N + 1]
+        spread = math.log(full - n)
+
+        def lower_tail(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            scores = scores.clone()
+            scores[:, n] -= spread
+            return scores
+
+        processors = LogitsProcessorList([lower_tail, *kwargs.pop("logits_processor", [])])
+        out = self.model.generate(self.to_student[input_ids], logits_processor=processors, **kwargs)
+        return back[out]
+
     @property
     def vocab_size(self) -> int:
         return int(self.model.config.vocab_size) if self.kept is None else len(self.to_student)
