@@ -12,7 +12,12 @@ on half of the test split (**not Inception FID**), and milliseconds per image at
 The baseline is the teacher of the same run. Reported per loss: the FID-vs-steps table, the
 student's 1-step FID relative to the teacher's 4- and 50-step FID, and the 1-step speed-up over 50
 DDIM steps; the goal of issue 14 is a 1-step student below the teacher's 4-step FID, within 1.5x
-of its 50-step FID, and >= 10x faster than 50 steps. Run from the repository root::
+of its 50-step FID, and >= 10x faster than 50 steps.
+
+The table comes from one joint evaluation after the runs (``kdflow.tracks.diffusion.evaluation``:
+one feature classifier, one reference set, one noise batch, the teacher scored once, every
+student's folder kept under ``<workdir>/students/<loss>``); ``--joint-only`` redoes just that from
+an earlier run's folders. Run from the repository root::
 
     .venv/bin/python benchmarks/diffusion_distill.py --out diffusion_distill.json      # ~30 min on a busy 2-core CPU
     .venv/bin/python benchmarks/diffusion_distill.py --quick                           # the CI config as is, ~3 min
@@ -77,44 +82,83 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the config's own budgets (CI size)")
     ap.add_argument("--set", action="append", default=[], help="extra overrides for every run")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the joint evaluation")
+    ap.add_argument("--joint-only", action="store_true", help="only the joint evaluation of an earlier --workdir")
+    ap.add_argument("--students", type=Path, help="student folders by loss (default <workdir>/students)")
     a = ap.parse_args()
 
     root = a.workdir
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
-    for item in ("kdflow", "tasks", "schemas", "flows", "configs"):
-        shutil.copytree(REPO / item, root / item, ignore=shutil.ignore_patterns("__pycache__"))
+    if not a.joint_only:
+        if root.exists():
+            shutil.rmtree(root)
+        root.mkdir(parents=True)
+        for item in ("kdflow", "tasks", "schemas", "flows", "configs"):
+            shutil.copytree(REPO / item, root / item, ignore=shutil.ignore_patterns("__pycache__"))
     budget = [] if a.quick else BUDGET
-    results = {}
-    for loss in a.losses.split(","):
-        seconds, log = run_pipeline(root, a.config, budget + LOSSES[loss] + a.set)
-        name = next(p for p in (root / "artifacts").iterdir() if p.is_dir()).name
-        metrics = json.loads((root / "artifacts" / name / "evaluate" / "metrics.json").read_text())
-        keep = root / "results" / loss
-        shutil.copytree(root / "artifacts" / name / "evaluate", keep)
-        results[loss] = {"seconds": seconds, "stages": stage_times(log), "metrics": metrics}
-        print(f"{loss}: {seconds:.0f}s, stages {results[loss]['stages']}", flush=True)
+    results: dict[str, dict] = {}
+    students = a.students or root / "students"
+    if not a.joint_only:
+        for loss in a.losses.split(","):
+            seconds, log = run_pipeline(root, a.config, budget + LOSSES[loss] + a.set)
+            art = pipeline_dir(root)
+            shutil.copytree(art / "student", students / loss)
+            results[loss] = {"seconds": seconds, "stages": stage_times(log),
+                             "pipeline_goal": json.loads((art / "evaluate/metrics.json").read_text())["goal"]}
+            print(f"{loss}: {seconds:.0f}s, stages {results[loss]['stages']}", flush=True)
+    joint = joint_evaluation(pipeline_dir(root), students, a.losses.split(","), a.threads)
+    print_table(joint)
+    if a.out:
+        a.out.write_text(json.dumps({"config": a.config, "budget": budget, "losses": LOSSES, "runs": results,
+                                     "joint": joint}, indent=1) + "\n")
 
-    first = next(iter(results.values()))["metrics"]
-    print(f"\n{first['feature_space']}\nreference: {first['n_reference']} test images; FID of its two halves "
-          f"{first['fid_real_halves']:.3f}; classifier accuracy {first['classifier_accuracy']:.3f}\n")
+
+def pipeline_dir(root: Path) -> Path:
+    return next(p for p in (root / "artifacts").iterdir() if p.is_dir())
+
+
+def joint_evaluation(art: Path, students: Path, losses: list[str], threads: int) -> dict:
+    """Teacher once, then every student, against one reference (same classifier, noise, classes)."""
+    import torch
+
+    from kdflow.tracks import get_track
+    from kdflow.tracks.diffusion import evaluation as ev
+
+    torch.set_num_threads(threads)
+    track = get_track("diffusion")
+    test = track.load(art / "prepare").split("test")
+    chosen = json.loads((art / "select/chosen.json").read_text())["teachers"][0]
+    t0 = time.perf_counter()
+    ref = ev.reference(test.features, test.labels, test.num_classes)
+    out = {**ref.metrics, "seconds_reference": time.perf_counter() - t0, "teacher": {}, "students": {}}
+    teacher = track.load_model(art / "teachers" / chosen)
+    out["teacher"], grids = ev.score_model(teacher, ev.TEACHER_STEPS, ref, latency_repeats=5, latency_threads=threads)
+    pictures = {"samples_teacher_50step": grids["50"], "samples_teacher_4step": grids["4"]}
+    for loss in losses:
+        model = track.load_model(students / loss)
+        out["students"][loss], grids = ev.score_model(model, tuple(model.steps), ref, latency_repeats=5,
+                                                      latency_threads=threads)
+        pictures[f"samples_{loss}_1step"] = grids["1"]
+        out["students"][loss]["goal"] = ev.goal({"teacher": out["teacher"], "student": out["students"][loss]})
+    ev.write_grids(students.parent / "figures", pictures)
+    return out
+
+
+def print_table(joint: dict) -> None:
+    print(f"\n{joint['feature_space']}\nreference: {joint['n_reference']} test images; FID of its two halves "
+          f"{joint['fid_real_halves']:.3f}; classifier accuracy {joint['classifier_accuracy']:.3f}\n")
     print(f"{'model':28s} {'steps':>5s} {'FID':>8s} {'prec':>6s} {'recall':>6s} {'cover':>6s} {'cls-acc':>7s} {'ms/img b1':>9s}")
-    rows = [("teacher (DDIM)", first["teacher"]["steps"])] + [(f"student {k}", v["metrics"]["student"]["steps"])
-                                                           for k, v in results.items()]
+    rows = [("teacher (DDIM)", joint["teacher"]["steps"])] + [(f"student {k}", v["steps"])
+                                                           for k, v in joint["students"].items()]
     for label, steps in rows:
         for n, r in steps.items():
             print(f"{label:28s} {n:>5s} {r['fid']:8.3f} {r['precision']:6.3f} {r['recall']:6.3f} {r['coverage']:6.3f} "
                   f"{r.get('class_accuracy', float('nan')):7.3f} {r['latency_ms_b1']:9.2f}")
     print()
-    for loss, r in results.items():
-        g = r["metrics"]["goal"]
+    for loss, r in joint["students"].items():
+        g = r["goal"]
         print(f"{loss:22s} 1-step FID {g['student_1step_fid']:.3f} vs teacher 4-step {g['teacher_4step_fid']:.3f} "
               f"(beats: {g['beats_teacher_4step']}), {g['fid_ratio_to_teacher_50step']:.2f}x teacher 50-step "
               f"{g['teacher_50step_fid']:.3f}, {g['speedup_vs_50step_b1']:.1f}x faster than 50 steps")
-    if a.out:
-        a.out.write_text(json.dumps({"config": a.config, "budget": budget, "losses": LOSSES, "results": results},
-                                    indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
+from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from kdflow.train.loop import extract_features, fit, predict
 
 TEACHER_STEPS = (1, 2, 4, 10, 50)
 PR_K = 3
+FEATURE_STEPS = 400  # the feature classifier's training budget
 FEATURE_NOTE = ("FID/precision/recall in the penultimate features of a ConvNet trained on half of the test split "
                 "(NOT Inception FID; comparable within one run only)")
 
@@ -45,7 +48,9 @@ def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: n
     from scipy import linalg
 
     diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(cov1 @ cov2, disp=False)
+    with warnings.catch_warnings():  # singular products are handled below
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean, _ = linalg.sqrtm(cov1 @ cov2, disp=False)
     if not np.isfinite(covmean).all():  # near-singular products: regularise as the usual FID code does
         eps = np.eye(len(mu1)) * 1e-6
         covmean = linalg.sqrtm((cov1 + eps) @ (cov2 + eps))
@@ -83,10 +88,12 @@ def coverage(pred: Tensor, num_classes: int) -> float:
 
 # -- the feature classifier ------------------------------------------------------------------------
 
-def train_feature_net(x: Tensor, y: Tensor, num_classes: int, seed: int, epochs: int = 15) -> nn.Module:
-    """The evaluation's ConvNet (trained here, seeded) whose penultimate features the statistics use."""
+def train_feature_net(x: Tensor, y: Tensor, num_classes: int, seed: int, steps: int = FEATURE_STEPS) -> nn.Module:
+    """The evaluation's ConvNet (trained here for about ``steps`` AdamW steps, seeded) whose
+    penultimate features the statistics use."""
     torch.manual_seed(seed)
     net = create_model("convnet", tuple(x.shape[1:]), num_classes, channels=[32, 64], hidden=64)
+    epochs = max(5, math.ceil(steps / math.ceil(len(x) / 64)))
     fit(net, {"x": x, "y": y}, lambda logits, b: {"loss": nn.functional.cross_entropy(logits, b["y"])},
         epochs=epochs, lr=3e-3, batch_size=64, seed=seed, device=torch.device("cpu"))
     return net.eval()
@@ -103,60 +110,88 @@ def score(net: nn.Module, images: Tensor, ref: Tensor, num_classes: int, y: Tens
 
 
 def latency_ms(model: nn.Module, steps: int, noise: Tensor, y: Tensor | None, repeats: int) -> dict[str, float]:
-    """Median ms per image at batch 1 and at batch ``len(noise)``."""
+    """Median ms per image at batch 1 (``repeats`` timed runs after a warm-up) and ms per image in
+    one batch of ``len(noise)``."""
     from kdflow.tracks.diffusion.sampling import generate
 
-    out = {}
-    for label, n in (("b1", 1), (f"b{len(noise)}", len(noise))):
-        z, c = noise[:n], (None if y is None else y[:n])
-        generate(model, z, c, steps)  # warm-up
-        times = []
-        for _ in range(max(1, repeats if n == 1 else min(repeats, 3))):
-            t0 = time.perf_counter()
-            generate(model, z, c, steps)
-            times.append((time.perf_counter() - t0) * 1000 / n)
-        out[f"latency_ms_{label}"] = float(np.median(times))
+    def timed(n: int) -> float:
+        t0 = time.perf_counter()
+        generate(model, noise[:n], None if y is None else y[:n], steps)
+        return (time.perf_counter() - t0) * 1000 / n
+
+    timed(1)  # warm-up
+    out = {"latency_ms_b1": float(np.median([timed(1) for _ in range(max(1, repeats))]))}
+    out[f"latency_ms_b{len(noise)}"] = timed(len(noise))
     return out
 
 
 # -- the stage's evaluation ------------------------------------------------------------------------
 
-def evaluate(models: dict[str, nn.Module], images: Tensor, labels: Tensor, num_classes: int, *, teacher_name: str,
-             latency_repeats: int, latency_threads: int | None, folder: Path, seed: int = 0) -> dict[str, Any]:
-    """Teacher (DDIM at ``TEACHER_STEPS``) vs. student (its declared steps) on the test images."""
-    from kdflow.tracks.diffusion.sampling import generate
+@dataclass
+class Reference:
+    """What every model is scored against: the feature classifier, the reference images' features,
+    their labels (the classes asked of conditional models) and the noise all models start from."""
 
+    net: nn.Module
+    feats: Tensor
+    labels: Tensor
+    noise: Tensor
+    num_classes: int
+    metrics: dict[str, Any]
+
+
+def reference(images: Tensor, labels: Tensor, num_classes: int, seed: int = 0) -> Reference:
+    """Train the feature classifier on one half of ``images`` (seeded), keep the other as the reference."""
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     half = len(images) // 2
     fit_rows, ref_rows = order[:half], order[half:]
     net = train_feature_net(images[fit_rows], labels[fit_rows], num_classes, seed)
     ref, ref_y = images[ref_rows], labels[ref_rows]
-    ref_feats = extract_features(net, ref)
-    a, b = ref_feats[: len(ref) // 2], ref_feats[len(ref) // 2 :]
-    metrics: dict[str, Any] = {
+    feats = extract_features(net, ref)
+    a, b = feats[: len(ref) // 2], feats[len(ref) // 2 :]
+    metrics = {
         "feature_space": FEATURE_NOTE, "n_reference": len(ref), "n_generated": len(ref),
         "classifier_accuracy": float((predict(net, ref).argmax(1) == ref_y).double().mean()),
         "fid_real_halves": fid(a, b),  # the floor: two halves of the reference itself (at half the sample size)
         "precision_recall_k": PR_K,
     }
     noise = torch.randn((len(ref), *images.shape[1:]), generator=torch.Generator().manual_seed(seed + 1))
+    return Reference(net, feats, ref_y, noise, num_classes, metrics)
+
+
+def score_model(model: nn.Module, steps: tuple[int, ...], ref: Reference, *, latency_repeats: int,
+                latency_threads: int | None, seed: int = 0) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Per step count: the statistics of ``len(reference)`` samples and the latency; and the samples."""
+    from kdflow.tracks.diffusion.sampling import generate
+
+    model.eval()
+    cond = ref.labels if model.num_classes else None
+    rows, samples = {}, {}
+    for n in steps:
+        x = generate(model, ref.noise, cond, n, seed=seed)
+        rows[str(n)] = score(ref.net, x, ref.feats, ref.num_classes, cond)
+        with torch_threads(latency_threads):
+            rows[str(n)].update(latency_ms(model, n, ref.noise[:16], None if cond is None else cond[:16],
+                                           latency_repeats))
+        samples[str(n)] = x[:64]
+    info = {"params": count_params(model), "bytes": model_bytes(model), "steps": rows,
+            "conditional": bool(model.num_classes)}
+    return info, samples
+
+
+def evaluate(models: dict[str, nn.Module], images: Tensor, labels: Tensor, num_classes: int, *, teacher_name: str,
+             latency_repeats: int, latency_threads: int | None, folder: Path, seed: int = 0) -> dict[str, Any]:
+    """Teacher (DDIM at ``TEACHER_STEPS``) vs. student (its declared steps) on the test images."""
+    ref = reference(images, labels, num_classes, seed)
+    metrics: dict[str, Any] = dict(ref.metrics)
     grids: dict[str, Tensor] = {}
-    latency_noise = noise[:16]
     for role, model in models.items():
-        model.eval()
-        cond = ref_y if model.num_classes else None
         steps = TEACHER_STEPS if role == "teacher" else tuple(model.steps)
-        rows = {}
-        for n in steps:
-            samples = generate(model, noise, cond, n, seed=seed)
-            rows[str(n)] = score(net, samples, ref_feats, num_classes, cond)
-            with torch_threads(latency_threads):
-                rows[str(n)].update(latency_ms(model, n, latency_noise, None if cond is None else cond[:16],
-                                               latency_repeats))
-            if n in (1, 50) or (role == "student" and n == max(steps)):
-                grids[f"samples_{role}_{n}step"] = samples[:64]
-        metrics[role] = {"params": count_params(model), "bytes": model_bytes(model), "steps": rows,
-                         "conditional": bool(model.num_classes)}
+        metrics[role], samples = score_model(model, steps, ref, latency_repeats=latency_repeats,
+                                             latency_threads=latency_threads, seed=seed)
+        for n, x in samples.items():
+            if n in ("1", "50") or (role == "student" and n == str(max(steps))):
+                grids[f"samples_{role}_{n}step"] = x
     metrics["teacher"]["name"] = teacher_name
     metrics["goal"] = goal(metrics)
     write_grids(folder / "figures", grids)
