@@ -89,6 +89,23 @@ def summary_markdown(name: str, status: dict[str, dict], m: dict, mlflow_run: st
     return "\n".join(lines) + "\n"
 
 
+def _record_context(root: Path, params_file: Path, overrides: list[str], pp: PipelineParams,
+                    status: dict[str, dict], tracker: Any) -> None:
+    """``artifacts/<name>/run.json``: what the report shows of this run (file, overrides, git, run ids)."""
+    from datetime import datetime, timezone
+
+    from kdflow.report import git_state, write_run_context
+
+    path = params_file if params_file.is_absolute() else root / params_file
+    shown = path.relative_to(root) if path.is_relative_to(root) else path
+    write_run_context(artifact_root(root, pp.name), {
+        "params_file": str(shown), "overrides": list(overrides), "git": git_state(root),
+        "prefect_flow_run_id": str(flow_run.get_id() or ""), "mlflow_run": tracker.run_url(),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "fingerprints": {s: v["manifest"].fingerprint for s, v in status.items()},
+        "params": pp.model_dump(mode="json")})
+
+
 @flow(name="distill", log_prints=True)
 def distill(params_file: str = "params.yaml", overrides: list[str] | None = None, root: str = ".", resume: bool = False) -> dict:
     """Distill a teacher into a student as declared in ``params_file`` (relative to ``root``)."""
@@ -114,6 +131,7 @@ def _distill(pp: PipelineParams, root_path: Path, resume: bool, path: Path, over
     tracker.log_pipeline_metrics(metrics)
     tracker.end_pipeline("FINISHED")
     metrics_file = artifact_root(root_path, pp.name) / "evaluate" / "metrics.json"
+    _record_context(root_path, path, overrides or [], pp, status, tracker)
     create_markdown_artifact(
         markdown=summary_markdown(pp.name, status, json.loads(metrics_file.read_text()), tracker.run_url(), pp.track),
         key=f"kdflow-{pp.name.lower().replace('_', '-').replace('.', '-')}-summary",

@@ -146,6 +146,16 @@ def test_dvc_repro_experiments_compare_then_share_through_a_remote(tmp_path: Pat
     client = MlflowClient(tracking_uri=f"sqlite:///{clone / 'mlflow.db'}")
     assert client.search_model_versions("name='tiny-student'") == []  # no new model version
 
+    # a flow run with an override: the report says which file, override, commit and run ids made it
+    _sh([sys.executable, "-m", "kdflow.cli", "run", "-s", "student.loss.temperature=3"], clone, env)
+    report = json.loads(_sh([sys.executable, "-m", "kdflow.cli", "report", "--json"], clone, env).stdout)["report"]
+    html = Path(report).read_text()
+    commit = _sh(["git", "rev-parse", "HEAD"], clone, env).stdout.strip()
+    context = json.loads((clone / "artifacts/tiny/run.json").read_text())
+    assert context["overrides"] == ["student.loss.temperature=3"] and context["params_file"] == "params.yaml"
+    for text in ("student.loss.temperature=3", commit, context["prefect_flow_run_id"], context["mlflow_run"]):
+        assert text and text in html, text
+
     # an older commit's artifacts come back with dvc checkout
     _sh(["git", "checkout", "-q", baseline], root, env)
     _sh([*dvc, "checkout"], root, env)

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter, NullLocator
 from torch import Tensor
 
 
@@ -83,17 +85,30 @@ def plot_confusion_png(path: Path, cm: Tensor, title: str) -> Path:
     return _save(fig, path)
 
 
+def picture_bins(n_samples: int, bins: int) -> int:
+    """Confidence bins for a reliability picture of ``n_samples``: ``bins``, fewer on a small test
+    set (about 25 samples per bin on average, at least 5 bins)."""
+    return max(1, min(bins, max(5, n_samples // 25)))
+
+
 def plot_reliability_png(path: Path, bins_by_model: dict[str, list[dict]]) -> Path:
-    """Reliability diagram: accuracy against confidence per model, with the diagonal."""
-    fig = _figure()
-    ax = fig.subplots()
+    """Reliability diagram: accuracy against confidence per model, with the diagonal; below it,
+    how many samples each bin holds (a point of a few samples says little)."""
+    fig = _figure(5.0, 5.2)
+    ax, counts = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
-    for name, bins in bins_by_model.items():
+    width = 0.8 / max(1, len(bins_by_model))
+    for i, (name, bins) in enumerate(bins_by_model.items()):
         full = [b for b in bins if b["count"] > 0]
         conf, acc = [b["confidence"] for b in full], [b["accuracy"] for b in full]
-        ax.plot(conf, acc, marker="o", label=name)
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title="reliability")
+        line, = ax.plot(conf, acc, marker="o", label=name)
+        lo = [b["lower"] + (b["upper"] - b["lower"]) * (0.1 + i * width) for b in bins]
+        counts.bar(lo, [b["count"] for b in bins], width=[(b["upper"] - b["lower"]) * width for b in bins],
+                   align="edge", color=line.get_color(), alpha=0.7)
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=f"reliability ({len(next(iter(bins_by_model.values()), []))} bins)")
     ax.legend(loc="upper left", fontsize=8)
+    counts.set(xlabel="confidence", ylabel="samples")
+    counts.yaxis.set_major_locator(MaxNLocator(3, integer=True))
     return _save(fig, path)
 
 
@@ -113,6 +128,7 @@ def plot_curves_png(
             if rows:
                 ax.plot([x for x, _ in rows], [y for _, y in rows], marker=".", label=name)
         ax.set(title=key, xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(8, integer=True))
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     return _save(fig, path)
@@ -127,8 +143,50 @@ def plot_compression_png(path: Path, points: list[dict]) -> Path:
         xy = (p["params"], p["accuracy"])
         ax.annotate(str(p["name"]), xy, textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xscale("log")
+    sizes = sorted({int(p["params"]) for p in points if p["params"] > 0})
+    if sizes:  # ticks at the models' own sizes: log axes over one decade label crowded minor ticks
+        ax.set_xlim(sizes[0] / 2, sizes[-1] * 2)
+        ax.xaxis.set_major_locator(FixedLocator(_spread(sizes, gap=0.14 * math.log10(4 * sizes[-1] / sizes[0]))))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: compact(v)))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set(xlabel="parameters", ylabel="accuracy", title="accuracy vs. size")
     return _save(fig, path)
+
+
+def _spread(sizes: list[int], gap: float) -> list[int]:
+    """The smallest and largest of ``sizes`` and those between at least ``gap`` decades from
+    their labelled neighbours (the others are still drawn and named by their annotation)."""
+    keep = [sizes[0]]
+    for s in sizes[1:-1]:
+        if math.log10(s / keep[-1]) >= gap and math.log10(sizes[-1] / s) >= gap:
+            keep.append(s)
+    return keep + sizes[-1:] if len(sizes) > 1 else keep  # the middle ones kept are far from the largest
+
+
+def compact(value: float) -> str:
+    """A count in a few characters: 950, 4.81k, 1.2M."""
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.3g}"
+
+
+def overlapping_tick_labels(fig: Figure) -> list[tuple[str, str]]:
+    """Pairs of tick labels of one axis whose drawn boxes overlap (empty: every label readable)."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    pairs = []
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            labels = [lb for lb in [*axis.get_ticklabels(), *axis.get_ticklabels(minor=True)]
+                      if lb.get_visible() and lb.get_text().strip()]
+            boxes = [(lb.get_text(), lb.get_window_extent(renderer)) for lb in labels]
+            for i, (a, box_a) in enumerate(boxes):
+                for b, box_b in boxes[i + 1:]:
+                    if box_a.overlaps(box_b):
+                        pairs.append((a, b))
+    return pairs
 
 
 def plot_ranking_png(path: Path, rows: list[dict], chosen: Sequence[str] = ()) -> Path:

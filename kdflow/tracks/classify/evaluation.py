@@ -77,7 +77,7 @@ def write_pictures(folder: Path, teacher_name: str, logits: dict[str, torch.Tens
                    num_classes: int, ece_bins: int, per: dict[str, dict], histories: dict[str, list[dict]]) -> None:
     """``plots/`` (data for ``dvc plots``) and ``figures/`` (PNG) of the evaluation."""
     from kdflow.metrics.plots import (  # matplotlib: loaded only to draw
-        plot_compression_png, plot_confusion_png, plot_curves_png, plot_reliability_png,
+        picture_bins, plot_compression_png, plot_confusion_png, plot_curves_png, plot_reliability_png,
         write_confusion_plot_data, write_reliability_plot_data,
     )
 
@@ -90,7 +90,8 @@ def write_pictures(folder: Path, teacher_name: str, logits: dict[str, torch.Tens
         write_reliability_plot_data(plots / f"reliability_{k}.csv", bins[k])
         title = f"{k} ({teacher_name if k == 'teacher' else 'student'})"
         plot_confusion_png(figs / f"confusion_{k}.png", confusion_matrix(v, y, num_classes), title)
-    plot_reliability_png(figs / "reliability.png", bins)
+    few = picture_bins(len(y), ece_bins)  # the picture: fewer bins on a small test set, with their counts
+    plot_reliability_png(figs / "reliability.png", {k: reliability_bins(v, y, few) for k, v in logits.items()})
     plot_curves_png(figs / "curves.png", histories)
     points = [{"name": k, "params": per[k]["params"], "accuracy": per[k]["accuracy"]} for k in per]
     plot_compression_png(figs / "compression.png", points)
