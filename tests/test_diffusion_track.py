@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, shared_data
 from kdflow.data.idx import write_idx
 from kdflow.errors import DataError, ModelError, ParamsError
 from kdflow.tracks import get_track
@@ -88,6 +88,15 @@ def test_fashion_mnist_from_the_debian_package() -> None:
                            options={"limit": 300, "size": 16})
     assert ds.input_shape == (1, 16, 16) and ds.num_classes == 10 and len(ds) == 600
     assert sum(s == "test" for s in ds.splits) == 300  # t10k is the fixed test split
+
+
+def test_mnist_from_the_shared_idx_files() -> None:
+    folder = shared_data() / "mnist-t10k"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} not present")
+    ds = TRACK.load_source(f"idx:{folder}", seed=0, val_fraction=0.1, test_fraction=0.2,
+                           options={"limit": 200, "size": 16})
+    assert ds.input_shape == (1, 16, 16) and len(ds) == 200 and ds.num_classes == 10
 
 
 # -- models, samplers, the cache -------------------------------------------------------------------
