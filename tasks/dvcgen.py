@@ -107,9 +107,14 @@ def dvc_yaml(plots_track: str = "classify") -> str:
 
 def config_dvc_yaml(config: Path, output: Path, root: Path) -> str:
     """The text of ``output``: a DVC pipeline for the pipeline file ``config`` (both under ``root``)."""
+    from kdflow.errors import ParamsError
     from schemas.params import load_params, read_params_file
 
     pp = load_params(config)
+    main = Path(root) / "params.yaml"
+    if main.is_file() and read_params_file(main).get("name") == pp.name:
+        raise ParamsError([f"name: {pp.name!r} is also params.yaml's name; both pipelines would write "
+                           f"artifacts/{pp.name}/ (DVC refuses two stages with one output): rename one"], str(config))
     rel = Path(os.path.relpath(Path(config).resolve(), root.resolve())).as_posix()
     out_rel = Path(os.path.relpath(Path(output).resolve(), root.resolve())).as_posix()
     wdir = Path(os.path.relpath(root.resolve(), Path(output).resolve().parent)).as_posix()

@@ -195,6 +195,11 @@ def test_config_pipeline_reads_its_own_file_and_writes_its_own_outputs(tmp_path:
     assert stages["select"]["params"] == [{"configs/small.yaml": ["seed", "select", "student.arch"]}]  # no student.args
     assert stages["student"]["outs"] == ["artifacts/small/student"]
     assert "artifacts/small/evaluate/metrics.json" in str(stages["evaluate"]["metrics"])
+    write_params(tmp_path, tiny_params(name="small"))  # params.yaml with the same name: one output folder
+    from kdflow.errors import ParamsError
+
+    with pytest.raises(ParamsError, match="also params.yaml's name"):
+        config_dvc_yaml(config, tmp_path / "pipelines/small/dvc.yaml", tmp_path)
 
 
 @pytest.mark.integration
