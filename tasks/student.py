@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from kdflow import progress
 from kdflow.cache import CacheReader
@@ -80,8 +81,9 @@ def _warn_if_larger(ctx: StageContext, logits: Logits, student_params: int) -> N
                     f"{student_params:,}", name, f"{teacher:,}", student_params / teacher)
 
 
-def train_one(params: StudentParams, ctx: StageContext, seed: int, train, val, tensors: dict, readers: list[CacheReader],
-              weights: list[float], logits: Logits, loss, out: Path, work: Path, label: str) -> dict:
+def train_one(params: StudentParams, ctx: StageContext, seed: int, train: Any, val: Any, tensors: dict[str, Any],
+              readers: list[CacheReader], weights: list[float], logits: Logits, loss: Any, out: Path, work: Path,
+              label: str) -> dict[str, Any]:
     """Train one student with ``seed`` into ``out`` (checkpoints in ``work``, resumable); what happened."""
     batches = CachedBatches(
         tensors, readers, weights, combine_mode=params.combine, temperature=getattr(params.loss, "temperature", 1.0),
