@@ -87,14 +87,19 @@ DISTILLKIT_BYTES_PER_TOKEN = 296.0  # ANCHORS.md: bit-packed Parquet, k = 128, 3
 NAIVE_TOP32_BYTES_PER_TOKEN = 192.0  # bf16 values + int32 indices
 BUDGET_BYTES_PER_TOKEN = 150.0
 GOAL_PPL_GAIN, GOAL_CACHE_OVER_CE, GOAL_LIVE_OVER_CE = 0.10, 1.15, 2.0
-FORMATS = ("topk", "topk_q8")
+FORMATS = ("topk", "topk_q8", "topk_packed")
+CLASSIFY_VOCAB = 32_768  # the 32k-vocabulary row-cache case (DistillKit's published setting)
 MODES = ("ce", "cache", "live")
 SOURCE = "pydoc:topics"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", nargs="+", choices=("cache", "train"), default=["cache", "train"])
+    p.add_argument("--parts", nargs="+", choices=("cache", "train", "trim"), default=["cache", "train"])
+    p.add_argument("--keep", type=int, nargs="+", default=[8192, 2048],
+                   help="part trim: student vocabularies (keep_tokens) vs the untrimmed one")
+    p.add_argument("--trim-tokens", type=int, default=16384, help="part trim: corpus tokens")
+    p.add_argument("--trim-hidden", type=int, default=128, help="part trim: student width")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run (~2 min): fewer tokens and steps, a weak teacher")
     p.add_argument("--teacher", type=Path, default=Path("/tmp/smollm2-hf"),
@@ -215,22 +220,44 @@ def distribution(logits: torch.Tensor, y: torch.Tensor, ks: list[int]) -> dict[s
             **{f"top{k}_mass": v / n for k, v in mass.items()}}
 
 
+def read_rate(reader: CacheReader, rows_per_batch: int, tokens: int, repeats: int = 3) -> float:
+    """Tokens per second decoded by ``reader.get`` in batches of ``rows_per_batch`` rows (best
+    of ``repeats`` passes over the cache, random batch order)."""
+    n, best = len(reader), math.inf
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i in range(0, n, rows_per_batch):
+            reader.get(order[i : i + rows_per_batch])
+        best = min(best, time.perf_counter() - t0)
+    return tokens / best
+
+
 def write_and_measure(logits: torch.Tensor, directory: Path, fmt: str, k: int) -> dict:
-    """Write one cache as the ``logits`` stage does; its bytes on disk and its fidelity."""
-    n, seq_len, vocab = logits.shape
-    lengths = torch.full((n,), seq_len - 1)  # the last position has no next token
+    """Write one cache as the ``logits`` stage does; its bytes on disk, fidelity and read rate.
+
+    ``logits`` ``[N, L, V]``: a sequence cache (the last position of a block is padding);
+    ``[N, C]``: a row cache, one sample per row (the classify track's layout)."""
+    sequences = logits.dim() == 3
+    n, vocab = logits.shape[0], logits.shape[-1]
+    seq_len = logits.shape[1] if sequences else None
+    lengths = torch.full((n,), (seq_len or 1) - 1)  # the last position has no next token
     t0 = time.perf_counter()
-    chunks = ((logits[i : i + 4], lengths[i : i + 4]) for i in range(0, n, 4))
+    step = 4 if sequences else 512
+    chunks = ((logits[i : i + step], lengths[i : i + step]) if sequences else logits[i : i + step]
+              for i in range(0, n, step))
     info = write_cache(directory, chunks, num_rows=n, num_classes=vocab, format=fmt, k=k,
                        dtype="float16", capture_temperature=1.0, shard_rows=n, seq_len=seq_len)
     seconds = time.perf_counter() - t0
     disk = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
-    fid = fidelity(logits, CacheReader(directory, info).load_all(), capture_temperature=1.0,
-                   chunk_rows=512)
-    payload = 4 * k + 4 if fmt == "topk" else 3 * k + 12  # one token's row (uint16 indices)
-    tokens = info["num_tokens"]
-    return {"format": fmt, "k": k, "bytes_per_token": disk / tokens,
-            "shard_bytes_per_token": info["bytes_per_token"], "payload_bytes_per_token": payload,
+    reader = CacheReader(directory, info)
+    fid = fidelity(logits, reader.load_all(), capture_temperature=1.0, chunk_rows=512)
+    width = 2 if vocab <= 2**16 else 4
+    payload = {"topk": (2 + width) * k + 4, "topk_q8": (1 + width) * k + 12}.get(fmt)  # one token
+    tokens = info.get("num_tokens", n)
+    rate = read_rate(reader, 16 if sequences else 2048, tokens)
+    return {"format": fmt, "k": k, "bytes_per_token": disk / tokens, "read_tokens_per_s": rate,
+            "shard_bytes_per_token": info.get("bytes_per_token", info["bytes_per_sample"]), "payload_bytes_per_token": payload,
             "vs_distillkit": disk / tokens / DISTILLKIT_BYTES_PER_TOKEN, "kl": fid["kl"],
             "kl_max": fid["kl_max"], "top1_agreement": fid["top1_agreement"], "tokens": tokens,
             "write_tokens_per_s": tokens / seconds}
@@ -256,6 +283,13 @@ def cache_goal(rows: list[dict]) -> dict | None:
             "met": best["kl"] <= ref["kl"], "kl_ratio": best["kl"] / ref["kl"]}
 
 
+def vocab_32k_rows(logits: torch.Tensor, ks: list[int], root: Path) -> list[dict]:
+    """Every format at every k on a row cache of ``CLASSIFY_VOCAB`` classes: the labelled tokens'
+    logits over SmolLM2's first 32,768 ids (its distribution renormalised over them)."""
+    flat = logits[:, :-1, :CLASSIFY_VOCAB].reshape(-1, CLASSIFY_VOCAB).contiguous()  # [T, 32768]
+    return [write_and_measure(flat, root / f"c32k-{fmt}-{k}", fmt, k) for k in ks for fmt in FORMATS]
+
+
 def cache_part(args: argparse.Namespace, root: Path) -> dict:
     """Bytes/token and KL vs k for the real teacher (see the module docstring)."""
     torch.set_num_threads(args.cache_threads)
@@ -278,11 +312,14 @@ def cache_part(args: argparse.Namespace, root: Path) -> dict:
         if len(have) > 1 and (k := budget_k(rows, fmt)) not in have:
             rows.append({**write_and_measure(logits, root / f"{fmt}-{k}", fmt, k), "budget": True})
     rows.sort(key=lambda r: (r["format"], r["k"]))
-    return {"teacher_dir": str(folder), "params": count_params(model), "vocab": model.vocab_size,
+    PROGRESS.log(f"part cache: the same tokens as a {CLASSIFY_VOCAB}-class row cache")
+    rows32k = vocab_32k_rows(logits, args.ks, root)
+    return {"vocab32k_rows": rows32k, "teacher_dir": str(folder), "params": count_params(model), "vocab": model.vocab_size,
             "blocks": len(x), "seq_len": args.seq_len, "tokens": int((y != corpus.IGNORE).sum()),
             "threads": torch.get_num_threads(), "load_s": load_s, "forward_s": forward_s,
             "forward_tokens_per_s": x.numel() / forward_s, "teacher": stats, "rows": rows,
             "budget_bytes_per_token": BUDGET_BYTES_PER_TOKEN, "goal": cache_goal(rows),
+            "goal_32k": cache_goal(rows32k),
             "distillkit_bytes_per_token_k128": DISTILLKIT_BYTES_PER_TOKEN,
             "naive_top32_bytes_per_token": NAIVE_TOP32_BYTES_PER_TOKEN}
 
@@ -399,22 +436,22 @@ class Modes:
                 batch_fn=clock, val_metric=get_track("lm").val_metric())
         return model, clock, rss.peak_mb
 
-    def loss_cost(self, repeats: int = 10) -> dict[str, float]:
-        """Median seconds of one loss forward + backward on the student's logits of one cached
-        batch, for ``lm_ce`` (``ce``) and ``lm_kd`` (``cache``; ``live`` uses the same loss)."""
+    def loss_cost(self, repeats: int = 20) -> dict[str, float]:
+        """Median and min seconds of one loss forward + backward on the student's logits of one
+        cached batch, for ``lm_ce`` (``ce``) and ``lm_kd`` (``cache``; ``live`` uses the same
+        loss), the two interleaved."""
         batch = self.fns["cache"](torch.arange(min(self.args.batch_size, len(self.train))), 1)
         with torch.no_grad():
             logits = self.student(batch["x"]).float()  # [B, L, V]
-        out = {}
-        for mode in ("ce", "cache"):
-            times = []
-            for _ in range(repeats + 1):
+        times: dict[str, list[float]] = {"ce": [], "cache": []}
+        for _ in range(repeats + 1):
+            for mode in times:
                 s = logits.clone().requires_grad_(True)
                 t0 = time.perf_counter()
                 self.losses[mode](s, batch)["loss"].backward()
-                times.append(time.perf_counter() - t0)
-            out[mode] = statistics.median(times[1:])
-        return out
+                times[mode].append(time.perf_counter() - t0)
+        return {**{m: statistics.median(t[1:]) for m, t in times.items()},
+                **{f"{m}_min": min(t[1:]) for m, t in times.items()}}
 
 
 def quality_runs(modes: Modes, test: TokenBlocks, teacher_mb: float) -> dict[str, dict]:
@@ -477,40 +514,104 @@ def train_part(args: argparse.Namespace, root: Path) -> dict:
     }
 
 
+# -- part trim ----------------------------------------------------------------------------------
+
+
+def trim_part(args: argparse.Namespace, root: Path) -> dict:
+    """Vocabulary trimming: the same from-scratch student over SmolLM2's tokens, untrimmed and
+    with ``keep_tokens`` N: parameters, seconds per ``lm_ce`` step (``fit``, same blocks and
+    order), held-out perplexity after the same steps (over the full vocabulary: a trimmed
+    student spreads its tail id over the dropped tokens), greedy tokens/s at batch 1."""
+    from kdflow.tracks.lm.evaluation import tokens_per_second
+
+    torch.set_num_threads(args.threads)
+    folder = ensure_teacher(args.teacher)
+    track = get_track("lm")
+    ds = track.load_source(SOURCE, seed=args.seed, val_fraction=0.05, test_fraction=0.1,
+                           options={"tokenizer": str(folder), "seq_len": args.seq_len,
+                                    "max_tokens": args.trim_tokens})
+    train, test = ds.split("train"), ds.split("test")
+    prompt = test.features[:1, :16]
+    out = []
+    for keep in (None, *args.keep):
+        extra = {} if keep is None else {"keep_tokens": keep}
+        seed_everything(args.seed)
+        model = track.create_model("llama", train, {"layers": args.student_layers, "hidden": args.trim_hidden,
+                                                    "heads": 4, "max_positions": args.seq_len, **extra})
+        clock = StepClock(lambda idx, epoch: {"x": train.features[idx], "y": train.labels[idx]})
+        PROGRESS.log(f"part trim: keep_tokens {keep}, {args.epochs} epoch(s)")
+        fit(model, {"x": train.features, "y": train.labels}, create_loss("lm_ce"), epochs=args.epochs,
+            lr=args.lr, batch_size=args.batch_size, seed=args.seed, device=torch.device("cpu"),
+            batch_fn=clock, val_metric=track.val_metric())
+        y = test.labels[test.labels != corpus.IGNORE]
+        covered = float(torch.isin(y, model.kept).float().mean()) if keep else 1.0
+        out.append({"keep_tokens": keep, "params": count_params(model), "bytes": model_bytes(model),
+                    "step_s": spread(clock.steps()), "test_perplexity": perplexity(model, test.features, test.labels),
+                    "test_tokens_kept": covered,
+                    "tokens_per_s_b1": tokens_per_second(model, prompt, 32, 3)})
+    return {"vocab": ds.num_classes, "train_tokens": int((train.labels != corpus.IGNORE).sum()),
+            "steps_per_epoch": math.ceil(len(train) / args.batch_size), "rows": out}
+
+
+def report_trim(t: dict, console: Console) -> None:
+    base = t["rows"][0]
+    table = Table(title=f"vocabulary trimming: student over SmolLM2's {t['vocab']:,}-token vocabulary, "
+                        f"{t['train_tokens']:,} train tokens, lm_ce")
+    for col in ("keep_tokens", "params", "vs full", "s/step", "speedup", "test ppl", "test tokens kept",
+                "tokens/s b1"):
+        table.add_column(col, justify="right")
+    for r in t["rows"]:
+        table.add_row(str(r["keep_tokens"] or "all"), f"{r['params']:,}", f"{base['params'] / r['params']:.2f}x",
+                      f"{r['step_s']['median']:.3f}", f"{base['step_s']['median'] / r['step_s']['median']:.2f}x",
+                      f"{r['test_perplexity']:.1f}", f"{r['test_tokens_kept']:.3f}", f"{r['tokens_per_s_b1']:.0f}")
+    console.print(table)
+
+
 # -- report -------------------------------------------------------------------------------------
 
 YES = {True: "met", False: "NOT met"}
 
 
-def report_cache(c: dict, console: Console) -> None:
-    """The bytes/KL table and the goal verdict."""
-    t = c["teacher"]
-    table = Table(title=f"SmolLM2 per-token cache: {c['tokens']} tokens, vocabulary {c['vocab']} "
-                        f"(DistillKit ~{c['distillkit_bytes_per_token_k128']:.0f} B/token at "
-                        f"k=128, naive top-32 {c['naive_top32_bytes_per_token']:.0f})")
+def cache_table(rows: list[dict], title: str, teacher: dict | None, console: Console) -> None:
+    """One bytes/KL/read-rate table."""
+    table = Table(title=title)
     for col in ("format", "k", "B/token", "payload", "vs DistillKit", "KL mean", "KL max",
-                "top-1", "top-k mass", "write tok/s"):
+                "top-1", "top-k mass", "write tok/s", "read tok/s"):
         table.add_column(col, justify="left" if col == "format" else "right")
-    for r in c["rows"]:
-        mass = t.get(f"top{r['k']}_mass")
+    for r in rows:
+        mass = (teacher or {}).get(f"top{r['k']}_mass")
         table.add_row(r["format"], f"{r['k']}{'*' if r.get('budget') else ''}",
-                      f"{r['bytes_per_token']:.1f}", str(r["payload_bytes_per_token"]),
+                      f"{r['bytes_per_token']:.1f}", str(r["payload_bytes_per_token"] or "-"),
                       f"{r['vs_distillkit']:.2f}x", f"{r['kl']:.4f}", f"{r['kl_max']:.3f}",
                       f"{r['top1_agreement']:.4f}", "-" if mass is None else f"{mass:.3f}",
-                      f"{r['write_tokens_per_s']:,.0f}")
+                      f"{r['write_tokens_per_s']:,.0f}", f"{r['read_tokens_per_s']:,.0f}")
     console.print(table)
-    console.print(f"teacher {c['params'] / 1e6:.1f}M params: perplexity {t['perplexity']:.2f}, "
-                  f"entropy {t['entropy_nats']:.2f} nats; forward {c['forward_tokens_per_s']:.0f} "
-                  f"tokens/s ({c['forward_s']:.0f} s, {c['threads']} threads); * = largest k "
-                  f"within {c['budget_bytes_per_token']:.0f} B/token")
-    g = c["goal"]
+
+
+def goal_line(g: dict | None, budget: float, console: Console) -> None:
     if g is not None:
         b = g["best_within_budget"]
-        console.print(f"goal <= {c['budget_bytes_per_token']:.0f} B/token at KL <= k=128's "
+        console.print(f"goal <= {budget:.0f} B/token at KL <= k=128's "
                       f"({g['reference_kl']:.4f} at {g['reference_bytes_per_token']:.0f} B/token): "
                       f"{YES[g['met']]}; best within budget {b['format']} k={b['k']}: "
                       f"{b['bytes_per_token']:.1f} B/token, KL {b['kl']:.4f} "
                       f"({g['kl_ratio']:.2f}x)")
+
+
+def report_cache(c: dict, console: Console) -> None:
+    """The bytes/KL tables and the goal verdicts."""
+    t = c["teacher"]
+    cache_table(c["rows"], f"SmolLM2 per-token cache: {c['tokens']} tokens, vocabulary {c['vocab']} "
+                           f"(DistillKit ~{c['distillkit_bytes_per_token_k128']:.0f} B/token at "
+                           f"k=128, naive top-32 {c['naive_top32_bytes_per_token']:.0f})", t, console)
+    console.print(f"teacher {c['params'] / 1e6:.1f}M params: perplexity {t['perplexity']:.2f}, "
+                  f"entropy {t['entropy_nats']:.2f} nats; forward {c['forward_tokens_per_s']:.0f} "
+                  f"tokens/s ({c['forward_s']:.0f} s, {c['threads']} threads); * = largest k "
+                  f"within {c['budget_bytes_per_token']:.0f} B/token")
+    goal_line(c["goal"], c["budget_bytes_per_token"], console)
+    cache_table(c["vocab32k_rows"], f"the same tokens as a row cache of {CLASSIFY_VOCAB} classes "
+                                    "(SmolLM2's first 32,768 ids)", None, console)
+    goal_line(c["goal_32k"], c["budget_bytes_per_token"], console)
 
 
 def report_train(t: dict, console: Console) -> None:
@@ -540,8 +641,10 @@ def report_train(t: dict, console: Console) -> None:
                       f"[{r['min']:.2f}, {r['max']:.2f}] over {len(t['timing_rounds'])} rounds "
                       f"(goal {goal}: {YES[ok]}); quality runs {q[key]:.2f}")
     ls = t["loss_forward_backward_s"]
-    console.print(f"loss forward + backward on one batch's logits: lm_ce {ls['ce'] * 1e3:.1f} ms, "
-                  f"lm_kd {ls['cache'] * 1e3:.1f} ms ({ls['cache'] / ls['ce']:.1f}x)")
+    console.print(f"loss forward + backward on one batch's logits (median / min): lm_ce "
+                  f"{ls['ce'] * 1e3:.1f} / {ls['ce_min'] * 1e3:.1f} ms, lm_kd {ls['cache'] * 1e3:.1f} / "
+                  f"{ls['cache_min'] * 1e3:.1f} ms ({ls['cache'] / ls['ce']:.1f}x / "
+                  f"{ls['cache_min'] / ls['ce_min']:.1f}x)")
     console.print(f"teacher {t['teacher']['params']:,} params ({t['teacher']['origin']}, "
                   f"{t['teacher']['seconds']:.0f} s); student {t['student_params']:,} params; "
                   f"cache {t['cache']['bytes_per_token']:.1f} B/token, written in "
@@ -561,6 +664,9 @@ def main(argv: list[str] | None = None) -> None:
         if "train" in args.parts:
             result["train"] = train_part(args, Path(tmp))
             report_train(result["train"], console)
+        if "trim" in args.parts:
+            result["trim"] = trim_part(args, Path(tmp))
+            report_trim(result["trim"], console)
     result["environment"] = {
         "python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
         "loadavg_1m_at_start": load, "loadavg_1m_at_end": os.getloadavg()[0],
