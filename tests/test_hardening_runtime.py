@@ -261,10 +261,12 @@ def test_a_failing_run_prints_one_line_and_no_traceback(tmp_path: Path, prefect_
 CLI = """
 import sys
 from kdflow.cli import app
+code = 1
 try:
-    app(sys.argv[1:], standalone_mode=False)
+    code = app(sys.argv[1:], standalone_mode=False)  # returns the exit code of typer.Exit
 finally:
     print("prefect imported:", "prefect" in sys.modules, flush=True)
+sys.exit(code or 0)
 """
 
 
