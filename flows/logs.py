@@ -1,9 +1,10 @@
 """Prefect's run logs without tracebacks for kdflow's own errors (the CLI shows them with --debug).
 
 Prefect logs a failed task or flow run with the full traceback (``logger.exception``). For a
-``KdflowError`` (bad data, a corrupted artifact, a lock held by another run) the one-line message
-says everything a user can act on, so ``hide_error_tracebacks`` drops the traceback from those
-records and keeps the line; any other exception (a bug) keeps its traceback.
+``KdflowError`` (bad data, a corrupted artifact, a lock held by another run) or an ``OSError`` (a
+full disk), which the CLI prints as one line, that line says everything a user can act on, so
+``hide_error_tracebacks`` drops the traceback from those records and keeps the line; any other
+exception (a bug) keeps its traceback.
 """
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs")
 
 
 def is_kdflow_error(exc: BaseException | None) -> bool:
-    """Whether ``exc`` is, or was caused by, a ``KdflowError``."""
+    """Whether ``exc`` is, or was caused by, an error the CLI prints as one line: a ``KdflowError``
+    or an ``OSError`` (a full disk, a permission)."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, KdflowError):
+        if isinstance(exc, (KdflowError, OSError)):
             return True
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__

@@ -220,7 +220,8 @@ def test_prefect_run_logs_keep_the_line_but_not_the_traceback_of_kdflow_errors(c
     logger.addHandler(handler)
     try:
         hide_error_tracebacks(True)
-        for exc in (DataError("labels.parquet: row 3 is NaN"), ValueError("a bug")):
+        for exc in (DataError("labels.parquet: row 3 is NaN"), OSError(28, "No space left on device"),
+                    ValueError("a bug")):
             try:
                 raise exc
             except Exception as caught:  # noqa: BLE001
@@ -230,7 +231,7 @@ def test_prefect_run_logs_keep_the_line_but_not_the_traceback_of_kdflow_errors(c
         logger.removeHandler(handler)
     err = capsys.readouterr().err
     data_part, bug_part = err[: err.index("ValueError(")], err[err.index("ValueError("):]
-    assert "row 3 is NaN" in data_part and "Traceback" not in data_part
+    assert "row 3 is NaN" in data_part and "No space left" in data_part and "Traceback" not in data_part
     assert "Traceback" in bug_part  # a bug keeps its traceback
 
 
