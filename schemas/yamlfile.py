@@ -14,6 +14,7 @@ import yaml
 
 MAX_VALUES = 1_000_000  # values a pipeline file may expand to (the default pipeline has ~100)
 MAX_BYTES = 16 * 2**20  # a pipeline file is text of a few KB
+MAX_DEPTH = 64  # levels of nested lists/mappings (the default pipeline has 4; JSON hashing stops near 250)
 
 
 class YamlProblem(ValueError):
@@ -39,40 +40,46 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def expanded_size(value: Any, limit: int = MAX_VALUES) -> int:
+def expanded_size(value: Any, limit: int = MAX_VALUES, max_depth: int = MAX_DEPTH) -> int:
     """How many values ``value`` holds once every alias is written out (linear time: shared
-    sub-trees are counted once and multiplied). Raises ``YamlProblem`` above ``limit`` or for a
-    structure that contains itself."""
-    sizes: dict[int, int] = {}
+    sub-trees are counted once and multiplied). Raises ``YamlProblem`` above ``limit``, for lists
+    and mappings nested deeper than ``max_depth``, or for a structure that contains itself."""
+    seen: dict[int, tuple[int, int]] = {}  # id -> (expanded size, height)
     active: set[int] = set()
 
-    def size(node: Any) -> int:
+    def size(node: Any) -> tuple[int, int]:
         if not isinstance(node, (dict, list)):
-            return 1
+            return 1, 0
         key = id(node)
-        if key in sizes:
-            return sizes[key]
+        if key in seen:
+            return seen[key]
         if key in active:
             raise YamlProblem("an alias refers to a mapping or list that contains it (a recursive structure)")
         active.add(key)
         children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
-        total = 1
+        total, height = 1, 0
         for child in children:
-            total += size(child)
+            n, h = size(child)
+            total, height = total + n, max(height, h + 1)
             if total > limit:
                 raise YamlProblem(f"aliases expand to more than {limit:,} values (an alias bomb?); "
                                   "write the values out or use fewer nested aliases")
+            if height > max_depth:
+                raise YamlProblem(f"lists and mappings nested more than {max_depth} levels deep")
         active.discard(key)
-        sizes[key] = total
-        return total
+        seen[key] = (total, height)
+        return seen[key]
 
-    return size(value)
+    return size(value)[0]
 
 
 def load_yaml(text: str) -> Any:
     """Parse YAML text with the checks above; ``YamlProblem`` or ``yaml.YAMLError`` on failure."""
-    value = yaml.load(text, Loader=_Loader)  # noqa: S506  a SafeLoader subclass
-    expanded_size(value)
+    try:
+        value = yaml.load(text, Loader=_Loader)  # noqa: S506  a SafeLoader subclass
+        expanded_size(value)
+    except RecursionError:
+        raise YamlProblem(f"lists and mappings nested more than {MAX_DEPTH} levels deep") from None
     return value
 
 

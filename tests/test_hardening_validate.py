@@ -81,6 +81,16 @@ def test_an_alias_bomb_under_data_options_is_refused_before_it_expands(tmp_path:
     assert "contains it" in file_problems(tmp_path / "r.yaml")[0]
 
 
+@pytest.mark.parametrize("depth", [65, 300, 20_000])  # 300: parsed by PyYAML, but JSON hashing failed
+def test_deep_nesting_is_a_clean_error(tmp_path: Path, depth: int) -> None:
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(tiny_params()).replace(
+        "data:\n", "data:\n  options: {x: " + "[" * depth + "]" * depth + "}\n"))
+    assert file_problems(tmp_path / "p.yaml") == ["invalid YAML: lists and mappings nested more than 64 levels deep"]
+    (tmp_path / "q.yaml").write_text(yaml.safe_dump(tiny_params()).replace(
+        "data:\n", "data:\n  options: {x: " + "[" * 10 + "]" * 10 + "}\n"))
+    assert load_params(tmp_path / "q.yaml").data.options["x"] == [[[[[[[[[[]]]]]]]]]]
+
+
 def test_shared_aliases_below_the_limit_still_load() -> None:
     from schemas.yamlfile import expanded_size, load_yaml
 
