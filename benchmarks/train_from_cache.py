@@ -11,6 +11,8 @@ order, the seconds per epoch of
   memory-mapped shards instead (larger caches), so decoding is part of the timed step (loss ``kd``
   for a dense cache, ``topk_kd`` for a top-k one);
 - ``live``: KD with a teacher forward every step (eval mode, ``torch.inference_mode``, loss ``kd``);
+- ``control`` (with ``--control``): plain CE again on its own student, the same work as ``plain``:
+  control/plain shows how far the ratios move from noise and position alone;
 - ``views`` (with ``--views K`` > 1): like ``cache``, from a cache of K augmented views per sample
   (random resized crops, ``logits.views``): every step replays one cached view per sample
   through ``CachedBatches`` (rebuilds the crop with ``apply_views``, reads that view's row).
@@ -95,6 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "decoded into memory once (CachedBatches), as it does below")
     p.add_argument("--interleave", choices=("step", "epoch"), default="step",
                    help="modes take turns step by step (default: load bursts hit all alike) or epoch by epoch")
+    p.add_argument("--control", action="store_true",
+                   help="add the 'control' mode: plain CE again on its own student (control/plain is the "
+                        "noise floor of the ratios: 1 on a quiet machine)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     if args.epochs < 1 or args.repeats < 1 or args.batch_size < 2:
@@ -328,11 +333,15 @@ def benchmark(args: argparse.Namespace, cache_dir: Path) -> dict:
         views, views_cache = write_views_cache(teacher, x, y, cache_dir / "views", args,
                                                num_classes, device)
         loss_specs["views"] = loss_specs["cache"]
+    if args.control:
+        loss_specs["control"] = loss_specs["plain"]
     # as the student stage reads the cache: decoded into memory once (up to student.cache_in_memory_mb),
     # or, with --stream, CacheReader.get per batch from the memory-mapped shards
     replay = None if args.stream else CachedBatches({"x": x, "y": y}, [reader], [1.0],
                                                     temperature=args.temperature, seed=args.seed)
     sources = teacher_sources(teacher, reader, device, views, replay)
+    if args.control:
+        sources["control"] = sources["plain"]  # plain CE again, on its own student: the A/A noise floor
     modes = time_modes(student.to(device), loss_specs, sources, x, y, args, device)
     return {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -367,6 +376,10 @@ def ratios(modes: dict[str, dict], cache: dict) -> dict:
     if "views" in modes:
         extra = {"views_over_plain": modes["views"]["median_s"] / plain,
                  "views_over_cache": modes["views"]["median_s"] / cached}
+    if "control" in modes:
+        extra["control_over_plain"] = modes["control"]["median_s"] / plain
+        control = [t for r in modes["control"]["epoch_seconds"] for t in r]
+        paired["control_over_plain"] = summarise([b / a for a, b in zip(epochs["plain"], control)])
     return {"ratios": {"cache_over_plain": cached / plain, "live_over_cache": live / cached,
                        "live_over_plain": live / plain, **extra},
             "paired_ratios": {k: {n.removesuffix("_s"): v for n, v in d.items()}
@@ -399,6 +412,10 @@ def report(result: dict, console: Console) -> None:
         p = pr[key]
         console.print(f"{label} = {r[key]:.3f}{goal}; paired {p['median']:.3f} "
                       f"[{p['min']:.3f}, {p['max']:.3f}]")
+    if "control_over_plain" in r:
+        p = pr["control_over_plain"]
+        console.print(f"control/plain = {r['control_over_plain']:.3f} (the same work twice: the noise floor); "
+                      f"paired {p['median']:.3f} [{p['min']:.3f}, {p['max']:.3f}]")
     if "views_over_plain" in r:
         console.print(f"views/plain = {r['views_over_plain']:.3f}, views/cache = "
                       f"{r['views_over_cache']:.3f} ({result['views_cache']['views']} cached views "
