@@ -112,6 +112,12 @@ class ByName:
         if not isinstance(value, dict):
             raise ValueError(f"expected a mapping with '{self.key}', got {type(value).__name__}")
         name = value.get(self.key, self.default)
+        if name not in self.registry and isinstance(name, str):
+            for track in discovered():  # another track may register it: then the track check names the mismatch
+                try:
+                    get_track(track)
+                except Exception:  # noqa: BLE001,S112  a broken track must not hide this params error
+                    continue
         if name not in self.registry:
             raise PydanticCustomError("union_tag_invalid", "unknown {discriminator}", {
                 "discriminator": f"'{self.key}'", "tag": name, "expected_tags": ", ".join(map(repr, self.registry.names()))})

@@ -178,6 +178,8 @@ def validate_problems(tmp_path: Path, overrides: list[str]) -> list[str]:
      "teachers[0].checkpoint: not a model folder or .gguf file: {tmp}/gone"),
     (["condense={method: mirage, target_graphs: 10}"], "condense.method: 'mirage' is not offered by track 'classify'"),
     (["data.source=pystdlib:json", "logits.views=2", *LM], "logits.views: track 'lm' has no augmented views"),
+    (["condense={method: generate}"], "condense.method: 'generate' is not offered by track 'classify' (offered: "),
+    (["student.loss={name: lm_kd}"], "student.loss.name: 'lm_kd' is not offered by track 'classify' (offered: "),
 ])
 def test_validate_refuses_what_the_run_would_fail_on(tmp_path: Path, overrides: list[str], expected: str) -> None:
     found = validate_problems(tmp_path, overrides)
