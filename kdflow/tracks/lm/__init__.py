@@ -135,8 +135,10 @@ class LMTrack:
         if spec.startswith("pypi:"):
             from kdflow.models.causal_lm import find_package_file
 
+            from kdflow.models.causal_lm import check_gguf_file
+
             try:
-                find_package_file(spec)
+                check_gguf_file(find_package_file(spec))
             except ModelError as exc:
                 return [f"{where}: {exc}"]
             return []
