@@ -119,6 +119,9 @@ class LMKDDense(LossBase):
             raise DataError(f"loss 'lm_kd_dense': teacher logits {tuple(teacher.shape)} "
                             f"!= student logits {tuple(student_logits.shape)}")
         mask = real_tokens(batch, student_logits.device)  # [B, L]
+        if not bool(mask.any()):  # no labelled token: zero terms, still on the graph
+            zero = student_logits.float().sum() * 0.0
+            return {"loss": zero, "kd": zero.detach(), "ce": zero.detach()}
         token_batch = {"y": rows(batch["y"], mask), "teacher_logits": rows(teacher, mask)}
         weight = token_weights(batch, mask)  # [T] or None
         if weight is not None:
