@@ -340,6 +340,7 @@ def report(
     config: ConfigOpt = Path("params.yaml"),
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="HTML file (default artifacts/<name>/report.html).")] = None,
     as_json: JsonOpt = False,
+    wait: WaitOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Write one self-contained HTML report (tables and pictures) of the last pipeline run."""
@@ -349,7 +350,8 @@ def report(
 
         pp = _load(config, None, check=False)
         artifacts = Path.cwd() / "artifacts" / pp.name
-        path = build_report(artifacts, output if output is not None else artifacts / "report.html")
+        with _project_lock(pp, wait):  # never a report of outputs a run is replacing
+            path = build_report(artifacts, output if output is not None else artifacts / "report.html")
     except (KdflowError, OSError) as exc:
         _fail(exc, debug)
     if as_json:
@@ -421,8 +423,27 @@ def _print_summary(m: dict, track: str) -> None:
     out.print(t.summary_line(m))
 
 
+@app.command()
+def status(
+    config: ConfigOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Which stages `kdflow run` would execute and why (params, upstream or code changed): runs nothing."""
+    try:
+        from kdflow.cli_info import show_status
+        from tasks.status import pipeline_status
+
+        pp = _load(config, set_)
+        stages = pipeline_status(pp, Path.cwd())
+    except (KdflowError, OSError) as exc:
+        _fail(exc, debug)
+    show_status(pp, config, set_ or [], stages, as_json)
+
+
 def _register_info_commands() -> None:
-    from kdflow.cli_info import register  # `kdflow params`, `kdflow status`
+    from kdflow.cli_info import register  # `kdflow params`
 
     register(app)
 

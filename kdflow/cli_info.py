@@ -1,7 +1,10 @@
-"""``kdflow params`` and ``kdflow status``: what a pipeline file may say, and what a run would do.
+"""``kdflow params`` and the output of ``kdflow status``: what a pipeline file may say, and what a
+run would do.
 
-``register(app)`` adds them to the typer app of ``kdflow.cli`` (which calls it). Like every
-reporting command, both print a table and, with ``--json``, one JSON document instead.
+``register(app)`` adds ``params`` to the typer app of ``kdflow.cli`` (which calls it); ``status``
+lives in ``kdflow.cli`` (the one library module that may import ``tasks/``) and prints through
+``show_status``. Like every reporting command, both print a table or, with ``--json``, one JSON
+document.
 """
 from __future__ import annotations
 
@@ -17,10 +20,9 @@ from rich.table import Table
 from kdflow.errors import KdflowError, ParamsError
 
 # the options of kdflow.cli (declared again: kdflow.cli imports this module while it loads)
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Pipeline file.")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a key: -s student.loss.temperature=2")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
+
 
 def print_json(doc: Any) -> None:
     """One JSON document on stdout (never wrapped or coloured)."""
@@ -56,24 +58,12 @@ def params_(
     out.print(table)
 
 
-def status(
-    config: ConfigOpt = Path("params.yaml"),
-    set_: SetOpt = None,
-    as_json: JsonOpt = False,
-    debug: DebugOpt = False,
-) -> None:
-    """Which stages `kdflow run` would execute and why (params, upstream or code changed): runs nothing."""
-    from kdflow.cli import _fail, _load, out
+def show_status(pp: Any, config: Path, overrides: list[str], stages: list[Any], as_json: bool) -> None:
+    """Print ``kdflow status``: which stages would run and why (``tasks.status.StageStatus`` rows)."""
+    from kdflow.cli import out
 
-    try:
-        from tasks.status import pipeline_status
-
-        pp = _load(config, set_)
-        stages = pipeline_status(pp, Path.cwd())
-    except (KdflowError, OSError) as exc:
-        _fail(exc, debug)
     if as_json:
-        print_json({"pipeline": pp.name, "config": str(config), "overrides": set_ or [],
+        print_json({"pipeline": pp.name, "config": str(config), "overrides": overrides,
                     "stages": [s.as_dict() for s in stages]})
         return
     table = Table(title=f"pipeline {pp.name}: what `kdflow run` would do")
@@ -89,4 +79,3 @@ def status(
 
 def register(app: typer.Typer) -> None:
     app.command("params")(params_)
-    app.command("status")(status)
