@@ -97,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "decoded into memory once (CachedBatches), as it does below")
     p.add_argument("--interleave", choices=("step", "epoch"), default="step",
                    help="modes take turns step by step (default: load bursts hit all alike) or epoch by epoch")
+    p.add_argument("--flush-denormal", action="store_true",
+                   help="torch.set_flush_denormal(True): subnormal floats become 0 (x86 SSE3)")
     p.add_argument("--control", action="store_true",
                    help="add the 'control' mode: plain CE again on its own student (control/plain is the "
                         "noise floor of the ratios: 1 on a quiet machine)")
@@ -316,6 +318,8 @@ def benchmark(args: argparse.Namespace, cache_dir: Path) -> dict:
     seed_everything(args.seed, deterministic=False)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.flush_denormal:
+        torch.set_flush_denormal(True)
     device = resolve_device(args.device)
     x, y, shape, num_classes = load_train(args.data, args.seed)
     teacher, student = build_models(shape, num_classes, args.seed)
