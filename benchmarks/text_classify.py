@@ -177,7 +177,8 @@ def merge(paths: list[str]) -> dict:
                 for arch, row in value.items():
                     out["students"].setdefault(arch, {}).update(row)
             elif key == "teachers":
-                out.setdefault("teachers", {}).update(value)
+                for name, row in value.items():
+                    out.setdefault("teachers", {}).setdefault(name, {}).update(row)
             else:
                 out.setdefault(key, value)
     return out
@@ -209,6 +210,30 @@ def show(result: dict) -> None:
             print(f"{'':<22}{', '.join(diffs)}" + (f", goal met: {r['goal_met']}" if "goal_met" in r else ""))
 
 
+def latency_pass(args: argparse.Namespace) -> None:
+    """Every model's latency in one process, rounds interleaved, so the ratios share the machine's load."""
+    art = Path(args.artifacts)
+    track = get_track("text")
+    ds = track.load(art / "prepare")
+    train, test = ds.split("train"), ds.split("test")
+    models = {f"teacher:{p.name}": track.load_model(p) for p in sorted((art / "teachers").iterdir()) if p.is_dir()}
+    models.update({f"student:{a}": track.create_model(a, train, STUDENTS[a]).eval() for a in args.students})
+    times: dict[str, list[dict[str, float]]] = {k: [] for k in models}
+    for r in range(args.rounds):
+        for k, m in models.items():
+            times[k].append(latency(m, test, args.repeats))
+        print(f"round {r + 1}/{args.rounds}", flush=True)
+    result: dict = {"teachers": {}, "students": {}, "latency_rounds": args.rounds}
+    for k, rows in times.items():
+        kind, name = k.split(":")
+        med = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
+        med.update({f"{key}_range": [min(r[key] for r in rows), max(r[key] for r in rows)] for key in rows[0]})
+        result["teachers" if kind == "teacher" else "students"][name] = {**med, **size(models[k])}
+        print(k, {key: round(v, 3) for key, v in med.items() if not key.endswith("_range")}, flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--artifacts", default="/tmp/bbc/artifacts/bbc-minilm")
@@ -220,6 +245,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=None, help="override every student's epochs")
     p.add_argument("--repeats", type=int, default=10, help="timed forward passes per latency")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--latency-only", action="store_true",
+                   help="time the teachers and (untrained) students in one process, interleaved over --rounds")
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--merge", nargs="+", default=None, help="combine JSON parts written by --out and print them")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -232,6 +260,9 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.latency_only:
+        latency_pass(args)
+        return
 
     needs_cache = "kd" in args.losses and bool(args.students)
     art = ensure_artifacts(args) if needs_cache else Path(args.artifacts)
