@@ -372,3 +372,23 @@ def test_logged_models_load_with_pickle_disallowed(tmp_path: Path, monkeypatch) 
     x = torch.randn(7, 1, 8, 8)  # another batch size than the example's
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def test_report_refuses_while_another_process_holds_the_lock(tmp_path: Path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from kdflow.cli import app
+
+    write_params(tmp_path, tiny_params())
+    monkeypatch.chdir(tmp_path)
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    holder = _holder(tmp_path)
+    try:
+        result = CliRunner().invoke(app, ["report"])
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert result.exit_code == 1, result.output
+    assert f"pid {holder.pid}" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "artifacts" / "tiny" / "report.html").exists()
