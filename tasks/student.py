@@ -47,6 +47,8 @@ def run(params: StudentParams, ctx: StageContext) -> Manifest:
                              method=ctx.output("condense").method, views=logits.views)
     if problems:
         raise ParamsError(problems, source="student")
+    if params.tokenizer is not None:  # the student's own ids for the same text (lm track)
+        train, val = ctx.track.student_tokens(params.tokenizer, ctx.root, ctx.work, train, val)
     tensors = ctx.track.fit_inputs(train, LOSSES.get(params.loss.name))
     loss = build_loss(params.loss, readers[0].info, train.meta)
     # the first seed's student is the stage's model (registered in MLflow); the others go to seeds/seed-<s>/

@@ -23,7 +23,7 @@ from kdflow.errors import DataError, ModelError, ParamsError
 from kdflow.losses import LOSSES
 from kdflow.select import STRATEGIES, SelectionData
 from kdflow.tracks import TRACKS, offered
-from kdflow.tracks.lm import corpus, evaluation, generate, onpolicy  # noqa: F401  (generate registers a condenser)
+from kdflow.tracks.lm import corpus, evaluation, generate, onpolicy, own_tokens  # noqa: F401  (generate registers a condenser)
 from kdflow.tracks.lm.blocks import TokenBlocks, load_blocks, ordered, save_blocks
 from kdflow.tracks.lm.models import ARCHS, arg_problems, create_causal_lm, load_causal_lm, save_causal_lm, write_spec
 from kdflow.train.device import torch_threads
@@ -166,10 +166,52 @@ class LMTrack:
             if isinstance(positions, int) and seq_len > positions:
                 problems.append(f"data.options.seq_len: {seq_len} tokens per block exceed {where}.args.max_positions "
                                 f"({positions}); lower data.options.seq_len or raise {where}.args.max_positions")
+        return problems + self._own_tokenizer_problems(pp)
+
+    @staticmethod
+    def _own_tokenizer_problems(pp: Any) -> list[str]:
+        """``student.tokenizer`` other than the data's: only losses that compare no token ids, no
+        model tied to the teacher's ids (``llama_from_teacher``, ``keep_tokens``), no on-policy rounds."""
+        spec, data = pp.student.tokenizer, str(pp.data.options.get("tokenizer", "byte"))
+        if spec is None or spec == data:
+            return []
+        why = f"student.tokenizer {spec!r} differs from data.options.tokenizer {data!r}"
+        problems = []
+        if pp.student.loss.name not in own_tokens.TOKENIZER_FREE_LOSSES:
+            problems.append(f"student.loss.name: {pp.student.loss.name!r} compares the teacher's token ids, but {why}; "
+                            f"use {' or '.join(own_tokens.TOKENIZER_FREE_LOSSES)} (tokenizer-agnostic), or drop "
+                            "student.tokenizer")
+        if pp.student.arch == "llama_from_teacher" or "keep_tokens" in pp.student.args:
+            problems.append(f"student.arch: llama_from_teacher and args.keep_tokens use the teacher's ids, but {why}")
+        if pp.student.on_policy.rounds:
+            problems.append(f"student.on_policy.rounds: the teacher grades the student's tokens, but {why}; use 0")
         return problems
 
+    def student_tokens(self, spec: str, root: Path, work: Path, *splits: TokenBlocks) -> list[TokenBlocks]:
+        """``splits`` re-tokenised with the student's tokenizer ``spec`` (``own_tokens.py``), which
+        is saved in ``work`` to go next to the student's weights; unchanged when it is the data's."""
+        try:
+            target = own_tokens.load(spec, root)
+        except ParamsError as exc:
+            raise ParamsError([p.replace("data.options.tokenizer", "student.tokenizer") for p in exc.problems],
+                              source="student") from None
+        source = splits[0].load_tokenizer()
+        if own_tokens.same_tokenizer(source, target):
+            return list(splits)
+        folder = Path(work) / "student-tokenizer"
+        target.save_pretrained(folder)
+        out = [own_tokens.retokenize(ds, source, target, spec) for ds in splits]
+        for ds in out:
+            ds.tokenizer_dir = folder
+        log.info("student tokenizer %s: %d ids (teacher's: %d); %d blocks re-tokenised", spec, len(target),
+                 len(source), sum(len(ds) for ds in out))
+        return out
+
     def load_model(self, folder: Path) -> nn.Module:
-        return load_causal_lm(folder)
+        model = load_causal_lm(folder)
+        if (Path(folder) / "tokenizer_config.json").is_file():
+            model.saved_tokenizer = Path(folder)  # the tokenizer saved with it (a student's own one?)
+        return model
 
     def save_model(self, model: nn.Module, folder: Path) -> None:
         save_causal_lm(model, folder, getattr(model, "tokenizer_dir", None))
@@ -261,22 +303,60 @@ class LMTrack:
     def evaluate(self, models: dict[str, nn.Module], test: Dataset, *, names: dict[str, str],
                  histories: dict[str, list[dict]], latency_repeats: int, latency_threads: int | None,
                  ece_bins: int, folder: Path) -> dict[str, Any]:
-        x, y = test.features, test.labels
-        prompt = x[:1, : min(16, x.shape[1])]
+        own = self._own_test(models["student"], test)  # the student's tokens of the same text, or None
+        data = {"teacher": test, "student": own or test}
+        repeats = max(1, min(latency_repeats, 5))
         with torch_threads(latency_threads):
-            per = {k: evaluation.model_metrics(m, x, y, prompt, new_tokens=32, repeats=max(1, min(latency_repeats, 5)))
-                   for k, m in models.items()}
+            per = {k: evaluation.model_metrics(m, data[k].features, data[k].labels, data[k].features[:1, :16],
+                                               new_tokens=32, repeats=repeats) for k, m in models.items()}
         t, s = per["teacher"], per["student"]
-        same_vocab = models["teacher"].vocab_size == models["student"].vocab_size
+        x, y = test.features, test.labels
+        same_vocab = own is None and models["teacher"].vocab_size == models["student"].vocab_size
         pair = evaluation.compare_tokens(models["teacher"], models["student"], x, y) if same_vocab else {}
+        extra: dict[str, Any] = {"perplexity_ratio": s["perplexity"] / t["perplexity"]}
+        if own is not None:  # perplexities of two tokenizers are not comparable: bits per byte of the text are
+            for k, m in models.items():
+                per[k]["bits_per_byte"] = evaluation.bits_per_byte(m, data[k].features, data[k].labels,
+                                                                   data[k].load_tokenizer())
+            extra = {"bits_per_byte_ratio": s["bits_per_byte"] / t["bits_per_byte"],
+                     "student_tokenizer": own.meta.get("tokenizer"), "n_student_test_tokens": int((own.labels != -100).sum())}
         return {
             "teacher": {"name": names["teacher"], **t}, "student": s, **pair,
             "compression": {"params_ratio": t["params"] / s["params"], "bytes_ratio": t["bytes"] / s["bytes"],
                             "speedup_b1": s["tokens_per_s_b1"] / t["tokens_per_s_b1"]},
-            "perplexity_ratio": s["perplexity"] / t["perplexity"],
+            **extra,
             "n_test_tokens": int((y != -100).sum()),
-            "samples": self._samples(models, test),
+            "samples": self._samples(models, test) if own is None else self._own_samples(models, test, own),
         }
+
+    @staticmethod
+    def _own_test(student: nn.Module, test: Dataset) -> TokenBlocks | None:
+        """``test`` re-tokenised with the student's own tokenizer (saved with it), or None when the
+        student reads the data's tokens."""
+        folder = getattr(student, "saved_tokenizer", None)
+        if folder is None or not isinstance(test, TokenBlocks) or test.load_tokenizer() is None:
+            return None
+        from transformers import AutoTokenizer
+
+        mine = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        source = test.load_tokenizer()
+        if own_tokens.same_tokenizer(source, mine):
+            return None
+        return own_tokens.retokenize(test, source, mine, str(mine.name_or_path or folder))
+
+    @staticmethod
+    def _own_samples(models: dict[str, nn.Module], test: TokenBlocks, own: TokenBlocks) -> list[dict[str, str]]:
+        """Greedy samples from the same prompt text, each model in its own tokens."""
+        out = []
+        for row in range(min(SAMPLE_PROMPTS, len(test))):
+            row_text = {}
+            for key, ds in (("teacher", test), ("student", own)):
+                prompt, tok = ds.features[row : row + 1, :16], ds.load_tokenizer()
+                new = evaluation.generate(models[key], prompt, 24)[0, 16:].tolist()
+                row_text[key] = tok.decode(new, skip_special_tokens=True)
+                row_text.setdefault("prompt", tok.decode(prompt[0].tolist(), skip_special_tokens=True))
+            out.append(row_text)
+        return out
 
     def _samples(self, models: dict[str, nn.Module], test: Dataset) -> list[dict[str, str]]:
         tokenizer = test.load_tokenizer() if isinstance(test, TokenBlocks) else None
@@ -291,6 +371,9 @@ class LMTrack:
         return out
 
     def headline(self, m: dict[str, Any]) -> dict[str, float]:
+        if "bits_per_byte" in m["student"]:  # two tokenizers
+            return {"teacher_bits_per_byte": m["teacher"]["bits_per_byte"],
+                    "student_bits_per_byte": m["student"]["bits_per_byte"], "params_ratio": m["compression"]["params_ratio"]}
         return {"teacher_perplexity": m["teacher"]["perplexity"], "student_perplexity": m["student"]["perplexity"],
                 "params_ratio": m["compression"]["params_ratio"], **({"agreement": m["agreement"]} if "agreement" in m else {})}
 

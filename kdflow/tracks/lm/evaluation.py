@@ -38,6 +38,28 @@ def perplexity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size
     return math.exp(total / max(count, 1))
 
 
+def text_bytes(y: torch.Tensor, tokenizer: Any) -> int:
+    """UTF-8 bytes of the text the labelled targets of ``y`` ``[N, L]`` spell (each special
+    token, e.g. end-of-sequence between documents, counts as one byte)."""
+    special = set(tokenizer.all_special_ids)
+    total = 0
+    for row in y.tolist():
+        ids = [i for i in row if i != IGNORE]
+        total += len(tokenizer.decode(ids, skip_special_tokens=True).encode("utf-8"))
+        total += sum(1 for i in ids if i in special)
+    return total
+
+
+def bits_per_byte(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tokenizer: Any, *,
+                  batch_size: int = 8) -> float:
+    """Summed next-token log-loss in bits over the labelled positions, per byte of their text
+    (``text_bytes``): comparable across tokenizers, unlike perplexity. For a byte-level
+    tokenizer on ASCII text it is ``log2(perplexity)``."""
+    count = int((y != IGNORE).sum())
+    nats = math.log(perplexity(model, x, y, batch_size=batch_size)) * count
+    return nats / math.log(2) / max(text_bytes(y, tokenizer), 1)
+
+
 def compare_tokens(teacher: nn.Module, student: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                    batch_size: int = 8) -> dict[str, float]:
     """Mean per-token KL(teacher || student) and top-1 agreement over labelled positions."""
@@ -80,7 +102,11 @@ def model_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, prompt: to
 
 def summary_rows(m: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     t, s, c = m["teacher"], m["student"], m["compression"]
-    rows = [("perplexity", f"{t['perplexity']:.3f}", f"{s['perplexity']:.3f}", f"{s['perplexity'] / t['perplexity']:.2f}x"),
+    own = "bits_per_byte" in s  # two tokenizers: perplexities in different units
+    rows = [("bits per byte", f"{t['bits_per_byte']:.4f}", f"{s['bits_per_byte']:.4f}",
+             f"{s['bits_per_byte'] / t['bits_per_byte']:.2f}x")] if own else []
+    rows += [("perplexity (own tokens)" if own else "perplexity", f"{t['perplexity']:.3f}", f"{s['perplexity']:.3f}",
+              "-" if own else f"{s['perplexity'] / t['perplexity']:.2f}x"),
             ("params", f"{t['params']:,}", f"{s['params']:,}", f"{c['params_ratio']:.1f}x"),
             ("bytes", f"{t['bytes']:,}", f"{s['bytes']:,}", f"{c['bytes_ratio']:.1f}x"),
             ("tokens/s b1", f"{t['tokens_per_s_b1']:.1f}", f"{s['tokens_per_s_b1']:.1f}", f"{c['speedup_b1']:.1f}x")]
