@@ -115,6 +115,7 @@ def test_a_student_with_its_own_tokenizer_distills_with_uld(tmp_path: Path, text
     test = LM.load(art / "prepare").split("test")
     own = own_tokens.retokenize(test, test.load_tokenizer(), mine, "bpe")
     assert m["n_student_test_tokens"] == int((own.labels != -100).sum())
+    assert m["student_vocab"] == len(mine) and m["n_test_tokens"] == int((test.labels != -100).sum())
     uniform = m["n_student_test_tokens"] * math.log2(len(mine)) / evaluation.text_bytes(own.labels, mine)
     assert 0 < s["bits_per_byte"] < uniform  # it learned something in its own tokens
     assert m["bits_per_byte_ratio"] == pytest.approx(s["bits_per_byte"] / t["bits_per_byte"])

@@ -319,7 +319,7 @@ class LMTrack:
                 per[k]["bits_per_byte"] = evaluation.bits_per_byte(m, data[k].features, data[k].labels,
                                                                    data[k].load_tokenizer())
             extra = {"bits_per_byte_ratio": s["bits_per_byte"] / t["bits_per_byte"],
-                     "student_tokenizer": own.meta.get("tokenizer"), "n_student_test_tokens": int((own.labels != -100).sum())}
+                     "student_vocab": own.num_classes, "n_student_test_tokens": int((own.labels != -100).sum())}
         return {
             "teacher": {"name": names["teacher"], **t}, "student": s, **pair,
             "compression": {"params_ratio": t["params"] / s["params"], "bytes_ratio": t["bytes"] / s["bytes"],
@@ -342,7 +342,7 @@ class LMTrack:
         source = test.load_tokenizer()
         if own_tokens.same_tokenizer(source, mine):
             return None
-        return own_tokens.retokenize(test, source, mine, str(mine.name_or_path or folder))
+        return own_tokens.retokenize(test, source, mine, "student")
 
     @staticmethod
     def _own_samples(models: dict[str, nn.Module], test: TokenBlocks, own: TokenBlocks) -> list[dict[str, str]]:
