@@ -363,6 +363,6 @@ def test_digits_diffusion_config_runs_with_kdflow_run(tmp_path: Path) -> None:
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("diffusion").experiment_id],
                               "tags.`kdflow.stage` = 'evaluate'")
-    if runs:  # the evaluate run holds the sample grids
-        names = {a.path for a in client.list_artifacts(runs[0].info.run_id, "figures")}
-        assert "figures/samples_student_1step.png" in names
+    assert len(runs) == 1  # the evaluate run holds the sample grids
+    names = {a.path for a in client.list_artifacts(runs[0].info.run_id, "figures")}
+    assert {"figures/samples_student_1step.png", "figures/samples_teacher_50step.png"} <= names
