@@ -11,13 +11,14 @@ from kdflow.condense import CONDENSERS, condense, condense_params
 from kdflow.condense.nrr_dd import dbr_batch
 from kdflow.data.dataset import Dataset
 from kdflow.errors import ParamsError
+from kdflow.tracks import discovered
 from kdflow.models import create_model
 from schemas.base import Section
 from tests.condense.test_mirage import TOY, as_dataset, make_graphs
 
 CPU = torch.device("cpu")
 COMMON = ("teacher", "seed", "device", "report")
-TRACKS = {"classify", "graph"}
+TRACKS = set(discovered())
 
 
 def images(n_per_class: int = 4) -> Dataset:
