@@ -48,8 +48,11 @@ def source_problems(pp: PipelineParams, root: Path) -> list[str]:
 def checkpoint_problems(pp: PipelineParams, root: Path) -> list[str]:
     """Teacher checkpoints that do not exist (relative paths: against ``root``)."""
     track = get_track(pp.track)
-    return [p for i, t in enumerate(pp.teachers) if t.checkpoint is not None
-            for p in track.checkpoint_problems(t.checkpoint, Path(root), f"teachers[{i}].checkpoint")]
+    problems = [p for i, t in enumerate(pp.teachers) if t.checkpoint is not None
+                for p in track.checkpoint_problems(t.checkpoint, Path(root), f"teachers[{i}].checkpoint")]
+    if pp.student.tokenizer is not None and hasattr(track, "tokenizer_problems"):  # the student's own (lm)
+        problems += track.tokenizer_problems(pp.student.tokenizer, Path(root), "student.tokenizer")
+    return problems
 
 
 def device_problems(pp: PipelineParams) -> list[str]:

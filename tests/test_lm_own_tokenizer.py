@@ -56,6 +56,16 @@ def test_a_loss_that_compares_token_ids_is_refused_with_another_tokenizer(text_f
                                                            "on_policy": {"rounds": 1}}))
 
 
+def test_a_missing_student_tokenizer_folder_is_a_validate_error(tmp_path: Path, text_file: Path) -> None:
+    from kdflow.checks import pipeline_problems
+
+    pp = parse_params(tiny_lm(f"text:{text_file}", student={"tokenizer": "nowhere", "loss": {"name": "lm_uld"}}))
+    found = [p for p in pipeline_problems(pp, tmp_path) if p.startswith("student.tokenizer")]
+    assert found == [f"student.tokenizer: not 'byte', 'pypi:<package>' or a folder: {tmp_path / 'nowhere'}"]
+    bpe_tokenizer(tmp_path / "nowhere", TEXT)
+    assert not [p for p in pipeline_problems(pp, tmp_path) if p.startswith("student.tokenizer")]
+
+
 def test_retokenised_blocks_spell_the_same_text_truncated_to_the_block(tmp_path: Path, text_file: Path) -> None:
     ds = LM.load_source(f"text:{text_file}", seed=0, val_fraction=0.1, test_fraction=0.1,
                         options={"tokenizer": "byte", "seq_len": 32})

