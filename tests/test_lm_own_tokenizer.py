@@ -54,6 +54,8 @@ def test_a_loss_that_compares_token_ids_is_refused_with_another_tokenizer(text_f
     with pytest.raises(ParamsError, match="student.on_policy.rounds: the teacher grades"):
         parse_params(tiny_lm(f"text:{text_file}", student={"tokenizer": "bpe", "loss": {"name": "lm_uld"},
                                                            "on_policy": {"rounds": 1}}))
+    with pytest.raises(ParamsError, match="student.seeds: students over seeds are compared in the data's tokens"):
+        parse_params(tiny_lm(f"text:{text_file}", student={"tokenizer": "bpe", "loss": {"name": "lm_uld"}, "seeds": 2}))
 
 
 def test_a_missing_student_tokenizer_folder_is_a_validate_error(tmp_path: Path, text_file: Path) -> None:

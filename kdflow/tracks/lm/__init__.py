@@ -185,6 +185,8 @@ class LMTrack:
             problems.append(f"student.arch: llama_from_teacher and args.keep_tokens use the teacher's ids, but {why}")
         if pp.student.on_policy.rounds:
             problems.append(f"student.on_policy.rounds: the teacher grades the student's tokens, but {why}; use 0")
+        if pp.student.seeds > 1:
+            problems.append(f"student.seeds: students over seeds are compared in the data's tokens, but {why}; use 1")
         return problems
 
     @staticmethod
