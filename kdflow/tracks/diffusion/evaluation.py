@@ -83,7 +83,7 @@ def coverage(pred: Tensor, num_classes: int) -> float:
     """Entropy of the predicted-label histogram over ``log(num_classes)`` (1: uniform)."""
     p = torch.bincount(pred, minlength=num_classes).double() / len(pred)
     h = -(p[p > 0] * p[p > 0].log()).sum()
-    return float(h / math.log(num_classes))
+    return max(0.0, float(h / math.log(num_classes)))  # not -0.0 for one class
 
 
 # -- the feature classifier ------------------------------------------------------------------------
