@@ -49,7 +49,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from kdflow.condense import CONDENSERS, Report, per_class_indices
 from kdflow.condense.rded import (
     TEACHER_BATCH, Box, CropParams, candidate_crops, check_image_args, rank_candidates,
-    sample_class_images, stitch, synthetic_dataset,
+    default_factor, sample_class_images, stitch_ranked, synthetic_dataset,
 )
 from kdflow.data.dataset import Dataset
 from kdflow.errors import DataError
@@ -264,10 +264,7 @@ def initial_images(
     if correct_only:
         score = score + 4.0 * (probs.argmax(-1) != c).float()
     order = rank_candidates(score, crops_per_image)
-    need = ipc * factor * factor
-    chosen = crops[order[torch.arange(need) % len(order)]]
-    grid = chosen.view(ipc, factor * factor, *chosen.shape[1:])
-    return torch.stack([stitch(p, factor, size) for p in grid])
+    return stitch_ranked(crops, order, ipc, factor, size)
 
 
 @CONDENSERS.register(
@@ -275,7 +272,7 @@ def initial_images(
 )
 def nrr_dd(
     train: Dataset, *, teacher: nn.Module, seed: int, device: torch.device, report: Report | None,
-    ipc: int, factor: int, crops_per_image: int, images_per_class: int, scale_min: float, scale_max: float,
+    ipc: int, factor: int | None, crops_per_image: int, images_per_class: int, scale_min: float, scale_max: float,
     cam_pool: float, correct_only: bool, eps: float, iterations: int, lr: float, bn_weight: float,
     temperature: float,
 ) -> Dataset:
@@ -284,7 +281,8 @@ def nrr_dd(
     Args:
         ipc: synthetic images per class.
         factor, crops_per_image, images_per_class, scale_min, scale_max: crop discovery, as in
-            ``rded``.
+            ``rded`` (same official-RDED defaults: factor by resolution, square crops of area
+            0.08-1, 300 source images per class, ranks interleaved across cells).
         cam_pool: fraction of crops (highest CAM ratio) eligible before low confidence decides.
         correct_only: crops the teacher misclassifies come only after all others (the paper's
             "low confidence" read as "least confident among the recognised ones"; without it,
@@ -303,6 +301,7 @@ def nrr_dd(
         and ``soft_labels`` (teacher logits ``[N, K]`` of the refined images, for the soft mode).
     """
     scale = (scale_min, scale_max)
+    factor = factor if factor is not None else default_factor(tuple(train.features.shape[-2:]))
     check_image_args(train, factor, scale, "nrr_dd")
     if not 0 < cam_pool <= 1:
         raise DataError(f"nrr_dd: cam_pool must be in (0, 1] (got {cam_pool})")

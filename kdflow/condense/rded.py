@@ -25,6 +25,13 @@ from schemas.base import Section
 
 Box = tuple[int, int, int, int]  # top, left, height, width
 TEACHER_BATCH = 512  # teacher inference batch size of rded and nrr_dd
+SQUARE = (1.0, 1.0)  # the official RDED crop aspect ratio
+STITCH_FROM_PX = 128  # the official scripts stitch 2x2 from 128 px images up, not below
+
+
+def default_factor(size: tuple[int, int]) -> int:
+    """The official RDED stitching factor for ``size`` images: 1 below 128 px, 2 from 128 px up."""
+    return 2 if min(size) >= STITCH_FROM_PX else 1
 
 
 class CropParams(Section):
@@ -32,10 +39,14 @@ class CropParams(Section):
 
     method: str
     ipc: int = ipc_field()
-    factor: int = Field(2, ge=1, le=16, description="Each synthetic image is a factor x factor grid of real crops.")
+    factor: int | None = Field(
+        None, ge=1, le=16,
+        description="Each synthetic image is a factor x factor grid of real crops; unset: by resolution "
+        "(1 below 128 px, 2 from 128 px up, as the official RDED scripts).",
+    )
     crops_per_image: int = Field(5, ge=1, le=1000, description="Random-resized crops scored per real image.")
-    images_per_class: int = Field(100, ge=1, le=1_000_000, description="Real images per class used as crop sources.")
-    scale_min: float = Field(0.5, gt=0, le=1, description="Smallest crop area as a fraction of the image.")
+    images_per_class: int = Field(300, ge=1, le=1_000_000, description="Real images per class used as crop sources.")
+    scale_min: float = Field(0.08, gt=0, le=1, description="Smallest crop area as a fraction of the image.")
     scale_max: float = Field(1.0, gt=0, le=1, description="Largest crop area as a fraction of the image.")
 
     @model_validator(mode="after")
@@ -122,8 +133,10 @@ def check_image_args(train: Dataset, factor: int, scale: tuple[float, float], wh
 
 def candidate_crops(
     images: torch.Tensor, crops_per_image: int, scale: tuple[float, float], g: torch.Generator,
+    ratio: tuple[float, float] = SQUARE,
 ) -> tuple[torch.Tensor, list[Box]]:
-    """``crops_per_image`` random-resized crops of each image, resized back to full size.
+    """``crops_per_image`` random-resized crops of each image (square by default, as the official
+    RDED sampler), resized back to full size.
 
     Returns:
         ``[n * crops_per_image, C, H, W]`` crops (image-major) and their boxes.
@@ -132,7 +145,7 @@ def candidate_crops(
     crops, boxes = [], []
     for image in images:
         for _ in range(crops_per_image):
-            box = random_resized_box(h, w, scale, g)
+            box = random_resized_box(h, w, scale, g, ratio)
             boxes.append(box)
             crops.append(crop_resize(image, box, (h, w)))
     return torch.stack(crops), boxes
@@ -156,6 +169,22 @@ def rank_candidates(score: torch.Tensor, crops_per_image: int) -> torch.Tensor:
         idx = within[:, r] + torch.arange(len(per_image)) * crops_per_image  # [n]
         order.append(idx[score[idx].argsort(stable=True)])
     return torch.cat(order)
+
+
+def stitch_ranked(
+    crops: torch.Tensor, order: torch.Tensor, ipc: int, factor: int, size: tuple[int, int],
+) -> torch.Tensor:
+    """``[ipc, C, *size]`` images stitched from ``crops`` taken in ``order`` (best first).
+
+    Ranks interleave across cells as in the official RDED code: cell ``j`` of image ``i`` takes
+    rank ``j * ipc + i``, so every image gets one of the ``ipc`` best crops in its first cell.
+    With fewer candidates than cells, the ranking is reused from the best.
+    """
+    cells = factor * factor
+    rank = torch.arange(cells)[None, :] * ipc + torch.arange(ipc)[:, None]  # [ipc, cells]
+    chosen = crops[order[rank.flatten() % len(order)]]  # [ipc * cells, C, H, W], image-major
+    grid = chosen.view(ipc, cells, *chosen.shape[1:])
+    return torch.stack([stitch(p, factor, size) for p in grid])
 
 
 def sample_class_images(rows: torch.Tensor, limit: int, g: torch.Generator) -> torch.Tensor:
@@ -183,17 +212,23 @@ def synthetic_dataset(
 @CONDENSERS.register("rded", params=RdedParams, tracks=("classify",), needs_teacher=True, provides=())
 def rded(
     train: Dataset, *, teacher: nn.Module, seed: int, device: torch.device, report: Report | None,
-    ipc: int, factor: int, crops_per_image: int, images_per_class: int, scale_min: float, scale_max: float,
+    ipc: int, factor: int | None, crops_per_image: int, images_per_class: int, scale_min: float,
+    scale_max: float,
 ) -> Dataset:
     """``ipc`` stitched synthetic images per class, labelled with the teacher's soft labels.
 
+    Defaults follow the official RDED scripts: factor by resolution, square random-resized crops
+    of area 0.08-1 (torchvision's default scale), 300 source images per class, ranks interleaved
+    across cells.
+
     Args:
         ipc: synthetic images per class.
-        factor: each image is a ``factor x factor`` grid of crops (1 keeps single crops).
+        factor: each image is a ``factor x factor`` grid of crops (1 keeps single crops); None:
+            ``default_factor`` of the image size (1 below 128 px, 2 from 128 px up).
         crops_per_image: random-resized crops scored per real image.
         images_per_class: real images sampled per class as crop sources.
-        scale_min, scale_max: area fraction range of the random-resized crops (RDED's own
-            default for small images is 0.5-1; ImageNet setups use a wider range).
+        scale_min, scale_max: area fraction range of the square random-resized crops (the
+            official code uses 0.08-1; kdflow's earlier default 0.5-1 is ``scale_min: 0.5``).
         report: called as ``report(classes_done, classes)``.
 
     Returns:
@@ -201,9 +236,10 @@ def rded(
         ``extras["soft_labels"]``: teacher logits ``[N, K]`` of the synthetic images.
     """
     scale = (scale_min, scale_max)
+    size = tuple(train.features.shape[-2:])
+    factor = factor if factor is not None else default_factor(size)
     check_image_args(train, factor, scale, "rded")
     g = torch.Generator().manual_seed(seed)
-    size = tuple(train.features.shape[-2:])
     images, labels = [], []
     for c, rows in enumerate(per_class_indices(train.labels, train.num_classes)):
         if len(rows) == 0:
@@ -213,10 +249,7 @@ def rded(
         logits = predict(teacher, crops, batch_size=TEACHER_BATCH, device=device)  # [n*k, K]
         loss = F.cross_entropy(logits, torch.full((len(crops),), c), reduction="none")  # [n*k]
         order = rank_candidates(loss, crops_per_image)
-        need = ipc * factor * factor
-        chosen = crops[order[torch.arange(need) % len(order)]]  # reuse the best when short
-        grid = chosen.view(ipc, factor * factor, *chosen.shape[1:])
-        images.append(torch.stack([stitch(p, factor, size) for p in grid]))
+        images.append(stitch_ranked(crops, order, ipc, factor, size))
         labels.append(torch.full((ipc,), c, dtype=torch.long))
         if report is not None:
             report(c + 1, train.num_classes)

@@ -120,12 +120,13 @@ def test_mirage_validators_moved_with_the_method() -> None:
         condense("mirage", graphs, thresholds=2, frequency="often")
 
 
-def test_params_defaults_equal_the_flat_schema_of_before() -> None:
-    """Same defaults and bounds as the flat ``condense`` section had (results do not change)."""
+def test_params_defaults() -> None:
+    """rded/nrr_dd crop defaults are the official RDED protocol's (factor by resolution, scale
+    0.08-1, 300 images per class); the rest as the flat ``condense`` section had."""
     rded, nrr, mirage = (condense_params(m) for m in ("rded", "nrr_dd", "mirage"))
     assert rded(method="rded").model_dump() == {
-        "method": "rded", "ipc": 10, "factor": 2, "crops_per_image": 5, "images_per_class": 100,
-        "scale_min": 0.5, "scale_max": 1.0,
+        "method": "rded", "ipc": 10, "factor": None, "crops_per_image": 5, "images_per_class": 300,
+        "scale_min": 0.08, "scale_max": 1.0,
     }
     assert nrr(method="nrr_dd").model_dump(exclude=set(rded.model_fields)) == {
         "cam_pool": 0.5, "correct_only": True, "eps": 0.5, "iterations": 100, "lr": 0.05, "bn_weight": 1.0,

@@ -143,7 +143,7 @@ def test_initial_crops_prefer_recognised_then_least_confident() -> None:
     # the least confident recognised crop leads each class whenever the class has one
     g, checked = torch.Generator().manual_seed(0), 0  # replay the method's draws
     for c, rows in enumerate(per_class_indices(ds.labels, 3)):
-        crops, _ = candidate_crops(ds.features[sample_class_images(rows, 8, g)], 3, (0.5, 1.0), g)
+        crops, _ = candidate_crops(ds.features[sample_class_images(rows, 8, g)], 3, (0.08, 1.0), g)
         p = predict(model, crops).softmax(-1)
         ok = p.argmax(-1) == c
         if ok.any():

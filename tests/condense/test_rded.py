@@ -6,7 +6,9 @@ import torch
 from torch import nn
 
 from kdflow.condense import CONDENSERS, condense
-from kdflow.condense.rded import RdedParams, cell_edges, random_resized_box, rank_candidates, rded, stitch
+from kdflow.condense.rded import (
+    RdedParams, candidate_crops, cell_edges, default_factor, random_resized_box, rank_candidates, rded, stitch,
+)
 from kdflow.data.dataset import Dataset
 from kdflow.errors import DataError, ParamsError
 from kdflow.models import create_model
@@ -119,6 +121,30 @@ def test_the_model_defaults_reach_the_method() -> None:
     """``condense`` without knobs equals a direct call with the params model's defaults."""
     teacher, ds = create_model("tiny_convnet", (1, 8, 8), 3), toy((1, 8, 8))
     a = condense("rded", ds, teacher=teacher, seed=3, device=CPU)
-    b = rded(ds, teacher=teacher, seed=3, device=CPU, report=None, ipc=10, factor=2, crops_per_image=5,
-             images_per_class=100, scale_min=0.5, scale_max=1.0)
+    b = rded(ds, teacher=teacher, seed=3, device=CPU, report=None, ipc=10, factor=1, crops_per_image=5,
+             images_per_class=300, scale_min=0.08, scale_max=1.0)
     assert torch.equal(a.features, b.features) and len(a) == 30
+
+
+def test_default_factor_follows_the_official_resolution_rule() -> None:
+    assert [default_factor((s, s)) for s in (8, 28, 32, 64, 127, 128, 224)] == [1, 1, 1, 1, 1, 2, 2]
+    assert default_factor((128, 64)) == 1  # the smaller side decides
+
+
+def test_default_crops_are_square_and_span_the_official_scale_range() -> None:
+    g = torch.Generator().manual_seed(0)
+    _, boxes = candidate_crops(torch.zeros(50, 1, 64, 64), 8, (0.08, 1.0), g)
+    areas = torch.tensor([h * w / 64**2 for _, _, h, w in boxes])
+    assert all(h == w for _, _, h, w in boxes)
+    assert areas.min() < 0.15 and areas.max() > 0.9 and 0.07 <= float(areas.min())
+
+
+def test_stitch_order_interleaves_ranks_across_cells() -> None:
+    """Cell j of image i takes rank j * ipc + i (the official order), checked on constant images."""
+    values = torch.arange(8, 0, -1).float()  # brightest = most confident for class 0 of MeanTeacher
+    x = values.view(-1, 1, 1, 1).expand(-1, 1, 8, 8).contiguous()
+    ds = Dataset(x, torch.zeros(8, dtype=torch.long), [f"s{i}" for i in range(8)], ["train"] * 8, 2, "image")
+    out = condense("rded", ds, teacher=MeanTeacher(), ipc=2, seed=0, device=CPU, factor=2, crops_per_image=1)
+    ranks = 8 - out.features[:, 0, ::4, ::4].flatten(1)  # rank 0 = value 8; [ipc, cells]
+    expected = [[j * 2 + i for j in range(4)] for i in range(2)]
+    assert ranks.tolist() == expected
