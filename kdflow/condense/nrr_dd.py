@@ -11,10 +11,12 @@ Three steps, per the paper's description:
    ``factor x factor`` into synthetic images.
 2. **Non-critical region refinement.** ``C`` is the Grad-CAM of each synthetic image for its label,
    min-max normalised to [0, 1]; the mask is ``M = max(0, eps - C)``. Only pixels with ``M > 0``
-   are updated, by Adam steps on ``CE(teacher(x), y) + bn_weight * BN-matching`` where the
-   BN-matching term sums, over BatchNorm layers, ``||mean_batch - running_mean||_2 +
-   ||var_batch - running_var||_2`` of the layer's input (SRe2L's form). The gradient is scaled
-   by ``M`` and pixels with ``M == 0`` are reset to their initial values after every step.
+   are updated, by the paper's masked gradient step ``x <- x - M * eta * grad`` of
+   ``CE(teacher(x), y) + bn_weight * BN-matching``, where the BN-matching term sums, over
+   BatchNorm layers, ``||mean_batch - running_mean||_2 + ||var_batch - running_var||_2`` of the
+   layer's input (SRe2L's form). The step is plain (SGD-like), not Adam: an adaptive optimiser
+   normalises each pixel's step and so cancels a soft mask (a pixel with ``M = 0.01`` would move
+   as far as one with ``M = 1``); here a pixel's step is proportional to its ``M``.
 3. **DBR labels.** Each synthetic image ``i`` gets one mixup partner ``j`` and weight ``lam``;
    on the mixed view ``lam * x_i + (1 - lam) * x_j`` the teacher's distances to the one-hot
    original label ``y_i`` (``d_org``) and to the one-hot augmented label ``y_j`` (``d_aug``) are
@@ -27,12 +29,19 @@ Choices where the paper's description is open (all exposed as parameters):
   input-gradient saliency. The CAM and the mask are computed once, before refinement.
 - The CAM ratio (mass inside the crop box), the ``cam_pool=0.5`` pool fraction, and
   ``correct_only=True`` (least confident among the crops the teacher classifies correctly).
-- Adam on the pixels, ``lr=0.05``, ``iterations=100``, ``eps=0.5``, ``bn_weight=1``.
+- ``eta = lr = 0.05``, ``iterations=100``, ``eps=0.5``, ``bn_weight=1`` (the paper's step size
+  for this image scale is not known here; the CE term is the batch mean, so a pixel's gradient
+  shrinks with the batch size: raise ``lr`` with ``ipc * classes``).
 - The distance is the cross-entropy ``-log softmax(z / T)[y]`` at ``temperature=1``.
 - The augmentation is mixup (not CutMix) with ``lam ~ U(0, 1)`` and one fixed view per instance.
-  Our reading of the paper's 0.2 GB vs. 120 GB is that it stores two distances per instance per
-  training epoch's view, as FKD-style soft labels are stored per epoch; storing several views
-  (``views`` x the five ``dbr_*`` extras) is the natural extension, not done here.
+
+TODO (issue 15): DBR storage per view. The paper's storage figures (0.2 GB ~ 300 epochs x 200k
+images x 2 fp16 distances, vs. 120 GB of FKD-style soft labels) imply two distances for *every
+epoch's* augmented view, i.e. the student sees a fresh stored view each epoch. Here one mixup view
+per instance is stored and the ``dbr`` loss trains on it every epoch, so the distance term fits a
+single view (measured: it drags the benchmark's dbr rows below soft labels). The fix is
+``views`` x the five ``dbr_*`` extras (partner, y_aug, lambda, d_org, d_aug per view, bytes
+reported) with the student reading view ``epoch % views``; not done yet.
 """
 from __future__ import annotations
 
@@ -73,7 +82,9 @@ class NrrDdParams(CropParams):
         0.5, ge=0, le=2, description="CAM threshold of the refinement mask max(0, eps - CAM); 0 freezes all pixels."
     )
     iterations: int = Field(100, ge=0, le=100_000, description="Refinement steps on the non-critical pixels.")
-    lr: float = Field(0.05, gt=0, le=10, description="Adam step size of the refinement.")
+    lr: float = Field(
+        0.05, gt=0, le=1000, description="Step size eta of the masked gradient step x <- x - M * eta * grad."
+    )
     bn_weight: float = Field(1.0, ge=0, le=10_000, description="Weight of the BatchNorm-statistics matching term.")
     temperature: float = Field(1.0, gt=0, le=100, description="Softmax temperature of the stored DBR distances.")
 
@@ -203,7 +214,10 @@ def refine(
     teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, *,
     iterations: int, lr: float, bn_weight: float,
 ) -> torch.Tensor:
-    """Adam steps on ``CE + bn_weight * BN-matching`` that move only pixels with ``mask > 0``.
+    """The paper's masked gradient steps ``x <- x - M * lr * grad`` of ``CE + bn_weight * BN-matching``.
+
+    A plain step (no momentum, no per-pixel normalisation), so a soft mask scales each pixel's
+    step: pixels with ``M`` near 0 barely move.
 
     Args:
         x: ``[N, C, H, W]`` initial images; y: ``[N]`` labels; mask: ``[N, 1, H, W]`` weights ``M``.
@@ -212,20 +226,19 @@ def refine(
     """
     x0 = x.detach()
     free = mask > 0  # [N, 1, H, W]
-    z = x0.clone().requires_grad_(True)
-    opt = torch.optim.Adam([z], lr=lr)
+    z = x0.clone()
     with eval_mode(teacher), torch.enable_grad():
         for _ in range(iterations):
+            z.requires_grad_(True)
             with bn_statistics(teacher) as terms:
                 logits = teacher(z)
             loss = F.cross_entropy(logits, y)
             if terms:
                 loss = loss + bn_weight * torch.stack(terms).sum()
             (grad,) = torch.autograd.grad(loss, z)
-            z.grad = grad * mask
-            opt.step()
             with torch.no_grad():
-                z.copy_(torch.where(free, z, x0))
+                z = z.detach() - mask * lr * grad
+                z = torch.where(free, z, x0)  # exact, even where grad is not finite
     return z.detach()
 
 
@@ -290,7 +303,7 @@ def nrr_dd(
         eps: CAM threshold of the mask ``M = max(0, eps - C)``; 0 freezes everything, values
             above 1 let every pixel move.
         iterations: refinement steps (0 skips refinement).
-        lr: Adam step size on the pixels.
+        lr: step size ``eta`` of the masked gradient step ``x <- x - M * eta * grad``.
         bn_weight: weight of the BN-statistics matching term.
         temperature: softmax temperature of the DBR distances.
         report: called as ``report(classes_done, classes)`` during discovery.
