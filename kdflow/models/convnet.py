@@ -1,5 +1,8 @@
-"""A plain conv-bn-relu-maxpool network, 1-D (``[C, L]``) or 2-D (``[C, H, W]``)."""
+"""A plain conv-bn-relu-maxpool network, 1-D (``[C, L]``) or 2-D (``[C, H, W]``), and the
+dataset-distillation literature's ConvNet-3 (``convnet3``)."""
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -95,3 +98,46 @@ def convnet(
 def tiny_convnet(input_shape: tuple[int, ...], num_classes: int) -> ConvNet:
     """One 4-channel conv block and 8 hidden units, for fast tests."""
     return ConvNet(input_shape, num_classes, [4], 3, 8, 0.0, True)
+
+
+class ConvNet3(nn.Module):
+    """The ConvNet of the dataset-distillation literature (DC, DM, MTT, RDED's small-image student).
+
+    ``depth`` blocks of [conv 3x3 (``width`` channels, bias) -> instance norm (affine) -> ReLU ->
+    2x2 average pooling], then one linear layer on the flattened map. Pooling stops once a side is
+    below 2. For 28x28 inputs and the defaults: 28 -> 14 -> 7 -> 3, features 128 * 3 * 3 = 1152.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, width: int, depth: int) -> None:
+        super().__init__()
+        conv, _, _, shape = conv_layers(input_shape, "convnet3")
+        if width < 1 or depth < 1:
+            raise ModelError(f"convnet3: need width >= 1 and depth >= 1 (got {width}, {depth})")
+        two_d = len(shape) == 3
+        norm = nn.InstanceNorm2d if two_d else nn.InstanceNorm1d
+        pool = nn.AvgPool2d if two_d else nn.AvgPool1d
+        self.flat = len(input_shape) == 1
+        layers: list[nn.Module] = []
+        channels, spatial = shape[0], list(shape[1:])
+        for _ in range(depth):
+            layers += [conv(channels, width, 3, padding=1), norm(width, affine=True), nn.ReLU()]
+            if min(spatial) >= 2:
+                layers.append(pool(2))
+                spatial = [s // 2 for s in spatial]
+            channels = width
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(width * math.prod(spatial), num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The flattened last feature map, ``[B, width * h * w]``."""
+        return self.body(as_conv_input(x, self.flat)).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))  # [B, K]
+
+
+@MODELS.register("convnet3")
+def convnet3(input_shape: tuple[int, ...], num_classes: int, width: int = 128, depth: int = 3) -> ConvNet3:
+    """ConvNet-3 of the dataset-distillation literature: 128-channel conv + instance norm + ReLU +
+    average pooling blocks (``depth`` 3), then linear; the standard student of image DD tables."""
+    return ConvNet3(input_shape, num_classes, width, depth)

@@ -17,6 +17,7 @@ SMALL_ARGS = {
     "mlp": {"hidden": [8]},
     "convnet": {"channels": [4, 8], "hidden": 8},
     "resnet": {"widths": [4, 8]},
+    "convnet3": {"width": 8},
 }
 
 
@@ -45,6 +46,23 @@ def test_feature_dims_match_head() -> None:
     assert create_model("mlp", (4,), 3, hidden=[6]).features(torch.randn(2, 4)).shape == (2, 6)
     resnet = create_model("resnet", (1, 40), 3, widths=[4, 6])
     assert resnet.features(torch.randn(2, 1, 40)).shape == (2, 6)
+
+
+def test_convnet3_is_the_dd_literature_convnet_by_hand_count() -> None:
+    """28x28x1, 10 classes: 3 x [conv 3x3 + bias, instance norm (affine)], pooled 28->14->7->3, linear."""
+    model = create_model("convnet3", (1, 28, 28), 10)
+    conv1, conv23 = 1 * 128 * 9 + 128, 128 * 128 * 9 + 128
+    norms, head = 3 * 2 * 128, 128 * 3 * 3 * 10 + 10
+    assert count_params(model) == conv1 + 2 * conv23 + norms + head == 308_746
+    norm_layers = [m for m in model.modules() if isinstance(m, torch.nn.InstanceNorm2d)]
+    pools = [m for m in model.modules() if isinstance(m, torch.nn.AvgPool2d)]
+    assert len(norm_layers) == 3 and all(m.affine for m in norm_layers) and len(pools) == 3
+    x = torch.randn(2, 1, 28, 28)
+    assert model.features(x).shape == (2, 1152) and model(x).shape == (2, 10)
+    small = create_model("convnet3", (3, 32, 32), 4, width=16, depth=2)  # 32 -> 16 -> 8
+    assert count_params(small) == (3 * 16 * 9 + 16) + (16 * 16 * 9 + 16) + 2 * 2 * 16 + (16 * 64 * 4 + 4)
+    with pytest.raises(ModelError, match="convnet3: need width >= 1"):
+        create_model("convnet3", (1, 28, 28), 10, depth=0)
 
 
 def test_init_is_deterministic_given_seed() -> None:
