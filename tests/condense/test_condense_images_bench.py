@@ -35,3 +35,39 @@ def test_condense_images_benchmark_quick_writes_every_row(tmp_path: Path) -> Non
     dbr = next(r for r in res["rows"] if r["labels"] == "dbr")
     assert dbr["label_bytes"] == 10 * (8 + 8 + 4 + 4 + 4)  # partner, y_aug (int64), lambda, d_org, d_aug
     assert "vs random" in proc.stdout
+
+
+def bench_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("condense_images_bench", REPO / "benchmarks/condense_images.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_standard_budget_is_300_epochs_with_the_published_steps() -> None:
+    bench = bench_module()
+    for ipc, steps in ((1, 300), (10, 600), (50, 1500)):
+        n = 10 * ipc
+        batch, epochs = bench.standard_budget(n, ipc, None)
+        assert epochs == 300 and epochs * -(-n // batch) == steps  # ceil(n / batch) steps per epoch
+    assert bench.standard_budget(10, 1, 30) == (10, 30)  # --steps overrides the budget
+    args = bench.parse_args(["--protocol", "standard"])
+    assert args.datasets == ["fashion"] and args.steps is None and args.seeds == 3
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--protocol", "standard", "--ipc", "5"])  # no published budget for IPC 5
+
+
+@pytest.mark.slow
+def test_condense_images_benchmark_standard_protocol_reports_best_of_last_20pct(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks/condense_images.py"), "--quick", "--protocol",
+                           "standard", "--methods", "random", "rded", "--seeds", "1", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["meta"]["student"]["arch"] == "convnet3"
+    rows = data["results"][0]["rows"]
+    assert {(r["method"], r["labels"]) for r in rows} == {("random", "hard"), ("random", "soft"), ("rded", "soft")}
+    for r in rows:  # the last epoch is among the evaluated ones, so best >= last
+        assert r["best_last20_mean"] >= r["accuracy_mean"] - 1e-9
