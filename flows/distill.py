@@ -53,6 +53,14 @@ def run_stage(stage: str, fp: str, pp: PipelineParams, root: str, tracker: Any =
     return manifest
 
 
+def pipeline_fingerprints(pp: PipelineParams) -> dict[str, str]:
+    """Every stage's fingerprint for these params and this code (nothing read from disk)."""
+    fps: dict[str, str] = {}
+    for stage in STAGE_ORDER:
+        fps[stage] = fingerprint(stage, pp, {u: fps[u] for u in STAGES[stage].upstream})
+    return fps
+
+
 def run_pipeline(pp: PipelineParams, root: Path, *, tracker: Any = None, resume: bool = False) -> dict[str, dict]:
     """Run every stage in order inside the current flow; returns per-stage status and manifest."""
     root = Path(root).resolve()
@@ -66,10 +74,12 @@ def run_pipeline(pp: PipelineParams, root: Path, *, tracker: Any = None, resume:
         options = run_stage.with_options(name=stage, task_run_name=stage, result_storage=storage, refresh_cache=stale is not None)
         state = options(stage, fp, pp, str(root), tracker, resume, return_state=True)
         done[stage] = state.result()
-        cached = state.name == "Cached"
+        # current on disk (made by `kdflow stage`/`dvc repro`, or Prefect's record lost): the task
+        # found it up to date and ran nothing, so it is as cached as a Prefect cache hit
+        cached = state.name == "Cached" or stale is None
         if cached and tracker is not None:
             tracker.record_cached(stage, done[stage])
-        status[stage] = {"state": state.name, "cached": cached, "manifest": done[stage]}
+        status[stage] = {"state": "Cached" if cached else state.name, "cached": cached, "manifest": done[stage]}
     return status
 
 
@@ -121,7 +131,8 @@ def distill(params_file: str = "params.yaml", overrides: list[str] | None = None
 def _distill(pp: PipelineParams, root_path: Path, resume: bool, path: Path, overrides: list[str]) -> dict:
     t = pp.tracking
     tracker = open_tracker(enabled=t.enabled, uri=t.uri, experiment=t.experiment, required=t.required, root=root_path, pipeline=pp.name)
-    tracker.start_pipeline(pp.name, pp.model_dump(mode="json"), tags={"prefect.flow_run_id": str(flow_run.get_id() or "")})
+    tracker.start_pipeline(pp.name, pp.model_dump(mode="json"), tags={"prefect.flow_run_id": str(flow_run.get_id() or "")},
+                           overrides=overrides, fingerprint=pipeline_fingerprints(pp)["evaluate"])
     try:
         status = run_pipeline(pp, root_path, tracker=tracker, resume=resume)
     except BaseException:
@@ -129,6 +140,7 @@ def _distill(pp: PipelineParams, root_path: Path, resume: bool, path: Path, over
         raise
     metrics = status["evaluate"]["manifest"].metrics
     tracker.log_pipeline_metrics(metrics)
+    tracker.link_pipeline(status, artifact_root(root_path, pp.name), pp.data.model_dump(mode="json"))
     tracker.end_pipeline("FINISHED")
     metrics_file = artifact_root(root_path, pp.name) / "evaluate" / "metrics.json"
     _record_context(root_path, path, overrides or [], pp, status, tracker)

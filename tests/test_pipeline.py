@@ -85,6 +85,28 @@ def test_stage_path_and_flow_path_give_identical_artifacts(tmp_path: Path, prefe
         assert files_a == files_b, stage
 
 
+def test_flow_reuses_stages_the_stage_path_made_and_reports_them_cached(tmp_path: Path, prefect_harness) -> None:
+    """`kdflow stage` (what `dvc repro` runs) made the first stages: the flow runs none of them again,
+    reports them Cached (no Prefect record of them exists) and the parent run says so."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.distill import distill
+
+    raw = tiny_params(tracking={"enabled": True, "experiment": "shared"})
+    write_params(tmp_path, raw)
+    _run_stages(tmp_path, raw, until="logits")
+    before = {s: Manifest.load(tmp_path / "artifacts/tiny" / s) for s in STAGE_ORDER[:5]}
+    states = _states(distill(params_file="params.yaml", root=str(tmp_path)))
+    assert states == {**{s: "Cached" for s in before}, "student": "Completed", "evaluate": "Completed"}
+    for stage, manifest in before.items():
+        assert Manifest.load(tmp_path / "artifacts/tiny" / stage).finished_at == manifest.finished_at
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = next(r for r in client.search_runs([client.get_experiment_by_name("shared").experiment_id])
+                  if r.data.tags.get("kdflow.kind") == "pipeline")
+    assert {s: parent.data.tags[f"kdflow.stage.{s}.cached"] for s in STAGE_ORDER} == \
+        {s: "true" if s in before else "false" for s in STAGE_ORDER}
+
+
 class Killed(Exception):
     pass
 

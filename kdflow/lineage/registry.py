@@ -1,7 +1,8 @@
 """The student in the model registry, and the evaluation attached to the models it measured.
 
 Every trained student becomes a new version of ``<pipeline>-student``; ``@latest`` (MLflow's
-built-in alias) is the newest. The version and the LoggedModel carry the lineage as tags: the
+built-in alias) is the newest, ``@champion`` the one whose evaluation measured the best student
+accuracy so far (set by ``promote``; a tie keeps the earlier champion). The version and the LoggedModel carry the lineage as tags: the
 teacher (name, run, model), the data (source, prepare fingerprint) and the condensation.
 """
 from __future__ import annotations
@@ -15,6 +16,27 @@ from kdflow.lineage import datasets, models
 log = logging.getLogger(__name__)
 
 EVAL_TAGS = ("accuracy", "macro_f1", "ece")
+CHAMPION = "champion"
+CHAMPION_METRIC = "accuracy"  # the version tag kdflow.eval.<it> that ranks versions (higher is better)
+
+
+def promote(client: Any, name: str, version: str, value: float | None) -> bool:
+    """Move ``name@champion`` to ``version`` if its ``value`` beats the champion's; True if moved."""
+    from mlflow.exceptions import MlflowException
+
+    if value is None:
+        return False
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        current = None
+    if current is not None and str(current.version) != str(version):
+        best = current.tags.get(f"kdflow.eval.{CHAMPION_METRIC}")
+        if best is not None and float(best) >= round(value, 4):
+            return False
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    log.info("%s@%s is now version %s (%s %.4f)", name, CHAMPION, version, CHAMPION_METRIC, value)
+    return True
 
 
 def ancestor(artifacts: Path | None, manifest: Any, stage: str) -> Any | None:
@@ -104,3 +126,4 @@ def attach_evaluation(client: Any, run_id: str, metrics: dict[str, Any], upstrea
             value = values["student"].get(f"student.{key}")
             if value is not None:
                 client.set_model_version_tag(v.name, v.version, f"kdflow.eval.{key}", f"{value:.4f}")
+        promote(client, v.name, v.version, values["student"].get(f"student.{CHAMPION_METRIC}"))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdflow.lineage import datasets, models, registry
+from kdflow.lineage import datasets, models, parent, registry
 from kdflow.lineage.backends import (
     TrackingUnavailableError, check_reachable, is_server, resolve_tracking_uri, store_error, uri_problem,
 )
@@ -87,7 +87,9 @@ class NullTracker:
     parent_run_id: str | None = None
     unavailable: str | None = None
 
-    def start_pipeline(self, name: str, params: dict, tags: dict[str, str] | None = None) -> str | None: ...
+    def start_pipeline(self, name: str, params: dict, tags: dict[str, str] | None = None,
+                       overrides: list[str] | None = None, fingerprint: str | None = None) -> str | None: ...
+    def link_pipeline(self, status: dict[str, dict], artifacts: Path, data: Any = None) -> None: ...
     def end_pipeline(self, status: str = "FINISHED") -> None: ...
     def start_stage(self, stage: str, params: dict, fingerprint: str, upstream: dict[str, Any] | None = None,
                     artifacts: Path | None = None) -> str | None: ...
@@ -127,7 +129,9 @@ class Tracker(NullTracker):
 
     # -- pipeline ---------------------------------------------------------------------------
 
-    def start_pipeline(self, name: str, params: dict, tags: dict[str, str] | None = None) -> str:
+    def start_pipeline(self, name: str, params: dict, tags: dict[str, str] | None = None,
+                       overrides: list[str] | None = None, fingerprint: str | None = None) -> str:
+        """Open the parent run, named by what changed (``parent.run_name``)."""
         all_tags = {"kdflow.pipeline": name, "kdflow.kind": "pipeline", **(tags or {})}
         commit = _git_commit(self.root)
         if commit:
@@ -135,10 +139,20 @@ class Tracker(NullTracker):
         lock = self.root / "dvc.lock"
         if lock.exists():
             all_tags["kdflow.dvc_lock_sha256"] = hashlib.sha256(lock.read_bytes()).hexdigest()
-        run = self.client.create_run(self.experiment_id, run_name=f"{name}", tags=all_tags)
+        if fingerprint:
+            all_tags["kdflow.fingerprint"] = fingerprint  # the evaluate stage's: it chains every stage's
+        if overrides:
+            all_tags["kdflow.overrides"] = " ".join(overrides)[:5000]
+        run = self.client.create_run(self.experiment_id, run_name=parent.run_name(name, overrides, fingerprint),
+                                     tags=all_tags)
         self.parent_run_id = run.info.run_id
         self._log_params(self.parent_run_id, flatten(params))
         return self.parent_run_id
+
+    def link_pipeline(self, status: dict[str, dict], artifacts: Path, data: Any = None) -> None:
+        """The data, the registered student and links to the stage runs, on the parent run."""
+        if self.parent_run_id:
+            parent.link_pipeline(self.client, self.parent_run_id, self.pipeline, status, artifacts, self.root, data)
 
     def end_pipeline(self, status: str = "FINISHED") -> None:
         if self.parent_run_id:

@@ -129,6 +129,25 @@ def test_flow_records_runs_inputs_models_registry_and_lineage(tmp_path: Path, pr
     assert tags["kdflow.condense.method"] == "none"
     assert tags["kdflow.eval.run_id"] == runs["evaluate"].info.run_id
 
+    # the parent as users browse it: named by fingerprint, data and registered student on it, links, champion
+    parent = client.get_run(parent.info.run_id)
+    assert parent.info.run_name == f"tiny @{manifests['evaluate'].fingerprint[:8]}"
+    on_parent = {i.dataset.name: i.dataset for i in parent.inputs.dataset_inputs}
+    assert set(on_parent) == {"prepare", "source"}
+    assert on_parent["prepare"].digest == manifests["prepare"].fingerprint[:36]
+    assert parent.data.tags["kdflow.registered_model"] == f"tiny-student/{version.version}"
+    assert parent.data.tags["kdflow.student.model_id"] == student.model_id
+    assert [o.model_id for o in parent.outputs.model_outputs] == [student.model_id]
+    note = parent.data.tags["mlflow.note.content"]
+    for stage in STAGE_ORDER:
+        assert f"#/experiments/{exp_id}/runs/{runs[stage].info.run_id})" in note
+    assert f"#/models/tiny-student/versions/{version.version})" in note
+    logged_files = {f.path for f in client.list_artifacts(parent.info.run_id)}
+    assert {"lineage.md", "lineage.json"} <= logged_files
+    champion = client.get_model_version_by_alias("tiny-student", "champion")
+    assert champion.version == version.version
+    assert float(champion.tags["kdflow.eval.accuracy"]) == pytest.approx(metrics["student"]["accuracy"], abs=1e-4)
+
     # `kdflow lineage tiny-student@latest`: the chain back to the data source
     text = _lineage_output(tmp_path, monkeypatch, "tiny-student@latest")
     rows = [line for line in text.splitlines() if line.startswith("│")]
@@ -141,10 +160,19 @@ def test_flow_records_runs_inputs_models_registry_and_lineage(tmp_path: Path, pr
     # a change to the student: a new version; cached stages keep pointing at the runs that made them
     write_params(tmp_path, tiny_params(tracking={"enabled": True, "experiment": "lineage"},
                                        student={"loss": {"name": "kd", "temperature": 2.0}}))
-    again = distill(params_file="params.yaml", root=str(tmp_path))
+    again = distill(params_file="params.yaml", root=str(tmp_path), overrides=["evaluate.latency_repeats=2"])
     assert {s for s, v in again["stages"].items() if not v["cached"]} == {"student", "evaluate"}
     newest = client.get_model_version_by_alias("tiny-student", "latest")
     assert int(newest.version) == int(version.version) + 1
+    parents, _ = _runs(client, "lineage")
+    second = next(p for p in parents if p.info.run_id != parent.info.run_id)
+    assert second.info.run_name == "tiny evaluate.latency_repeats=2"
+    cached_note = second.data.tags["mlflow.note.content"]  # a cached stage links the run that made it
+    assert f"| prepare | cached | [{runs['prepare'].info.run_id[:12]}](#/experiments/{exp_id}/runs/" in cached_note
+    assert second.data.tags["kdflow.registered_model"] == f"tiny-student/{newest.version}"
+    champion = client.get_model_version_by_alias("tiny-student", "champion")
+    better = float(newest.tags["kdflow.eval.accuracy"]) > float(version.tags["kdflow.eval.accuracy"])
+    assert champion.version == (newest.version if better else version.version)
     assert newest.tags["kdflow.teacher.run_id"] == runs["teachers"].info.run_id
     text = _lineage_output(tmp_path, monkeypatch, "tiny-student@latest")
     assert runs["prepare"].info.run_id in text and runs["student"].info.run_id not in text
