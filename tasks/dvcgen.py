@@ -88,14 +88,18 @@ def dvc_stages(plots_track: str, *, config: str | None = None, raw: dict[str, An
                 stage["params"] = [{config: keys}]
         else:
             stage["params"] = keys
+        # persist: DVC leaves an output in place before running the command, so `kdflow stage` finds
+        # an output `kdflow run` made with the same fingerprint and does nothing (no retraining, no
+        # new model version) and DVC only records it in dvc.lock; a stale output is replaced
+        # atomically by the stage itself.
         if spec.metrics or spec.plots:  # metrics and plots data: small, kept by git (cache: false)
-            stage["outs"] = [f"{out}/manifest.json"]
-            stage["metrics"] = [{f"{out}/{spec.metrics}": {"cache": False}}]
-            stage["plots"] = [{f"{out}/{path}": {**props, "cache": False}}
+            stage["outs"] = [{f"{out}/manifest.json": {"persist": True}}]
+            stage["metrics"] = [{f"{out}/{spec.metrics}": {"cache": False, "persist": True}}]
+            stage["plots"] = [{f"{out}/{path}": {**props, "cache": False, "persist": True}}
                               for item in get_track(plots_track).dvc_plots() for path, props in item.items()]
-            stage["plots"].append({f"{out}/figures": {"cache": True}})  # PNGs: image plots, cached by DVC
+            stage["plots"].append({f"{out}/figures": {"cache": True, "persist": True}})  # PNGs: image plots
         else:
-            stage["outs"] = [out]
+            stage["outs"] = [{out: {"persist": True}}]
         stages[stage_name] = stage
     return {"stages": stages}
 

@@ -49,6 +49,43 @@ def test_teachers_code_includes_the_loss_it_trains_with() -> None:
     assert "tasks/select.py" not in stage_code("condense", "classify")  # no task imports another
 
 
+def test_dvc_leaves_outputs_in_place_for_kdflow_to_recognise() -> None:
+    # without persist, DVC deletes a stage's outputs before its command when dvc.lock does not
+    # record them (the first `dvc repro` after `kdflow run`), so every stage retrained
+    for name, stage in DVC.items():
+        for kind in ("outs", "metrics", "plots"):
+            for item in stage.get(kind, []):
+                (path, props), = item.items()
+                assert props.get("persist") is True, (name, kind, path)
+
+
+@pytest.mark.slow
+def test_dvc_repro_after_the_kdflow_path_only_records_the_lock(tmp_path: Path) -> None:
+    """Outputs kdflow made (here in process, as `kdflow run` does) are current for `dvc repro`: the
+    stage's command finds them up to date, nothing is retrained, no model version is registered."""
+    from mlflow.tracking import MlflowClient
+
+    from kdflow.lineage import open_tracker
+    from tasks.common import execute_stage
+
+    raw = parse_params(tiny_params(tracking={"enabled": True, "experiment": "dvc"})).model_dump(mode="json")
+    root, env = dvc_project(tmp_path, raw)
+    env = {**env, "PYTHONPATH": str(root)}
+    pp = parse_params(raw)
+    tracker = open_tracker(enabled=True, uri=None, experiment="dvc", required=True, root=root, pipeline="tiny")
+    for stage in STAGES:
+        execute_stage(stage, pp, root, tracker=tracker)
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    assert len(client.search_model_versions("name='tiny-student'")) == 1
+    before = _manifests(root)
+    out = _sh([sys.executable, "-m", "dvc", "repro", "-s", "student"], root, env).stdout
+    assert "student: up to date" in out, out
+    assert _manifests(root) == before  # not rebuilt
+    assert len(client.search_model_versions("name='tiny-student'")) == 1  # no new version
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert set(lock) == {"student"}  # recorded, so the next `dvc repro -s student` does nothing
+
+
 def _sh(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
@@ -193,7 +230,7 @@ def test_config_pipeline_reads_its_own_file_and_writes_its_own_outputs(tmp_path:
         keys = stage["params"][0]["configs/small.yaml"]
         assert "track" not in keys  # not written in the file: DVC would fail on it
     assert stages["select"]["params"] == [{"configs/small.yaml": ["seed", "select", "student.arch"]}]  # no student.args
-    assert stages["student"]["outs"] == ["artifacts/small/student"]
+    assert stages["student"]["outs"] == [{"artifacts/small/student": {"persist": True}}]
     assert "artifacts/small/evaluate/metrics.json" in str(stages["evaluate"]["metrics"])
     write_params(tmp_path, tiny_params(name="small"))  # params.yaml with the same name: one output folder
     from kdflow.errors import ParamsError
