@@ -34,6 +34,7 @@ __all__ = ["NullTracker", "Tracker", "TrackingUnavailableError", "check_reachabl
 MAX_PARAM_LEN = 6000
 SMALL_ARTIFACT_BYTES = 5 * 2**20
 ARTIFACT_SUFFIXES = (".json", ".png", ".csv", ".parquet")
+KIND_TAG = "mlflow.experimentKind"
 
 
 def upstream_tag(stage: str, what: str) -> str:
@@ -124,6 +125,8 @@ class Tracker(NullTracker):
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
             self.experiment_id = exp.experiment_id
+        if exp is None or KIND_TAG not in exp.tags:  # the UI opens on the runs table, not GenAI's overview
+            self.client.set_experiment_tag(self.experiment_id, KIND_TAG, "custom_model_development")
         self.parent_run_id = None
         self._stages: dict[str, _StageRun] = {}
 
