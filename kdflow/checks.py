@@ -32,6 +32,10 @@ def source_problems(pp: PipelineParams, root: Path) -> list[str]:
     """An unknown source scheme, or what the source's own ``check`` finds (missing files, folders,
     packages, unknown dataset names), and augmented views asked of tabular data."""
     scheme, _, arg = pp.data.source.partition(":")
+    track = get_track(pp.track)  # importing a track registers its sources
+    own = getattr(track, "source_problems", None)  # a track that reads its data itself checks it itself
+    if own is not None:
+        return list(own(pp.data.source, dict(pp.data.options), Path(root)))
     if scheme not in SOURCES:
         close = difflib.get_close_matches(scheme, SOURCES.names(), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""

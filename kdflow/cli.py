@@ -13,7 +13,7 @@ import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -212,7 +212,7 @@ def run(
             from tasks.status import pipeline_status
 
             plan = pipeline_status(pp, Path.cwd())  # the flow's cache check, without Prefect
-            if not any(s.runs for s in plan):
+            if not any(s.runs for s in plan) and _lineage_recorded(pp):
                 metrics = Path.cwd() / "artifacts" / pp.name / "evaluate" / "metrics.json"
                 stages = {s.stage: {"state": "Cached", "cached": True, "seconds": 0.0} for s in plan}
                 result = {"stages": stages, "metrics_file": str(metrics), "track": pp.track, "noop": True}
@@ -229,6 +229,23 @@ def run(
         console.print(f"[yellow]lineage was not recorded:[/] {escape(str(result['tracking_unavailable']))}")
     elif result.get("mlflow_run"):
         out.print(f"MLflow parent run: {result['mlflow_run']}")
+
+
+def _lineage_recorded(pp: Any) -> bool:
+    """Whether every stage output already has its MLflow run (or tracking is off). Outputs built
+    while the tracking store was unavailable go through the flow, which links them to a new parent
+    run when the store is back, or says again that lineage was not recorded."""
+    if not pp.tracking.enabled:
+        return True
+    from schemas.manifest import Manifest
+    from schemas.stages import STAGE_ORDER
+    from tasks.common import artifact_root
+
+    root = artifact_root(Path.cwd(), pp.name)
+    try:
+        return all(Manifest.load(root / stage).mlflow_run_id for stage in STAGE_ORDER)
+    except (ValueError, OSError):
+        return False
 
 
 EPHEMERAL_TIMEOUT = "Timed out while attempting to connect to ephemeral Prefect API server"

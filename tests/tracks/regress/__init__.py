@@ -95,6 +95,13 @@ class RegressTrack(ClassifyTrack):
     model_default = ()
     views_supported = False
 
+    def source_problems(self, spec: str, options: dict[str, Any], root: Path) -> list[str]:
+        """What ``kdflow validate`` says about ``data.source`` (this track reads its data itself)."""
+        scheme, _, arg = spec.partition(":")
+        if scheme != "sine" or not (arg or "600").isdigit():
+            return [f"data.source: track 'regress' reads sine:<N>, got {spec!r}"]
+        return []
+
     def load_source(self, spec: str, *, seed: int, val_fraction: float, test_fraction: float,
                     options: dict[str, Any]) -> Dataset:
         scheme, _, arg = spec.partition(":")
