@@ -42,7 +42,7 @@ run: install
 	kdflow run
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not integration"
