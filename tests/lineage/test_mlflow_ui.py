@@ -9,7 +9,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port, stop_process_group
 from test_report import _chromium, headless_chromium
 
