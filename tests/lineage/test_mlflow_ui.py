@@ -59,8 +59,10 @@ def test_run_list_parent_run_and_model_page_show_names_links_and_alias(tmp_path:
     version = str(client.create_model_version("tiny-student", source=str(tmp_path / "model"), run_id=run_id).version)
     client.set_model_version_tag("tiny-student", version, "kdflow.eval.accuracy", "0.9000")
     assert registry.promote(client, "tiny-student", version, 0.9)
-    client.set_tag(run_id, "mlflow.note.content", f"Registered student: [tiny-student v{version}]"
-                   f"({parent.model_link('tiny-student', version)})\n")
+    rows = [{"stage": "prepare", "cached": True, "fingerprint": "cd" * 32, "run_id": run_id,
+             "experiment_id": tracker.experiment_id}]
+    client.set_tag(run_id, "mlflow.note.content",
+                   parent.markdown("tiny", rows, client.get_model_version("tiny-student", version)))
     tracker.end_pipeline()
 
     port, log = free_port(), tmp_path / "mlflow.log"
@@ -77,7 +79,11 @@ def test_run_list_parent_run_and_model_page_show_names_links_and_alias(tmp_path:
             name = "tiny student.loss.temperature=2"
             _page_text(devtools, f"{base}/#/experiments/{tracker.experiment_id}/runs", [name])  # the run list
             _page_text(devtools, f"{base}/#/experiments/{tracker.experiment_id}/runs/{run_id}",
-                       [name, f"tiny-student v{version}"])  # the parent run and its description
+                       [name, f"tiny-student v{version}", "cdcdcdcd"])  # the parent run and its description
+            hrefs = devtools.call("Runtime.evaluate", returnByValue=True, expression=(
+                "[...document.querySelectorAll('a')].map(a => a.getAttribute('href'))"))["result"]["value"]
+            for link in (parent.model_link("tiny-student", version), parent.run_link(tracker.experiment_id, run_id)):
+                assert link in hrefs, hrefs  # the description's links are links
             _page_text(devtools, f"{base}/#/models/tiny-student", ["champion"])  # the model page
     finally:
         stop_process_group(server, timeout=15)
