@@ -169,8 +169,7 @@ def stage(
     """Run one stage (what dvc.yaml calls), without Prefect."""
     _setup_logging(debug)
     try:
-        from flows.distill import RUNNERS
-        from kdflow.train.distributed import is_main
+        from kdflow.train.distributed import is_main, launched
         from schemas.stages import STAGES
         from tasks.common import execute_stage
 
@@ -178,10 +177,16 @@ def stage(
             raise KdflowError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
         pp = _load(config, set_)
         with _project_lock(pp, wait, locking=is_main()):  # under torchrun, rank 0 holds it for every rank
-            tracker = _tracker(pp) if is_main() else None  # under torchrun, rank 0 records the run
-            with _reporter(in_flow=False) as report:
-                manifest, executed = execute_stage(name, pp, Path.cwd(), tracker=tracker, resume=resume, force=force,
-                                                   progress=report, runners=RUNNERS)
+            # an output that is current (e.g. `dvc repro` after `kdflow run`) needs neither Prefect nor MLflow
+            manifest = None if force or launched() else _current_output(name, pp)
+            executed = False
+            if manifest is None:
+                from flows.distill import RUNNERS
+
+                tracker = _tracker(pp) if is_main() else None  # under torchrun, rank 0 records the run
+                with _reporter(in_flow=False) as report:
+                    manifest, executed = execute_stage(name, pp, Path.cwd(), tracker=tracker, resume=resume,
+                                                       force=force, progress=report, runners=RUNNERS)
     except (KdflowError, OSError) as exc:
         _fail(exc, debug)
     verb = "done" if executed else "up to date"
@@ -391,6 +396,22 @@ def _reporter(in_flow: bool):
         reporter = progress.LogProgress(logging.getLogger("kdflow.progress"))
         with progress.use(reporter):
             yield reporter
+
+
+def _current_output(name: str, pp):
+    """The stage's manifest when its output is current (its upstream outputs valid, its fingerprint
+    matched, every file as recorded), else None: the stage must run (and says why)."""
+    from kdflow.errors import ArtifactError
+    from schemas.manifest import Manifest
+    from tasks.common import artifact_root, check_output, fingerprint, load_upstream, upstream_fingerprints
+
+    try:
+        upstream = load_upstream(name, pp, Path.cwd())
+    except ArtifactError:
+        return None
+    folder = artifact_root(Path.cwd().resolve(), pp.name) / name
+    fp = fingerprint(name, pp, upstream_fingerprints(name, upstream))
+    return Manifest.load(folder) if check_output(folder, fp) is None else None
 
 
 def _tracker(pp):
