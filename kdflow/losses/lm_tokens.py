@@ -238,16 +238,7 @@ def topk_terms_reference(
     """The terms of a top-k LM loss, unfused: ``alpha * T^2 * mean_tokens D + (1 - alpha) * CE``.
 
     The plain autograd path over ``topk_buckets``: the oracle ``topk_terms`` is tested against.
-
-    Args:
-        name: the loss, for error messages.
-        key: the name of the distillation term in the result.
-        divergence: per-row ``D(log_p, log_q)`` ``[T]`` of bucket log-probs ``[T, k + 1]``.
-        student_logits: ``[B, L, V]``.
-        batch: ``TOPK_NEEDS`` and optionally ``"weight"``.
-        temperature: softening temperature T.
-        capture_temperature: temperature the cache was written at.
-        alpha: weight of the distillation term.
+    Arguments as for ``topk_terms``.
     """
     check_lm_batch(name, TOPK_NEEDS, student_logits, batch)
     mask = real_tokens(batch, student_logits.device)  # [B, L]

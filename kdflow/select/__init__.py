@@ -26,6 +26,12 @@ class SelectionData:
     seed: int
     device: torch.device
 
+    @classmethod
+    def of_splits(cls, ds: Any, seed: int, device: torch.device) -> SelectionData:
+        """The train and val splits of a track's dataset (``features``/``labels``/``split``)."""
+        train, val = ds.split("train"), ds.split("val")
+        return cls(train.features, train.labels, val.features, val.labels, ds.num_classes, seed, device)
+
 
 class Strategy(Protocol):
     def __call__(self, candidates: dict[str, nn.Module], data: SelectionData, **kwargs: Any) -> list[dict]: ...

@@ -160,8 +160,7 @@ class ClassifyTrack:
 
     # -- selection, condensation, evaluation ------------------------------------------------------
     def selection_data(self, ds: Dataset, seed: int, device: torch.device) -> SelectionData:
-        train, val = ds.split("train"), ds.split("val")
-        return SelectionData(train.features, train.labels, val.features, val.labels, ds.num_classes, seed, device)
+        return SelectionData.of_splits(ds, seed, device)
 
     def condense_figure(self, ds: Dataset, folder: Path, title: str) -> None:
         """A per-class grid of what the student sees (images only)."""
