@@ -55,6 +55,7 @@ literature, so the figures line up with published tables (``/work/shared/ANCHORS
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -62,6 +63,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -70,6 +72,7 @@ from rich.table import Table
 from torch import nn
 
 from kdflow.condense import condense
+from kdflow.condense.coreset import herding_order, k_center_order, select_in_feature_space
 from kdflow.data.augment import Augment, apply_views, boxes_from_seeds
 from kdflow.data.dataset import Dataset
 from kdflow.data.sources import load_source
@@ -77,7 +80,7 @@ from kdflow.losses import build_loss, create_loss
 from kdflow.losses.dbr import DBRParams
 from kdflow.models import count_params, create_model
 from kdflow.train.device import seed_everything
-from kdflow.train.loop import accuracy_of, fit, predict
+from kdflow.train.loop import accuracy_of, extract_features, fit, predict
 
 CPU = torch.device("cpu")
 METHODS = ["random", "herding", "k_center", "rded", "nrr_dd"]
@@ -100,13 +103,21 @@ STANDARD_EPOCHS = 300
 STANDARD_AUG = Augment(scale_min=0.5, scale_max=1.0, flip=True)
 STANDARD_LR, STANDARD_WD, STANDARD_T = 1e-3, 0.01, 20.0
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+# --protocol dc: the DC paper's evaluation of coreset baselines (Zhao, Mopuri & Bilen, ICLR 2021)
+DC_METHODS = ["random", "herding", "k_center", "full"]
+DC_EPOCHS, DC_LR, DC_MOMENTUM, DC_WD, DC_BATCH = 300, 0.01, 0.9, 5e-4, 256
+DC_FULL_EPOCHS = 3  # the whole-dataset reference on this CPU (the paper does not state its budget)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     shared = Path(os.environ.get("KDFLOW_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--protocol", choices=["legacy", "standard"], default="legacy",
-                   help="standard: ConvNet-3 student, published epoch budgets, last and best-of-last-20%% accuracy")
+    p.add_argument("--protocol", choices=["legacy", "standard", "dc"], default="legacy",
+                   help="standard: ConvNet-3 student, published epoch budgets, last and best-of-last-20%% accuracy; "
+                        "dc: the DC paper's coreset baselines (hard labels, SGD, 300 epochs)")
+    p.add_argument("--full-epochs", type=int, default=DC_FULL_EPOCHS,
+                   help="dc: epochs of the ConvNet-3 trained on the whole training set (the 'whole dataset' row "
+                        "and the feature space of herding/k_center)")
     p.add_argument("--datasets", nargs="+", default=None, choices=["digits", "mnist", "fashion"],
                    help="default: digits mnist (legacy), fashion (standard)")
     p.add_argument("--mnist", type=Path, default=shared / "mnist-t10k", help="folder of the MNIST IDX files")
@@ -115,7 +126,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on the first n test images only")
     p.add_argument("--eval-every", type=int, default=1, help="standard: evaluate every n epochs in the last 20%%")
     p.add_argument("--ipc", nargs="+", type=int, default=[1, 10, 50])
-    p.add_argument("--methods", nargs="+", default=METHODS + ["full"], choices=METHODS + ["full"])
+    p.add_argument("--methods", nargs="+", default=None, choices=METHODS + ["full"],
+                   help="default: all (legacy, standard); random herding k_center full (dc)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..n-1 (condensation + student)")
     p.add_argument("--steps", type=int, default=None,
                    help="student optimiser steps, for every run (legacy default 200; standard: 300/600/1500 by IPC)")
@@ -128,7 +140,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.datasets is None:
-        args.datasets = ["fashion"] if args.protocol == "standard" else ["digits", "mnist"]
+        args.datasets = ["fashion"] if args.protocol in ("standard", "dc") else ["digits", "mnist"]
+    if args.methods is None:
+        args.methods = DC_METHODS if args.protocol == "dc" else METHODS + ["full"]
+    if args.protocol == "dc" and (bad := sorted(set(args.methods) - set(DC_METHODS))):
+        p.error(f"--protocol dc: methods {bad} are not DC-paper baselines (use {DC_METHODS})")
+    if args.protocol == "dc" and args.full_epochs < 1:
+        p.error("--full-epochs must be >= 1")
     if args.quick:
         args.datasets, args.ipc, args.seeds, args.steps = ["digits"], [1], 2, 8
         args.teacher_epochs, args.nrr_iterations, args.ablations = 1, 2, False
@@ -324,6 +342,94 @@ def bench_dataset(name: str, args: argparse.Namespace, console: Console) -> dict
             "teacher_params": count_params(teacher), "teacher_seconds": teacher_s, "rows": rows}
 
 
+def dc_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int,
+             on_epoch: Callable[[int], None] | None = None) -> nn.Module:
+    """Train ``model`` the way the DC paper evaluates a (condensed or coreset) training set: cross-entropy
+    on hard labels, SGD momentum 0.9, lr 0.01 divided by 10 after half of the epochs, weight decay 5e-4,
+    batch 256 (all of a smaller set), reshuffled every epoch, no augmentation (the DC code augments only
+    MNIST, and only for its own synthetic sets), last weights."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=DC_LR, momentum=DC_MOMENTUM, weight_decay=DC_WD)
+    model.train()
+    for epoch in range(epochs):
+        if epoch == epochs // 2:
+            for group in opt.param_groups:
+                group["lr"] = DC_LR * 0.1
+        for rows in torch.randperm(len(x), generator=gen).split(DC_BATCH):
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x[rows]), y[rows]).backward()
+            opt.step()
+        if on_epoch is not None:
+            on_epoch(epoch + 1)
+    return model.eval()
+
+
+def bench_dc(name: str, args: argparse.Namespace, console: Console) -> dict:
+    """``--protocol dc``: random / herding / k_center at each IPC and the whole training set, each set
+    training fresh ConvNet-3s with ``dc_train`` (300 epochs; the whole set ``--full-epochs``), test
+    accuracy of the last weights on the test split. Pixels standardised by the training split's mean
+    and std (as the DC code does). Herding and k_center pick per class in the L2-normalised penultimate
+    features of the ConvNet-3 trained on the whole training set (the DC paper's feature space; the
+    library's ``herding``/``k_center`` condensers with that network as the ``teacher``)."""
+    train, test = load(name, args)
+    mean, std = train.features.mean(), train.features.std()
+    train = dataclasses.replace(train, features=(train.features - mean) / std)
+    test = dataclasses.replace(test, features=(test.features - mean) / std)
+    seed_everything(args.split_seed)
+    t0 = time.perf_counter()
+    full = create_model("convnet3", train.input_shape, train.num_classes)
+    dc_train(full, train.features, train.labels, args.full_epochs, args.split_seed,
+             on_epoch=lambda e: console.print(f"  whole set: epoch {e}/{args.full_epochs} "
+                                              f"({time.perf_counter() - t0:.0f} s)"))
+    full_s = time.perf_counter() - t0
+    full_acc = accuracy_of(full, test.features, test.labels, batch_size=512, device=CPU)
+    console.print(f"{name}: train {len(train)}, test {len(test)}; ConvNet-3 on the whole training set "
+                  f"({args.full_epochs} epochs, {full_s:.0f} s): test acc {full_acc:.4f}")
+    feats = extract_features(full, train.features, device=CPU)  # once: herding/k_center are deterministic
+    rows = []
+    if "full" in args.methods:
+        rows.append({"dataset": name, "ipc": None, "method": "full", "labels": "hard", "n": len(train),
+                     "epochs": args.full_epochs, "accuracy_mean": full_acc, "accuracy_std": 0.0,
+                     "accuracies": [full_acc], "train_seconds": [full_s], "image_bytes": train.features.numel() * 4,
+                     "label_bytes": len(train) * 8, "label_bytes_all_views": len(train) * 8,
+                     "condense_seconds_mean": 0.0, "teacher_acc_on_set": 1.0})
+    orders = {"herding": herding_order, "k_center": k_center_order}
+    for ipc in args.ipc:
+        methods = [m for m in args.methods if m != "full"]
+        runs: dict[str, dict[str, list]] = {m: {"acc": [], "train_s": [], "condense_s": [], "on_set": []}
+                                           for m in methods}
+        for seed in range(args.seeds):  # seeds outermost: a cut-short run has every method at seed 0
+            for method in methods:
+                t1 = time.perf_counter()
+                small = (condense("random", train, teacher=None, ipc=ipc, seed=seed, device=CPU)
+                         if method == "random" else select_in_feature_space(orders[method], train, feats, ipc))
+                run = runs[method]
+                run["condense_s"].append(time.perf_counter() - t1)
+                run["on_set"].append(float((predict(full, small.features).argmax(-1) == small.labels).float().mean()))
+                seed_everything(seed)
+                student = create_model("convnet3", small.input_shape, small.num_classes)
+                t1 = time.perf_counter()
+                dc_train(student, small.features, small.labels, DC_EPOCHS, seed)
+                run["train_s"].append(time.perf_counter() - t1)
+                run["acc"].append(accuracy_of(student, test.features, test.labels, batch_size=512, device=CPU))
+                run["n"] = len(small)
+                console.print(f"  {name} ipc={ipc} {method} seed {seed}: {run['acc'][-1]:.4f} "
+                              f"(train {run['train_s'][-1]:.0f} s, wall {time.perf_counter() - t0:.0f} s)")
+        for method, run in runs.items():
+            m, sd = summarise(run["acc"])
+            n = run["n"]
+            rows.append({"dataset": name, "ipc": ipc, "method": method, "labels": "hard", "n": n,
+                         "epochs": DC_EPOCHS, "accuracy_mean": m, "accuracy_std": sd, "accuracies": run["acc"],
+                         "train_seconds": run["train_s"], "image_bytes": n * math.prod(train.input_shape) * 4,
+                         "label_bytes": n * 8, "label_bytes_all_views": n * 8,
+                         "condense_seconds_mean": statistics.fmean(run["condense_s"]),
+                         "teacher_acc_on_set": statistics.fmean(run["on_set"])})
+            console.print(f"  {name} ipc={ipc} {method}: {m:.4f} +- {sd:.4f}")
+    add_ratios(rows)
+    return {"dataset": name, "n_train": len(train), "n_test": len(test), "teacher_accuracy": full_acc,
+            "teacher_params": count_params(full), "teacher_seconds": full_s, "rows": rows}
+
+
 def add_ratios(rows: list[dict]) -> None:
     """``vs_random``: accuracy over ``random`` with the same labels (``soft`` for dbr), same IPC;
     ``full`` rows are compared with the random rows of each IPC in the table instead."""
@@ -346,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
             hint = " (apt-get install -y dataset-fashion-mnist)" if name == "fashion" else ""
             console.print(f"[yellow]skip {name}: {folder} not found{hint}[/]")
             continue
-        results.append(bench_dataset(name, args, console))
+        results.append((bench_dc if args.protocol == "dc" else bench_dataset)(name, args, console))
     wall = time.perf_counter() - t0
     steps = args.steps or "published"
     table = Table(title=f"condensed-set student accuracy ({args.protocol} protocol, {args.seeds} seeds, "

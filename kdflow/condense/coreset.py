@@ -112,7 +112,22 @@ def _per_class_in_feature_space(
 ) -> Dataset:
     """Pick ``ipc`` rows per class with ``order`` on L2-normalised teacher features."""
     feats = extract_features(teacher, train.features, device=device)  # [N, D]
-    feats = torch.nn.functional.normalize(feats.float(), dim=1)
+    return select_in_feature_space(order, train, feats, ipc, report)
+
+
+def select_in_feature_space(
+    order: Callable[[torch.Tensor, int], list[int]], train: Dataset, features: torch.Tensor, ipc: int,
+    report: Report | None = None,
+) -> Dataset:
+    """Pick ``ipc`` rows per class of ``train`` with ``order`` (``herding_order``, ``k_center_order``)
+    on ``features`` ``[N, D]`` (one row per sample of ``train``), L2-normalised first.
+
+    What the ``herding``/``k_center`` condensers do after extracting the teacher's features; callers
+    that already hold the features (a benchmark picking at several IPCs) use it directly.
+    """
+    if len(features) != len(train):
+        raise ValueError(f"features have {len(features)} rows, the dataset {len(train)}")
+    feats = torch.nn.functional.normalize(features.float(), dim=1)
     keep = []
     for c, rows in enumerate(per_class_indices(train.labels, train.num_classes), start=1):
         keep.append(rows[order(feats[rows], ipc)])

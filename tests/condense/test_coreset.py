@@ -106,3 +106,17 @@ def test_coresets_keep_real_images_of_any_shape_deterministically(method: str, s
         assert a.sample_ids != c.sample_ids
     else:
         assert a.sample_ids == c.sample_ids
+
+
+def test_select_in_feature_space_equals_the_condenser_on_the_same_features() -> None:
+    """The condensers pick from the teacher's features; passing those features directly (a benchmark
+    that extracts them once) picks the same rows, and a row-count mismatch is refused."""
+    from kdflow.condense.coreset import k_center_order, select_in_feature_space
+
+    ds = _toy()
+    for name, order in (("herding", herding_order), ("k_center", k_center_order)):
+        via_teacher = condense(name, ds, teacher=Flatten(), ipc=3, seed=0, device=torch.device("cpu"))
+        direct = select_in_feature_space(order, ds, ds.features.flatten(1), 3)
+        assert direct.sample_ids == via_teacher.sample_ids
+    with pytest.raises(ValueError, match="rows"):
+        select_in_feature_space(herding_order, ds, ds.features.flatten(1)[:-1], 3)

@@ -60,3 +60,22 @@ def test_k_center_keeps_ipc_real_samples_per_class() -> None:
     assert torch.bincount(out.labels).tolist() == [4, 4, 4]
     for i, sid in enumerate(out.sample_ids):
         assert torch.equal(out.features[i], ds.features[ds.sample_ids.index(sid)])
+
+
+def covering_radius(features: np.ndarray, centers: list[int]) -> float:
+    """Largest distance from any point to its nearest center."""
+    return max(min(np.linalg.norm(f - features[c]) for c in centers) for f in features)
+
+
+def test_k_center_is_within_twice_the_brute_force_optimum() -> None:
+    """Greedy k-center's covering radius is at most 2x the best over every subset of the same size
+    (Gonzalez's bound, whatever the first center): checked exhaustively on tiny point sets."""
+    from itertools import combinations
+
+    for trial in range(5):
+        feats = torch.randn(9, 2, generator=torch.Generator().manual_seed(trial))
+        pts = feats.numpy()
+        for k in (1, 2, 3):
+            best = min(covering_radius(pts, list(s)) for s in combinations(range(len(pts)), k))
+            greedy = covering_radius(pts, k_center_order(feats, k))
+            assert greedy <= 2 * best + 1e-6, (trial, k, greedy, best)
