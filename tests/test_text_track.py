@@ -13,7 +13,7 @@ from conftest import REPO
 from kdflow.errors import DataError, ModelError
 from kdflow.tracks import get_track, infer_track
 from kdflow.tracks.text import data as text_data
-from kdflow.tracks.text.models import TrimmedEmbedding, trim
+from kdflow.tracks.text.models import TrimmedEmbedding, head_tail, trim
 from schemas.params import parse_params
 from schemas.stages import STAGE_ORDER
 from tasks.common import execute_stage
@@ -134,6 +134,8 @@ def test_trimmed_vocabulary_keeps_the_most_frequent_training_ids() -> None:
     ("text_gru", {"vocab": 64, "dim": 8, "hidden": 8}),
     ("text_cnn", {"vocab": 64, "dim": 8, "channels": 8}),
     ("text_bert", {"layers": 1, "hidden": 16, "heads": 2, "intermediate": 32}),
+    ("text_bert", {"layers": 1, "hidden": 16, "heads": 2, "intermediate": 32, "max_tokens": 12, "head_tokens": 5}),
+    ("text_bag", {"vocab": 64, "dim": 8, "buckets": 97}),
 ])
 def test_students_ignore_padding_and_reload_exactly(small, tmp_path: Path, arch: str, args: dict) -> None:
     torch.manual_seed(0)
@@ -150,6 +152,51 @@ def test_students_ignore_padding_and_reload_exactly(small, tmp_path: Path, arch:
         assert torch.equal(back(x), model(x))
 
 
+def test_whole_articles_longer_than_a_transformer_reads(tmp_path: Path) -> None:
+    rows = {"text": [words(i, i % 5) * 40 for i in range(30)], "label": [i % 5 for i in range(30)]}  # ~800 ids
+    ds = TEXT.load_source(f"texts:{table(tmp_path, rows)}", seed=0, val_fraction=0.2, test_fraction=0.2,
+                          options={"max_length": 1024})
+    assert ds.input_shape == (1024,) and int((ds.features != 0).sum(1).min()) > 600
+    bert = TEXT.create_model("text_bert", ds, {"layers": 1, "hidden": 16, "heads": 2, "max_positions": 64}).eval()
+    assert bert.max_tokens == 64  # the model's positions, by default
+    with torch.no_grad():
+        assert bert(ds.features[:2]).shape == (2, 5)
+    with pytest.raises(DataError, match="max_length: between 8 and 8192"):
+        TEXT.load_source(f"texts:{table(tmp_path, rows)}", seed=0, val_fraction=0.2, test_fraction=0.2,
+                         options={"max_length": 9000})
+
+
+def test_head_tail_keeps_the_first_and_last_tokens_of_long_texts(small) -> None:
+    x = torch.tensor([[101, 11, 12, 13, 14, 15, 16, 102, 0], [101, 21, 102, 0, 0, 0, 0, 0, 0]])
+    def reference(row: list[int], m: int, h: int) -> list[int]:  # per text, by hand
+        real = [t for t in row if t]
+        return real if len(real) <= m else real[:h] + real[len(real) - (m - h):]
+    for m, h in ((5, 2), (5, 1), (4, 3), (8, 2), (20, 3)):
+        out = head_tail(x, 0, m, h)
+        assert [[t for t in r if t] for r in out.tolist()] == [reference(r, m, h) for r in x.tolist()]
+    assert head_tail(x, 0, 5, None).tolist() == [[101, 11, 12, 13, 14], [101, 21, 102, 0, 0]]
+    assert head_tail(x, 0, 5, 2)[0].tolist() == [101, 11, 15, 16, 102]  # [CLS] and [SEP] kept
+    with pytest.raises(ModelError, match="head_tokens"):
+        TEXT.create_model("text_bert", small, {"layers": 1, "hidden": 16, "heads": 2, "max_tokens": 8,
+                                                    "head_tokens": 8})
+
+
+def test_bag_student_averages_wordpiece_and_hashed_bigram_embeddings(small) -> None:
+    torch.manual_seed(0)
+    model = TEXT.create_model("text_bag", small, {"vocab": 64, "dim": 4, "buckets": 13}).eval()
+    assert sum(p.numel() for p in model.parameters()) == 64 * 4 + 13 * 4 + 4 * 5 + 5
+    row = small.features[0]
+    ids = row[row != 0].tolist()
+    vecs = [model.embedding.embed.weight[int(model.embedding.id_map[i])] for i in ids]  # by hand
+    vecs += [model.bigrams.weight[(a * 30522 + b) * 2654435761 % 13] for a, b in zip(ids, ids[1:])]
+    with torch.no_grad():
+        assert torch.allclose(model.features(small.features[:1])[0], torch.stack(vecs).mean(0), atol=1e-6)
+    uni = TEXT.create_model("text_bag", small, {"vocab": 64, "dim": 4, "ngrams": 1})
+    assert uni.bigrams is None
+    with pytest.raises(ModelError, match="text_bag.ngrams"):
+        TEXT.create_model("text_bag", small, {"ngrams": 3})
+
+
 def test_onnx_teacher_is_forward_only_and_its_memo_changes_nothing(small) -> None:
     pytest.importorskip("onnxruntime")
     model = TEXT.create_model("onnx_encoder", small, {"model": ONNX})
@@ -161,6 +208,23 @@ def test_onnx_teacher_is_forward_only_and_its_memo_changes_nothing(small) -> Non
     model.memoize = False
     model._memo.clear()
     assert torch.allclose(model(x), first, atol=1e-5) and not model._memo
+
+
+def test_onnx_teacher_with_chunks_reads_the_whole_text_as_the_mean_of_its_windows(small) -> None:
+    pytest.importorskip("onnxruntime")
+    model = TEXT.create_model("onnx_encoder", small, {"model": ONNX, "chunk": 8})
+    x = small.features[:3]
+    windows, owner = model._chunks(x)
+    for r in range(3):  # each window is [CLS] piece [SEP]; the pieces put together are the text
+        real = x[r][x[r] != 0].tolist()
+        mine = [w[w != 0].tolist() for w in windows[owner == r]]
+        assert all(w[0] == real[0] and w[-1] == real[-1] and len(w) <= 8 for w in mine)
+        assert [t for w in mine for t in w[1:-1]] == real[1:-1]
+    by_hand = torch.stack([torch.stack([model._encode(w[w != 0].unsqueeze(0))[0] for w in windows[owner == r]]).mean(0)
+                           for r in range(3)])
+    assert torch.allclose(model.features(x), by_hand, atol=1e-5)
+    with pytest.raises(ModelError, match="onnx_encoder.chunk"):
+        TEXT.create_model("onnx_encoder", small, {"model": ONNX, "chunk": 600})
 
 
 def test_bert_student_is_a_text_classification_pipeline_offline(small, tmp_path: Path) -> None:

@@ -3,7 +3,7 @@
 Everything after the data is classification, so this is the ``classify`` track (its logit cache,
 losses, selection strategies, training loop) with what differs for text: the dataset artifact
 (texts + token ids, tokenised once with the teacher's tokenizer, ``data.py``), its models
-(``text_bert``, ``text_gru``, ``text_cnn``, ``onnx_encoder``, ``models.py``), BERT models saved as
+(``text_bert``, ``text_gru``, ``text_cnn``, ``text_bag``, ``onnx_encoder``, ``models.py``), BERT models saved as
 ``save_pretrained`` folders with their tokenizer and class names (``pipeline("text-classification")``
 loads them offline), no augmented views, and latency at batch 1 and 64 on real test texts.
 """
@@ -35,8 +35,8 @@ class TextTrack(ClassifyTrack):
     """Text classification."""
 
     name = "text"
-    summary = ("text classification (BBC News, parquet/CSV texts): MiniLM / ONNX teachers, BERT / BiGRU / CNN "
-               "students; accuracy, F1, ECE, latency b1/b64")
+    summary = ("text classification (BBC News, parquet/CSV texts): MiniLM / ONNX teachers, BERT / BiGRU / CNN / "
+               "n-gram bag students; accuracy, F1, ECE, latency b1/b64")
     modalities = ("text",)
     model_default = ()  # only models registered with tracks=("text",)
     views_supported = False
@@ -90,7 +90,7 @@ class TextTrack(ClassifyTrack):
 
     def create_model(self, arch: str, ds: Dataset, args: dict[str, Any], teacher: Path | None = None) -> nn.Module:
         defaults = {"pad_id": int(ds.meta.get("pad_id", 0))}
-        if arch in ("text_gru", "text_cnn"):
+        if arch in ("text_gru", "text_cnn", "text_bag"):
             defaults["full_vocab"] = int(ds.meta.get("vocab_size", 30522))
         if arch == "text_bert" and "pretrained" not in args and "init_from_teacher" not in args:
             defaults["vocab_size"] = int(ds.meta.get("vocab_size", 30522))
@@ -122,7 +122,9 @@ class TextTrack(ClassifyTrack):
                                                                         trust_remote_code=False)
             except (OSError, ValueError) as exc:
                 raise ModelError(f"{folder}: not a text-classification model ({exc})") from None
-            model = TextBert(hf, int((spec or {}).get("args", {}).get("pad_id", hf.config.pad_token_id or 0)))
+            saved = (spec or {}).get("args", {})
+            model = TextBert(hf, int(saved.get("pad_id", hf.config.pad_token_id or 0)), saved.get("max_tokens"),
+                             saved.get("head_tokens"))
             model.kdflow_spec = spec or {"arch": "text_bert", "args": {}, "input_shape": [],
                                          "num_classes": hf.config.num_labels}
             return model.eval()
@@ -149,7 +151,8 @@ class TextTrack(ClassifyTrack):
         for f in TOKENIZER_FILES:
             if tok is not None and (Path(tok) / f).is_file():
                 shutil.copy2(Path(tok) / f, folder / f)
-        spec = {**model.kdflow_spec, "arch": "text_bert", "args": {"pad_id": model.pad_id}, "format": "kdflow"}
+        cut = {"max_tokens": model.max_tokens, "head_tokens": model.head_tokens}  # how long texts are cut
+        spec = {**model.kdflow_spec, "arch": "text_bert", "args": {"pad_id": model.pad_id, **cut}, "format": "kdflow"}
         (folder / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
 
     def views(self, ds: Dataset, k: int, seed: int, augment: dict[str, Any]) -> dict[str, torch.Tensor]:

