@@ -115,6 +115,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--protocol", choices=["legacy", "standard", "dc"], default="legacy",
                    help="standard: ConvNet-3 student, published epoch budgets, last and best-of-last-20%% accuracy; "
                         "dc: the DC paper's coreset baselines (hard labels, SGD, 300 epochs)")
+    p.add_argument("--feature-net", choices=["convnet3", "teacher"], default="convnet3",
+                   help="dc: herding/k_center feature space: the ConvNet-3 trained on the whole set (the DC "
+                        "paper's; also the 'whole dataset' row) or the benchmark's small convnet teacher (cheaper)")
     p.add_argument("--full-epochs", type=int, default=DC_FULL_EPOCHS,
                    help="dc: epochs of the ConvNet-3 trained on the whole training set (the 'whole dataset' row "
                         "and the feature space of herding/k_center)")
@@ -369,30 +372,41 @@ def bench_dc(name: str, args: argparse.Namespace, console: Console) -> dict:
     training fresh ConvNet-3s with ``dc_train`` (300 epochs; the whole set ``--full-epochs``), test
     accuracy of the last weights on the test split. Pixels standardised by the training split's mean
     and std (as the DC code does). Herding and k_center pick per class in the L2-normalised penultimate
-    features of the ConvNet-3 trained on the whole training set (the DC paper's feature space; the
-    library's ``herding``/``k_center`` condensers with that network as the ``teacher``)."""
+    features of the ConvNet-3 trained on the whole training set (the DC paper's feature space; what the
+    library's ``herding``/``k_center`` condensers do with that network as the ``teacher``), or with
+    ``--feature-net teacher`` of the benchmark's small convnet teacher (``--teacher-epochs``; no whole-set
+    row then). Seeds are the outer loop, so a run cut short has every method at the first seeds."""
     train, test = load(name, args)
     mean, std = train.features.mean(), train.features.std()
     train = dataclasses.replace(train, features=(train.features - mean) / std)
     test = dataclasses.replace(test, features=(test.features - mean) / std)
-    seed_everything(args.split_seed)
     t0 = time.perf_counter()
-    full = create_model("convnet3", train.input_shape, train.num_classes)
-    dc_train(full, train.features, train.labels, args.full_epochs, args.split_seed,
-             on_epoch=lambda e: console.print(f"  whole set: epoch {e}/{args.full_epochs} "
-                                              f"({time.perf_counter() - t0:.0f} s)"))
-    full_s = time.perf_counter() - t0
-    full_acc = accuracy_of(full, test.features, test.labels, batch_size=512, device=CPU)
-    console.print(f"{name}: train {len(train)}, test {len(test)}; ConvNet-3 on the whole training set "
-                  f"({args.full_epochs} epochs, {full_s:.0f} s): test acc {full_acc:.4f}")
-    feats = extract_features(full, train.features, device=CPU)  # once: herding/k_center are deterministic
     rows = []
-    if "full" in args.methods:
-        rows.append({"dataset": name, "ipc": None, "method": "full", "labels": "hard", "n": len(train),
-                     "epochs": args.full_epochs, "accuracy_mean": full_acc, "accuracy_std": 0.0,
-                     "accuracies": [full_acc], "train_seconds": [full_s], "image_bytes": train.features.numel() * 4,
-                     "label_bytes": len(train) * 8, "label_bytes_all_views": len(train) * 8,
-                     "condense_seconds_mean": 0.0, "teacher_acc_on_set": 1.0})
+    if args.feature_net == "teacher":  # cheaper: the benchmark's small convnet, trained --teacher-epochs
+        full, full_s = train_teacher(train, args)
+        full_acc = accuracy_of(full, test.features, test.labels, batch_size=512, device=CPU)
+        console.print(f"{name}: train {len(train)}, test {len(test)}; feature net: the benchmark's convnet teacher "
+                      f"({full_s:.0f} s): test acc {full_acc:.4f}; no whole-set ConvNet-3 row")
+    else:
+        seed_everything(args.split_seed)
+        full = create_model("convnet3", train.input_shape, train.num_classes)
+        dc_train(full, train.features, train.labels, args.full_epochs, args.split_seed,
+                 on_epoch=lambda e: console.print(f"  whole set: epoch {e}/{args.full_epochs} "
+                                                  f"({time.perf_counter() - t0:.0f} s)"))
+        full_s = time.perf_counter() - t0
+        full_acc = accuracy_of(full, test.features, test.labels, batch_size=512, device=CPU)
+        console.print(f"{name}: train {len(train)}, test {len(test)}; ConvNet-3 on the whole training set "
+                      f"({args.full_epochs} epochs, {full_s:.0f} s): test acc {full_acc:.4f}")
+        if "full" in args.methods:
+            rows.append({"dataset": name, "ipc": None, "method": "full", "labels": "hard", "n": len(train),
+                         "epochs": args.full_epochs, "accuracy_mean": full_acc, "accuracy_std": 0.0,
+                         "accuracies": [full_acc], "train_seconds": [full_s],
+                         "image_bytes": train.features.numel() * 4, "label_bytes": len(train) * 8,
+                         "label_bytes_all_views": len(train) * 8, "condense_seconds_mean": 0.0,
+                         "teacher_acc_on_set": 1.0})
+    t1 = time.perf_counter()
+    feats = extract_features(full, train.features, device=CPU)  # once: herding/k_center are deterministic
+    console.print(f"  features of the training set: {tuple(feats.shape)} ({time.perf_counter() - t1:.0f} s)")
     orders = {"herding": herding_order, "k_center": k_center_order}
     for ipc in args.ipc:
         methods = [m for m in args.methods if m != "full"]

@@ -77,7 +77,8 @@ def test_dc_protocol_defaults_and_refusals() -> None:
     bench = bench_module()
     args = bench.parse_args(["--protocol", "dc"])
     assert args.datasets == ["fashion"] and args.methods == ["random", "herding", "k_center", "full"]
-    assert args.full_epochs >= 1 and args.seeds == 3
+    assert args.full_epochs >= 1 and args.seeds == 3 and args.feature_net == "convnet3"
+    assert bench.parse_args(["--protocol", "dc", "--feature-net", "teacher"]).feature_net == "teacher"
     with pytest.raises(SystemExit):
         bench.parse_args(["--protocol", "dc", "--methods", "rded"])  # not a DC-paper baseline
     with pytest.raises(SystemExit):
