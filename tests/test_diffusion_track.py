@@ -204,7 +204,7 @@ def test_dmd_gradient_formula_and_two_time_scale_updates(teacher_dir: Path) -> N
     torch.testing.assert_close(x.grad, g / x.numel())
 
     model, b = student_of(teacher_dir), _batch()
-    loss = DMD(fake_updates=3, fake_lr=1e-2, regression_weight=0.5, gan_weight=0.1)
+    loss = DMD(fake_updates=3, fake_lr=1e-2, regression_weight=0.5, gan_weight=0.1, multistep=False)
     terms = loss.run_model(model, b)
     assert {"loss", "dm", "fake_score", "regression", "gan", "critic"} <= set(terms)
     assert all(torch.isfinite(v) for v in terms.values())
@@ -212,6 +212,81 @@ def test_dmd_gradient_formula_and_two_time_scale_updates(teacher_dir: Path) -> N
     assert any(changed) and not any(p.requires_grad for p in loss.real.parameters())
     terms["loss"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_multistep_dmd_trains_at_the_declared_lcm_steps_from_its_own_samples(teacher_dir: Path) -> None:
+    from diffusers import LCMScheduler
+
+    from kdflow.tracks.diffusion.models import scheduler_config
+
+    model = student_of(teacher_dir, steps=[1, 2, 4], states=4)
+    sched, declared = LCMScheduler(**scheduler_config(model)), set()
+    for n in (1, 2, 4):
+        sched.set_timesteps(n)
+        declared |= {int(t) for t in sched.timesteps}
+    z, y = torch.randn(3, *SHAPE), torch.tensor([0, 1, 2])
+    seen = set()
+    for seed in range(40):
+        torch.manual_seed(seed)
+        x, t, first = DMD(multistep=True)._generator_input(model, model, z, y)
+        seen.add(t)
+        assert first == (t == 999)
+        if first:
+            assert torch.equal(x, z)
+    assert seen == declared and len(declared) > 1  # every step of 1, 2 and 4-step sampling
+    # backward simulation: the input at the k-th step is the generator's own k-step sample, re-noised
+    sched.set_timesteps(4)
+    t1 = int(sched.timesteps[1])  # the 2nd step of 4-step sampling
+    seed = next(s for s in range(100) if (torch.manual_seed(s), int(torch.randint(3, ())), int(torch.randint(4, ())))[1:] == (2, 1))
+    torch.manual_seed(seed)
+    x, t, first = DMD()._generator_input(model, model, z, y)
+    assert t == t1 and not first
+    torch.manual_seed(seed)
+    torch.randint(3, ()), torch.randint(4, ())  # the step count (4) and its step (the 2nd) drawn above
+    with torch.no_grad():
+        x0 = model(z, torch.full((3,), 999), y)
+        expect = model.noised(x0, torch.randn_like(x0), torch.full((3,), t1))
+    torch.testing.assert_close(x, expect)
+    assert {DMD(multistep=False)._generator_input(model, model, z, y)[1] for _ in range(10)} == {999}
+
+
+@pytest.mark.parametrize("method", ["dmd", "consistency"])
+def test_a_killed_and_resumed_student_continues_the_fake_score_and_ema(teacher_dir: Path, tmp_path: Path,
+                                                                      method: str) -> None:
+    from kdflow.train.loop import fit
+
+    g = torch.Generator().manual_seed(1)
+    data = {"x": torch.randn((8, *SHAPE), generator=g), "y": torch.randint(0, 3, (8,), generator=g),
+            "real": torch.rand((8, *SHAPE), generator=g) * 2 - 1,
+            "teacher_logits": torch.randn((8, 4 * 64), generator=g).clamp(-1, 1)}
+
+    def new_loss() -> DMD | Consistency:
+        return DMD(fake_updates=1, fake_lr=1e-2) if method == "dmd" else Consistency(ema=0.5)
+
+    def train(loss: DMD | Consistency, ckpt: Path, resume: bool = False, stop_after: int | None = None) -> FewStepGenerator:
+        model = student_of(teacher_dir, steps=[1, 2], states=4)
+
+        def on_epoch(row: dict) -> None:
+            if row["epoch"] == stop_after:
+                raise KeyboardInterrupt  # killed after the epoch's checkpoint
+
+        fit(model, data, loss, epochs=3, lr=1e-2, batch_size=4, seed=0, device=torch.device("cpu"),
+            checkpoint_dir=ckpt, resume=resume, fingerprint="f", on_epoch=on_epoch)
+        return model
+
+    straight_loss = new_loss()
+    straight = train(straight_loss, tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        train(new_loss(), tmp_path / "b", stop_after=1)
+    resumed_loss = new_loss()
+    resumed = train(resumed_loss, tmp_path / "b", resume=True)
+    for p, q in zip(straight.parameters(), resumed.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    aux = (lambda lf: lf.fake) if method == "dmd" else (lambda lf: lf.target)
+    for p, q in zip(aux(straight_loss).parameters(), aux(resumed_loss).parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    fresh = new_loss()  # without the saved state the resumed run would differ: the test can fail
+    assert fresh.state_dict() == {}
 
 
 def test_a_dmd_student_needs_its_teacher(teacher: Denoiser) -> None:

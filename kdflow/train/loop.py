@@ -136,7 +136,7 @@ def fit(
     path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
     progress, start = _Progress(), 0
     if path is not None and resume:
-        start = _resume(path, run_key, model, optimizer, scheduler, progress)
+        start = _resume(path, run_key, model, optimizer, scheduler, progress, loss_fn)
     net = distributed.wrap(model, device)  # DDP under a process group of several ranks
     for epoch in range(start + 1, epochs + 1):
         if progress.stopped_early:
@@ -155,7 +155,7 @@ def fit(
         _track_best(progress, model, row, epoch, patience, f"val_{val_metric[0]}" if val_metric else "val_accuracy")
         progress.history.append(row)
         if path is not None and main:
-            _save_checkpoint(path, run_key, epoch, model, optimizer, scheduler, progress)
+            _save_checkpoint(path, run_key, epoch, model, optimizer, scheduler, progress, loss_fn)
         if main:
             _log_epoch(row, epochs, progress.stopped_early)
         if on_epoch is not None:
@@ -299,8 +299,11 @@ def _log_epoch(row: dict[str, float], epochs: int, stopped: bool) -> None:
 
 
 def _save_checkpoint(path: Path, run_key: dict[str, Any], epoch: int, model: nn.Module,
-                     optimizer: torch.optim.Optimizer, scheduler: Any, progress: _Progress) -> None:
-    """Write the checkpoint to a temporary sibling, fsync it, then rename it into place."""
+                     optimizer: torch.optim.Optimizer, scheduler: Any, progress: _Progress,
+                     loss_fn: Any = None) -> None:
+    """Write the checkpoint to a temporary sibling, fsync it, then rename it into place. A loss
+    with training state of its own (``state_dict()``: DMD's fake score, consistency's EMA target)
+    is saved with it."""
     state = {
         "version": CHECKPOINT_VERSION,
         "run_key": run_key,
@@ -313,6 +316,7 @@ def _save_checkpoint(path: Path, run_key: dict[str, Any], epoch: int, model: nn.
         "best_epoch": progress.best_epoch,
         "best_val_accuracy": progress.best_val_accuracy,
         "stopped_early": progress.stopped_early,
+        "loss": loss_fn.state_dict() if hasattr(loss_fn, "state_dict") else None,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -345,7 +349,7 @@ def _read_checkpoint(path: Path, run_key: dict[str, Any]) -> dict[str, Any] | No
 
 
 def _resume(path: Path, run_key: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: Any, progress: _Progress) -> int:
+            scheduler: Any, progress: _Progress, loss_fn: Any = None) -> int:
     """Restore the training state from ``path``; returns the last completed epoch (0 if fresh).
 
     Under DDP rank 0 reads the checkpoint and hands it to the other ranks."""
@@ -355,6 +359,8 @@ def _resume(path: Path, run_key: dict[str, Any], model: nn.Module, optimizer: to
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("loss") and hasattr(loss_fn, "load_state_dict"):
+            loss_fn.load_state_dict(ckpt["loss"])
     except (RuntimeError, ValueError, KeyError) as exc:
         raise KdflowError(
             f"checkpoint {path} does not fit this model ({exc}); delete it to start fresh"

@@ -364,7 +364,8 @@ class DiffusionTrack:
         return evaluation.summary_rows(m)
 
     def summary_line(self, m: dict[str, Any]) -> str:
-        return (f"FID in a classifier's feature space (not Inception), {m['n_reference']} reference images; "
+        return (f"FID in a classifier's feature space (not Inception), {m['n_reference']} reference images, "
+                f"{m['n_generated']} per model; held-out real images: FID {m['fid_real_floor']:.3f} (the floor); "
                 f"teacher: {m['teacher']['name']}")
 
     def report_section(self, m: dict[str, Any]) -> str:

@@ -2,7 +2,9 @@
 trained here, on the same data.
 
 **This FID is not Inception FID**: the features are the penultimate layer of a small ConvNet
-trained on one half of the test split (seeded); the other half is the reference set. Numbers are
+trained on one half of the test split (seeded); of the other half, one half is the reference set and
+the other a held-out real sample as large as each model's sample set, scored like a model: its FID
+(``fid_real_floor``) is the noise floor at these sample sizes. Numbers are
 comparable between models of one run (same classifier, same reference, same sample count), not
 with published FIDs.
 
@@ -133,30 +135,38 @@ class Reference:
     their labels (the classes asked of conditional models) and the noise all models start from."""
 
     net: nn.Module
-    feats: Tensor
-    labels: Tensor
+    feats: Tensor  # the reference images' features
+    labels: Tensor  # the held-out real images' classes: asked of conditional models
     noise: Tensor
     num_classes: int
     metrics: dict[str, Any]
 
 
 def reference(images: Tensor, labels: Tensor, num_classes: int, seed: int = 0) -> Reference:
-    """Train the feature classifier on one half of ``images`` (seeded), keep the other as the reference."""
+    """Split ``images`` (seeded): one half trains the feature classifier; of the other half, the first
+    half is the reference set and the second a held-out real sample of the size every model generates.
+
+    The held-out real images are scored against the reference exactly like a model's samples (same
+    sample sizes, same classes asked of conditional models), so their row (``metrics["real"]``,
+    FID ``fid_real_floor``) is the statistics' noise floor: a model within it is indistinguishable
+    from real data at this sample size."""
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     half = len(images) // 2
-    fit_rows, ref_rows = order[:half], order[half:]
+    fit_rows, rest = order[:half], order[half:]
+    n_gen = len(rest) // 2
+    ref_rows, real_rows = rest[: len(rest) - n_gen], rest[len(rest) - n_gen :]
     net = train_feature_net(images[fit_rows], labels[fit_rows], num_classes, seed)
-    ref, ref_y = images[ref_rows], labels[ref_rows]
-    feats = extract_features(net, ref)
-    a, b = feats[: len(ref) // 2], feats[len(ref) // 2 :]
+    feats = extract_features(net, images[ref_rows])
+    real = score(net, images[real_rows], feats, num_classes, labels[real_rows])
     metrics = {
-        "feature_space": FEATURE_NOTE, "n_reference": len(ref), "n_generated": len(ref),
-        "classifier_accuracy": float((predict(net, ref).argmax(1) == ref_y).double().mean()),
-        "fid_real_halves": fid(a, b),  # the floor: two halves of the reference itself (at half the sample size)
+        "feature_space": FEATURE_NOTE, "n_reference": len(ref_rows), "n_generated": n_gen,
+        "classifier_accuracy": float((predict(net, images[ref_rows]).argmax(1) == labels[ref_rows]).double().mean()),
+        "fid_real_floor": real["fid"],  # held-out real images vs. the reference: the floor at these sizes
+        "real": real,
         "precision_recall_k": PR_K,
     }
-    noise = torch.randn((len(ref), *images.shape[1:]), generator=torch.Generator().manual_seed(seed + 1))
-    return Reference(net, feats, ref_y, noise, num_classes, metrics)
+    noise = torch.randn((n_gen, *images.shape[1:]), generator=torch.Generator().manual_seed(seed + 1))
+    return Reference(net, feats, labels[real_rows], noise, num_classes, metrics)
 
 
 def score_model(model: nn.Module, steps: tuple[int, ...], ref: Reference, *, latency_repeats: int,
@@ -239,7 +249,10 @@ def write_grids(folder: Path, grids: dict[str, Tensor]) -> None:
 # -- the report ------------------------------------------------------------------------------------
 
 def table_rows(m: dict[str, Any]) -> list[list[str]]:
-    rows = []
+    real = m.get("real")
+    rows = [] if real is None else [["real (held-out test images: the floor)", "", f"{real['fid']:.3f}",
+                                     f"{real['precision']:.3f}", f"{real['recall']:.3f}", f"{real['coverage']:.3f}",
+                                     f"{real['class_accuracy']:.3f}", ""]]
     for role in ("teacher", "student"):
         for n, r in m[role]["steps"].items():
             rows.append([f"{role} ({'DDIM' if role == 'teacher' else 'consistency sampler'})", n, f"{r['fid']:.3f}",
@@ -267,7 +280,8 @@ def summary_rows(m: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 
 def report_section(m: dict[str, Any]) -> str:
     html = table(HEADER, table_rows(m), numeric=(1, 2, 3, 4, 5, 6, 7))
-    notes = [FEATURE_NOTE, f"reference: {m['n_reference']} real test images; FID of its two halves "
-             f"{m['fid_real_halves']:.3f} (a floor at half the sample size); classifier accuracy "
-             f"{m['classifier_accuracy']:.3f}"]
+    floor = (f"reference: {m['n_reference']} real test images; {m['n_generated']} images per model and step count; "
+             f"{m['n_generated']} held-out real test images score FID {m['fid_real_floor']:.3f} against the reference "
+             f"(the noise floor at these sample sizes); classifier accuracy {m['classifier_accuracy']:.3f}")
+    notes = [FEATURE_NOTE, floor]
     return html + "".join(f"\n<p>{escape(n)}</p>" for n in notes)

@@ -7,7 +7,7 @@ trajectory are one solver segment apart. The student ``f`` (LCM boundary conditi
     L = || f_theta(x_tn, t_n) - f_ema(x_tn-1, t_n-1) ||^2,  f(x, clean) = x,
 
 with ``n`` uniform over the segments and ``f_ema`` an exponential moving average of the student
-(``ema`` decay). The segments are the cached states (``condense.states``), so no teacher runs while
+(``ema`` decay; saved in the student's checkpoint, so a resumed run continues it). The segments are the cached states (``condense.states``), so no teacher runs while
 the student trains: the pairs are what the paper's solver step computes from a data point noised to
 ``t_n``, taken here from the teacher's own trajectories. Sampling: the LCM scheduler's multi-step
 consistency sampler (``sampling.few_step``). The distance is the squared L2 (the papers also use
@@ -48,14 +48,32 @@ class Consistency(LossBase):
     def __init__(self, ema: float = 0.95) -> None:
         self.ema = float(ema)
         self.target: nn.Module | None = None
+        self._pending: dict | None = None  # a checkpoint's target weights, loaded at the first step
+
+    def state_dict(self) -> dict:
+        """The EMA target network (training state: saved in the student's checkpoint)."""
+        if self.target is None:
+            return dict(self._pending or {})
+        return {"target": {k: v.detach().cpu().clone() for k, v in self.target.state_dict().items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        if self.target is None:
+            self._pending = state
+        else:
+            self.target.load_state_dict(state["target"])
 
     @torch.no_grad()
     def _update_target(self, net: nn.Module) -> nn.Module:
         if self.target is None:
             self.target = copy.deepcopy(net).requires_grad_(False)
-        else:
-            for p_t, p in zip(self.target.parameters(), net.parameters()):
-                p_t.lerp_(p.detach(), 1 - self.ema)
+            if self._pending is None:
+                return self.target
+            self.target.load_state_dict(self._pending["target"])  # resumed: then this step's update
+            self._pending = None
+        for p_t, p in zip(self.target.parameters(), net.parameters()):
+            p_t.lerp_(p.detach(), 1 - self.ema)
         return self.target
 
     def run_model(self, model: nn.Module, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -14,6 +14,16 @@ Optional terms: DMD's paired regression on the cached noise -> image pairs
 (``regression_weight``; DMD2 drops it) and DMD2's GAN term (``gan_weight``): a linear head on the
 fake-score UNet's pooled middle-block features tells noised real images (``batch["real"]``) from
 noised generated ones, trained with the fake score; the generator gets the non-saturating loss.
+
+Multi-step students (``multistep``, DMD2 section 4.5): the generator is trained at every time step
+of its declared step counts, each batch at one of them (a step count ``n`` of the student's
+``steps``, uniform, then one of its ``n`` LCM time steps ``t_k``, uniform). Its input at ``t_k`` comes
+from *backward simulation*: the generator's own ``k``-step sampling from the noise (without gradient,
+re-noised with fresh noise between steps, as the LCM sampler does), so training sees what sampling
+feeds it. The paired regression only applies at the first step (the cache pairs noise with images).
+
+The fake score, its optimiser and the GAN head are training state: ``state_dict`` /
+``load_state_dict`` put them into the student's checkpoint so a resumed run continues them.
 """
 from __future__ import annotations
 
@@ -47,6 +57,7 @@ class DMDParams(Section):
     t_max: float = Field(0.98, gt=0, le=1, description="Highest time step of the distribution-matching noise, as a share of T.")
     regression_weight: float = Field(0.25, ge=0, le=100, description="Weight of DMD's paired regression on the cached noise -> image pairs (0: DMD2, none).")
     gan_weight: float = Field(0.0, ge=0, le=100, description="Weight of DMD2's GAN term for the generator (0: off); the discriminator head reads the fake score's features.")
+    multistep: bool = Field(True, description="Train at every time step of the student's declared step counts, inputs by backward simulation (DMD2); false: at the first step (t = T-1) only.")
 
     @model_validator(mode="after")
     def _range(self) -> DMDParams:
@@ -76,11 +87,13 @@ class DMD(LossBase):
     needs = ("x", "y", "real", "teacher_logits")
 
     def __init__(self, fake_updates: int = 5, fake_lr: float = 1e-4, t_min: float = 0.02, t_max: float = 0.98,
-                 regression_weight: float = 0.25, gan_weight: float = 0.0) -> None:
+                 regression_weight: float = 0.25, gan_weight: float = 0.0, multistep: bool = True) -> None:
         self.fake_updates, self.fake_lr = int(fake_updates), float(fake_lr)
         self.t_min, self.t_max = float(t_min), float(t_max)
         self.regression_weight, self.gan_weight = float(regression_weight), float(gan_weight)
+        self.multistep = bool(multistep)
         self.real: nn.Module | None = None
+        self._pending: dict | None = None  # a checkpoint's state, loaded at setup
 
     def _setup(self, net: nn.Module, device: torch.device) -> None:
         from kdflow.tracks.diffusion.models import load_diffusion
@@ -91,9 +104,36 @@ class DMD(LossBase):
                              "chosen teacher's folder")
         self.real = load_diffusion(teacher_dir).to(device).requires_grad_(False).eval()
         self.fake = copy.deepcopy(self.real).requires_grad_(True).train()
-        self.critic = _Critic(self.fake.unet).to(device)
+        with torch.random.fork_rng(devices=[]):  # the head's init leaves the training RNG alone (resumes match)
+            torch.manual_seed(0)
+            self.critic = _Critic(self.fake.unet).to(device)
         params = [*self.fake.parameters(), *self.critic.parameters()]
         self.opt = torch.optim.AdamW(params, lr=self.fake_lr, weight_decay=0.0)
+        if self._pending is not None:
+            state, self._pending = self._pending, None
+            self._load(state)
+
+    def _load(self, state: dict) -> None:
+        self.fake.load_state_dict(state["fake"])
+        self.critic.load_state_dict(state["critic"])
+        self.opt.load_state_dict(state["opt"])
+
+    def state_dict(self) -> dict:
+        """The fake score, the GAN head and their optimiser (empty before the first step)."""
+        if self.real is None:
+            return dict(self._pending or {})
+        return {"fake": {k: v.detach().cpu().clone() for k, v in self.fake.state_dict().items()},
+                "critic": {k: v.detach().cpu().clone() for k, v in self.critic.state_dict().items()},
+                "opt": copy.deepcopy(self.opt.state_dict())}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a checkpoint's ``state_dict`` (applied when the networks are built)."""
+        if not state:
+            return
+        if self.real is None:
+            self._pending = state
+        else:
+            self._load(state)
 
     def _noise(self, x: Tensor, lo: float, hi: float) -> tuple[Tensor, Tensor, Tensor]:
         t_all = self.real.timesteps
@@ -117,12 +157,40 @@ class DMD(LossBase):
         self.opt.step()
         return terms
 
+    def _schedule(self, net: nn.Module) -> list[list[int]]:
+        """The LCM time steps of each step count the generator trains at (the sampler's own)."""
+        from diffusers import LCMScheduler
+
+        from kdflow.tracks.diffusion.models import scheduler_config
+
+        counts = getattr(net, "steps", [1]) if self.multistep else [1]
+        sched = LCMScheduler(**scheduler_config(net))
+        out = []
+        for n in counts:
+            sched.set_timesteps(n)
+            out.append([int(t) for t in sched.timesteps])
+        return out
+
+    def _generator_input(self, model: nn.Module, net: nn.Module, z: Tensor, y: Tensor | None) -> tuple[Tensor, int, bool]:
+        """``(x_t, t, first)``: a step count and one of its steps (seeded by the epoch's RNG), and the
+        generator's input there by backward simulation from the noise ``z`` (no gradient)."""
+        schedules = self._schedule(net)
+        times = schedules[int(torch.randint(len(schedules), ()))]
+        k = int(torch.randint(len(times), ()))
+        x = z
+        with torch.no_grad():
+            for j in range(k):
+                t = torch.full((len(z),), times[j], device=z.device)
+                x0 = model(x, t, y)
+                x = net.noised(x0, torch.randn_like(x0), torch.full_like(t, times[j + 1]))
+        return x, times[k], k == 0
+
     def run_model(self, model: nn.Module, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         net, z, y = unwrap(model), batch["x"], batch.get("y")
         if self.real is None:
             self._setup(net, z.device)
-        top = torch.full((len(z),), net.timesteps - 1, device=z.device)
-        x = model(z, top, y)  # [B, C, H, W] one step
+        x_in, t_in, first = self._generator_input(model, net, z, y)
+        x = model(x_in, torch.full((len(z),), t_in, device=z.device), y)  # [B, C, H, W]
         for _ in range(self.fake_updates):
             fake_terms = self._update_fake(x.detach(), batch.get("real"), y)
         x_t, t, _ = self._noise(x.detach(), self.t_min, self.t_max)
@@ -132,7 +200,7 @@ class DMD(LossBase):
         grad = dmd_reference(x.detach().float(), x0_real.float(), x0_fake.float())
         dm = 0.5 * F.mse_loss(x.float(), (x.detach().float() - grad))
         loss, terms = dm, {"dm": dm.detach(), **fake_terms}
-        if self.regression_weight > 0:
+        if self.regression_weight > 0 and first:
             reg = F.mse_loss(x.float(), cached_states(batch, z)[:, -1].float())
             loss, terms["regression"] = loss + self.regression_weight * reg, reg.detach()
         if self.gan_weight > 0:
