@@ -2,7 +2,9 @@
 
 Each stage is one task run whose cache key is the stage fingerprint (plus the project root), with
 results persisted under ``<root>/.kdflow/prefect``. A stage whose output folder is missing or
-altered is refreshed instead of handing downstream a stale manifest.
+altered is refreshed instead of handing downstream a stale manifest. An earlier output of the
+wanted fingerprint kept in ``artifacts/<name>/.kept/`` is restored first (state ``Restored``:
+no new run, the parent links to the run that built it).
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from kdflow.tracks import get_track
 from schemas.manifest import Manifest
 from schemas.params import PipelineParams, load_params
 from schemas.stages import STAGE_ORDER, STAGES
-from tasks.common import artifact_root, check_output, execute_stage, fingerprint
+from tasks import kept
+from tasks.common import artifact_root, check_output, execute_stage, fingerprint, restore_kept
 
 RUNNERS = {"dask": run_shards_on_dask}  # fan-out engines the logits stage may use
 
@@ -71,6 +74,10 @@ def run_pipeline(pp: PipelineParams, root: Path, *, tracker: Any = None, resume:
     for stage in STAGE_ORDER:
         fp = fingerprint(stage, pp, {u: done[u].fingerprint for u in STAGES[stage].upstream})
         stale = check_output(base / stage, fp)
+        # an earlier output of this fingerprint kept by tasks/kept.py: swapped back in, not recomputed
+        restored = stale is not None and restore_kept(stage, fp, base, pp.runtime.keep_outputs) is not None
+        if restored:
+            stale = None
         options = run_stage.with_options(name=stage, task_run_name=stage, result_storage=storage, refresh_cache=stale is not None)
         state = options(stage, fp, pp, str(root), tracker, resume, return_state=True)
         done[stage] = state.result()
@@ -79,7 +86,8 @@ def run_pipeline(pp: PipelineParams, root: Path, *, tracker: Any = None, resume:
         cached = state.name == "Cached" or stale is None
         if cached and tracker is not None:
             tracker.record_cached(stage, done[stage])
-        status[stage] = {"state": "Cached" if cached else state.name, "cached": cached, "manifest": done[stage]}
+        label = "Restored" if restored else "Cached" if cached else state.name
+        status[stage] = {"state": label, "cached": cached, "manifest": done[stage]}
     return status
 
 
@@ -138,6 +146,8 @@ def _distill(pp: PipelineParams, root_path: Path, resume: bool, path: Path, over
     except BaseException:
         tracker.end_pipeline("FAILED")
         raise
+    for stage in STAGE_ORDER:  # runtime.keep_outputs, also after it was lowered
+        kept.prune(artifact_root(root_path, pp.name), stage, pp.runtime.keep_outputs)
     metrics = status["evaluate"]["manifest"].metrics
     tracker.log_pipeline_metrics(metrics)
     tracker.link_pipeline(status, artifact_root(root_path, pp.name), pp.data.model_dump(mode="json"))

@@ -1,4 +1,4 @@
-"""The ``kdflow`` command line: run, stage, validate, list, dvc-yaml, report, lineage, serve.
+"""The ``kdflow`` command line: run, stage, validate, list, dvc-yaml, report, lineage, serve, gc.
 
 The one module of ``kdflow/`` that imports ``tasks/`` and ``flows/``: the entry point wires the
 library, the stages and the orchestration together (always lazily, inside a command).
@@ -178,7 +178,7 @@ def stage(
         pp = _load(config, set_)
         with _project_lock(pp, wait, locking=is_main()):  # under torchrun, rank 0 holds it for every rank
             # an output that is current (e.g. `dvc repro` after `kdflow run`) needs neither Prefect nor MLflow
-            manifest = None if force or launched() else _current_output(name, pp)
+            manifest, restored = (None, False) if force or launched() else _current_output(name, pp)
             executed = False
             if manifest is None:
                 from flows.distill import RUNNERS
@@ -189,7 +189,7 @@ def stage(
                                                        force=force, progress=report, runners=RUNNERS)
     except (KdflowError, OSError) as exc:
         _fail(exc, debug)
-    verb = "done" if executed else "up to date"
+    verb = "done" if executed else "restored kept output" if restored else "up to date"
     out.print(f"{name}: {verb} ({manifest.fingerprint[:12]}, {manifest.seconds:.1f}s)")
     if name == "evaluate":
         _print_summary(json.loads((Path.cwd() / "artifacts" / pp.name / "evaluate" / "metrics.json").read_text()), pp.track)
@@ -217,7 +217,7 @@ def run(
             from tasks.status import pipeline_status
 
             plan = pipeline_status(pp, Path.cwd())  # the flow's cache check, without Prefect
-            if not any(s.runs for s in plan) and _lineage_recorded(pp):
+            if not any(s.runs or s.restores for s in plan) and _lineage_recorded(pp):
                 metrics = Path.cwd() / "artifacts" / pp.name / "evaluate" / "metrics.json"
                 stages = {s.stage: {"state": "Cached", "cached": True, "seconds": 0.0} for s in plan}
                 result = {"stages": stages, "metrics_file": str(metrics), "track": pp.track, "noop": True}
@@ -399,19 +399,24 @@ def _reporter(in_flow: bool):
 
 
 def _current_output(name: str, pp):
-    """The stage's manifest when its output is current (its upstream outputs valid, its fingerprint
-    matched, every file as recorded), else None: the stage must run (and says why)."""
+    """(manifest, restored): the stage's manifest when its output is current (its upstream outputs
+    valid, its fingerprint matched, every file as recorded) or was restored from the kept store;
+    (None, False) when the stage must run (and says why)."""
     from kdflow.errors import ArtifactError
     from schemas.manifest import Manifest
-    from tasks.common import artifact_root, check_output, fingerprint, load_upstream, upstream_fingerprints
+    from tasks.common import (artifact_root, check_output, fingerprint, load_upstream, restore_kept,
+                              upstream_fingerprints)
 
     try:
         upstream = load_upstream(name, pp, Path.cwd())
     except ArtifactError:
-        return None
-    folder = artifact_root(Path.cwd().resolve(), pp.name) / name
+        return None, False
+    base = artifact_root(Path.cwd().resolve(), pp.name)
     fp = fingerprint(name, pp, upstream_fingerprints(name, upstream))
-    return Manifest.load(folder) if check_output(folder, fp) is None else None
+    if check_output(base / name, fp) is None:
+        return Manifest.load(base / name), False
+    restored = restore_kept(name, fp, base, pp.runtime.keep_outputs)
+    return restored, restored is not None
 
 
 def _tracker(pp):
@@ -481,9 +486,11 @@ def status(
 
 
 def _register_info_commands() -> None:
+    from kdflow.cli_gc import register as register_gc  # `kdflow gc`
     from kdflow.cli_info import register  # `kdflow params`
 
     register(app)
+    register_gc(app)
 
 
 _register_info_commands()

@@ -70,11 +70,15 @@ def show_status(pp: Any, config: Path, overrides: list[str], stages: list[Any], 
     for col, wrap in (("stage", False), ("action", False), ("fingerprint", False), ("why", True)):
         table.add_column(col, no_wrap=not wrap, overflow="fold")
     for s in stages:
-        table.add_row(s.stage, "[yellow]run[/]" if s.runs else "[green]up to date[/]", s.fingerprint[:12],
-                      escape("; ".join(s.reasons)))
+        action = "[yellow]run[/]" if s.runs else "[cyan]restore kept output[/]" if s.restores else "[green]up to date[/]"
+        table.add_row(s.stage, action, s.fingerprint[:12], escape("; ".join(s.reasons)))
     out.print(table)
-    n = sum(s.runs for s in stages)
-    out.print(f"{n} of {len(stages)} stage(s) would run" if n else "nothing to run", highlight=False)
+    n, kept = sum(s.runs for s in stages), sum(s.restores for s in stages)
+    restore = f"{kept} restored from kept outputs" if kept else ""
+    if n:
+        out.print(f"{n} of {len(stages)} stage(s) would run" + (f", {restore}" if kept else ""), highlight=False)
+    else:
+        out.print(f"nothing to run{', ' + restore if kept else ''}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -210,6 +210,7 @@ class RuntimeParams(Section):
     deterministic: bool | None = Field(None, description="torch.use_deterministic_algorithms in every stage (null: on without CUDA, so CPU rebuilds are byte-identical for the same threads; off on CUDA for its fast kernels).")
     stages: dict[Literal[STAGE_NAMES], StageRuntimeParams] = Field(  # type: ignore[valid-type]
         default_factory=dict, description="Per-stage overrides, e.g. {student: {device: cuda}, logits: {threads: 4}}.")
+    keep_outputs: int = Field(3, ge=0, le=10_000, description="Earlier outputs kept per stage (artifacts/<name>/.kept/<stage>/<fingerprint>/), so going back to a setting restores instead of recomputing; the oldest beyond this are deleted (0: keep none). `kdflow gc` bounds them by bytes.")
 
 
 class TrackingParams(Section):

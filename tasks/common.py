@@ -34,6 +34,7 @@ from schemas.manifest import MANIFEST_FILE, FileEntry, Manifest
 from schemas.outputs import OUTPUTS, Output
 from schemas.params import PipelineParams
 from schemas.stages import STAGE_ORDER, STAGES  # noqa: F401  (re-exported: the stage order)
+from tasks import kept
 
 log = logging.getLogger(__name__)
 
@@ -328,10 +329,12 @@ def default_modes(directory: Path) -> None:
 
 
 @contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
+def atomic_dir(final: Path, displace: Callable[[Path], object] | None = None) -> Iterator[Path]:
     """Yield a temporary sibling of ``final``; on success swap it in, on failure delete it.
 
-    A failed or killed stage leaves the previous good output untouched.
+    A failed or killed stage leaves the previous good output untouched. ``displace(final)``, if
+    given, moves the previous output away when the new one is committed (e.g. into the kept store);
+    by default it is deleted.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
@@ -344,19 +347,21 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         raise
     default_modes(tmp)
     old = final.parent / f".old-{final.name}-{os.getpid()}"
-    if final.exists():
+    if final.exists() and displace is not None:
+        displace(final)
+    elif final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager
-def rank_dir(final: Path) -> Iterator[Path]:
-    """``atomic_dir(final)`` on rank 0; on the other ranks of a process group, a private temporary
-    folder, deleted. Every rank leaves only once rank 0 has committed ``final``."""
+def rank_dir(final: Path, displace: Callable[[Path], object] | None = None) -> Iterator[Path]:
+    """``atomic_dir(final, displace)`` on rank 0; on the other ranks of a process group, a private
+    temporary folder, deleted. Every rank leaves only once rank 0 has committed ``final``."""
     rank = distributed.world()[0]
     if rank == 0:
-        with atomic_dir(final) as tmp:
+        with atomic_dir(final, displace) as tmp:
             yield tmp
     else:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -375,6 +380,34 @@ def load_upstream(stage: str, pp: PipelineParams, root: Path) -> dict[str, Manif
             raise ArtifactError(f"stage {stage!r} needs {up!r}: {problem}; run `kdflow stage {up}` (or `kdflow run`) first")
         out[up] = Manifest.load(base / up)
     return out
+
+
+def restore_kept(stage: str, fp: str, artifacts: Path, limit: int) -> Manifest | None:
+    """Swap the kept output of fingerprint ``fp`` in as the stage's current output (``tasks.kept``),
+    if one is kept and passes the check a current output passes; the current output is kept in
+    turn (``limit``: ``runtime.keep_outputs``). A corrupted kept output is deleted with a warning
+    (None: the stage runs). Call it holding the project lock."""
+    src = kept.kept_path(artifacts, stage, fp)
+    if not src.is_dir() or not kept.inside(src, artifacts):
+        return None
+    problem = check_output(src, fp)
+    if problem is not None:
+        log.warning("%s: the kept output %s is corrupted (%s): deleted, the stage runs again", stage, fp[:12], problem)
+        kept.remove(src, artifacts)
+        return None
+    kept.take(src, artifacts / stage, artifacts, stage, limit)
+    manifest = Manifest.load(artifacts / stage)
+    log.info("%s: restored the kept output %s (built %s, MLflow run %s)", stage, fp[:12], manifest.finished_at,
+             manifest.mlflow_run_id or "-")
+    return manifest
+
+
+def kept_problem(stage: str, fp: str, artifacts: Path) -> str | None:
+    """Why the kept output of ``fp`` cannot be restored (None when it can); reads, never writes."""
+    src = kept.kept_path(artifacts, stage, fp)
+    if not src.is_dir() or not kept.inside(src, artifacts):
+        return "not kept"
+    return check_output(src, fp)
 
 
 def upstream_fingerprints(stage: str, manifests: dict[str, Manifest]) -> dict[str, str]:
@@ -426,15 +459,19 @@ def _execute_stage(
     root = Path(root).resolve()
     upstream = load_upstream(stage, pp, root)
     fp = fingerprint(stage, pp, upstream_fingerprints(stage, upstream))
-    final = artifact_root(root, pp.name) / stage
+    base = artifact_root(root, pp.name)
+    final = base / stage
+    limit = pp.runtime.keep_outputs
     if not force and distributed.from_main(check_output(final, fp) is None):
         log.info("%s: up to date (%s)", stage, fp[:12])
+        return Manifest.load(final), False
+    if not force and distributed.from_main(distributed.is_main() and restore_kept(stage, fp, base, limit) is not None):
         return Manifest.load(final), False
     module = importlib.import_module(f"tasks.{stage}")
     log.info("%s: running (%s)", stage, fp[:12])
     if not distributed.is_main():  # rank 0 records the run and reports progress
         tracker, progress = None, None
-    with rank_dir(final) as tmp:
+    with rank_dir(final, lambda old: kept.displace(old, base, stage, fp, limit)) as tmp:
         ctx = StageContext(stage, root, pp, fp, upstream, tmp, tracker=tracker, resume=resume, progress=progress,
                            runners=dict(runners or {}))
         run_id = tracker.start_stage(stage, stage_params(stage, pp), fp, upstream, artifact_root(root, pp.name)) if tracker else None

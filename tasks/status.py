@@ -5,7 +5,8 @@ stage`` use), chained through the fingerprints the upstream stages *would* have,
 committed output is checked with ``tasks.common.check_output`` (every file against its manifest's
 sha256). A stage that must run is explained by comparing its manifest with what it would record
 now: params keys that changed, upstream stages that changed, else its code (the import closure of
-``tasks/<stage>.py`` and of the track).
+``tasks/<stage>.py`` and of the track). A stage whose wanted fingerprint is in the kept store
+(``tasks/kept.py``), intact, is not run but restored (``restores``).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 from schemas.manifest import MANIFEST_FILE, Manifest
 from schemas.params import PipelineParams
 from schemas.stages import STAGE_ORDER, STAGES
-from tasks.common import artifact_root, check_output, fingerprint, stage_params
+from tasks.common import artifact_root, check_output, fingerprint, kept_problem, stage_params
 
 
 @dataclass
@@ -26,6 +27,7 @@ class StageStatus:
     runs: bool
     reasons: list[str] = field(default_factory=list)
     built: str | None = None  # fingerprint of the output there now
+    restores: bool = False  # an earlier output of this fingerprint is kept: restored, not computed
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -42,8 +44,18 @@ def _diff(old: Any, new: Any, prefix: str) -> list[str]:
 
 
 def stage_status(stage: str, pp: PipelineParams, root: Path, upstream: dict[str, str],
-                 runs_upstream: set[str]) -> StageStatus:
-    """Whether ``stage`` would run given its upstream stages' fingerprints, and why."""
+                 runs_upstream: dict[str, str]) -> StageStatus:
+    """Whether ``stage`` would run (or be restored from the kept store) given its upstream
+    stages' fingerprints, and why."""
+    s = _current_status(stage, pp, root, upstream, runs_upstream)
+    if s.runs and kept_problem(stage, s.fingerprint, artifact_root(root, pp.name)) is None:
+        s.runs, s.restores = False, True
+        s.reasons.append(f"restore kept output {s.fingerprint[:12]}")
+    return s
+
+
+def _current_status(stage: str, pp: PipelineParams, root: Path, upstream: dict[str, str],
+                    runs_upstream: dict[str, str]) -> StageStatus:
     fp = fingerprint(stage, pp, upstream)
     folder = artifact_root(root, pp.name) / stage
     if not (folder / MANIFEST_FILE).is_file():
@@ -61,22 +73,26 @@ def stage_status(stage: str, pp: PipelineParams, root: Path, upstream: dict[str,
         reasons.append("params changed: " + ", ".join(changed))
     ups = [u for u in STAGES[stage].upstream if m.upstream.get(u) != upstream[u]]
     if ups:
-        reasons.append("upstream changed: " + ", ".join(f"{u}{' (will run)' if u in runs_upstream else ''}" for u in ups))
+        reasons.append("upstream changed: " + ", ".join(f"{u}{_upstream_action(u, runs_upstream)}" for u in ups))
     if not reasons:
         reasons.append("code changed (a file it imports, or its track's)")
     return StageStatus(stage, fp, True, reasons, m.fingerprint)
+
+
+def _upstream_action(stage: str, changing: dict[str, str]) -> str:
+    return f" (will {changing[stage]})" if stage in changing else ""
 
 
 def pipeline_status(pp: PipelineParams, root: Path) -> list[StageStatus]:
     """Every stage in order; nothing is run or written."""
     root = Path(root).resolve()
     fps: dict[str, str] = {}
-    runs: set[str] = set()
+    runs: dict[str, str] = {}  # upstream stages that change: "run" or "be restored"
     out = []
     for stage in STAGE_ORDER:
         s = stage_status(stage, pp, root, {u: fps[u] for u in STAGES[stage].upstream}, runs)
         fps[stage] = s.fingerprint
-        if s.runs:
-            runs.add(stage)
+        if s.runs or s.restores:
+            runs[stage] = "run" if s.runs else "be restored"
         out.append(s)
     return out
