@@ -36,7 +36,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed .kdflow/vega/dvc-plots.html
+
+# interactive `dvc plots show` pages offline: Vega inlined from npm, not loaded from a CDN
+# (kdflow/vega_offline.py; without npm or a registry it says so and the pages use the CDN)
+.kdflow/vega/dvc-plots.html: | $(VENV)/.installed
+	-@$(PY) -m kdflow.vega_offline
 
 run: install
 	kdflow run
