@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from kdflow.data.sources import SOURCES
+from kdflow.catalog import SOURCES
 from kdflow.errors import KdflowError
 from kdflow.tracks import get_track
 from schemas.params import PipelineParams
@@ -61,14 +61,14 @@ def checkpoint_problems(pp: PipelineParams, root: Path) -> list[str]:
 
 def device_problems(pp: PipelineParams) -> list[str]:
     """Devices asked for that this machine does not have (``cuda`` without CUDA, ``cuda:3`` of 1)."""
-    from kdflow.train.device import resolve_device
-
     asked = {"runtime.device": pp.runtime.device, "student.device": pp.student.device,
              **{f"runtime.stages.{s}.device": r.device for s, r in pp.runtime.stages.items()}}
     problems = []
     for key, name in asked.items():
         if name in (None, "auto", "cpu"):
             continue
+        from kdflow.train.device import resolve_device  # torch: only when a device is named
+
         try:
             resolve_device(name)
         except KdflowError as exc:

@@ -16,9 +16,8 @@ import yaml
 from pydantic import BaseModel, Field, PlainValidator, SerializeAsAny, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from kdflow.condense import CONDENSERS
+from kdflow.catalog import CONDENSERS, LOSSES  # names and params models, without importing the methods (torch)
 from kdflow.errors import ParamsError
-from kdflow.losses import LOSSES
 from kdflow.registry import Registry
 from kdflow.tracks import discovered, get_track, infer_track
 from kdflow.tracks.compat import compatibility

@@ -20,21 +20,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 import kdflow
 from kdflow.errors import ArtifactError
 from kdflow.progress import Reporter
 from kdflow.tracks import Track, get_track
-from kdflow.train import distributed
-from kdflow.train.device import deterministic_algorithms, resolve_device, torch_threads
 from schemas.manifest import MANIFEST_FILE, FileEntry, Manifest
 from schemas.outputs import OUTPUTS, Output
 from schemas.params import PipelineParams
 from schemas.stages import STAGE_ORDER, STAGES  # noqa: F401  (re-exported: the stage order)
 from tasks import kept
+
+if TYPE_CHECKING:  # torch and the training machinery are imported where a stage runs: checking
+    import torch  # whether outputs are current (kdflow status, a no-op kdflow run) needs neither
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +238,8 @@ class StageContext:
     @property
     def device(self) -> torch.device:
         """The stage's device: ``runtime.stages.<stage>.device``, else ``runtime.device``."""
+        from kdflow.train.device import resolve_device
+
         return resolve_device(stage_runtime(self.stage, self.pipeline)[0])
 
     @property
@@ -299,6 +300,8 @@ def stage_runtime(stage: str, pp: PipelineParams) -> tuple[str, int | None]:
 
 def stage_deterministic(stage: str, pp: PipelineParams) -> bool:
     """``runtime.deterministic``, else on unless the stage's device is CUDA."""
+    from kdflow.train.device import resolve_device
+
     on = pp.runtime.deterministic
     return on if on is not None else resolve_device(stage_runtime(stage, pp)[0]).type != "cuda"
 
@@ -359,6 +362,8 @@ def atomic_dir(final: Path, displace: Callable[[Path], object] | None = None) ->
 def rank_dir(final: Path, displace: Callable[[Path], object] | None = None) -> Iterator[Path]:
     """``atomic_dir(final, displace)`` on rank 0; on the other ranks of a process group, a private
     temporary folder, deleted. Every rank leaves only once rank 0 has committed ``final``."""
+    from kdflow.train import distributed
+
     rank = distributed.world()[0]
     if rank == 0:
         with atomic_dir(final, displace) as tmp:
@@ -435,6 +440,9 @@ def execute_stage(
     Under torchrun with several processes (only ``DISTRIBUTED_STAGES``), every rank runs the stage
     and returns the manifest rank 0 committed; only rank 0 writes the output and the MLflow run.
     """
+    from kdflow.train import distributed
+    from kdflow.train.device import resolve_device
+
     distributed.check_stage(stage, DISTRIBUTED_STAGES)
     joined = distributed.launched() and distributed.init_from_env(resolve_device(stage_runtime(stage, pp)[0]))
     try:
@@ -456,6 +464,9 @@ def _execute_stage(
     progress: Reporter | None,
     runners: dict[str, Runner] | None,
 ) -> tuple[Manifest, bool]:
+    from kdflow.train import distributed
+    from kdflow.train.device import deterministic_algorithms, torch_threads
+
     root = Path(root).resolve()
     upstream = load_upstream(stage, pp, root)
     fp = fingerprint(stage, pp, upstream_fingerprints(stage, upstream))

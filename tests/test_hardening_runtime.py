@@ -267,6 +267,8 @@ try:
     code = app(sys.argv[1:], standalone_mode=False)  # returns the exit code of typer.Exit
 finally:
     print("prefect imported:", "prefect" in sys.modules, flush=True)
+    heavy = ("torch", "mlflow", "transformers", "diffusers", "torch_geometric", "polars")
+    print("heavy imported:", sorted(m for m in sys.modules if m.split(".")[0] in heavy), flush=True)
 sys.exit(code or 0)
 """
 
@@ -314,6 +316,7 @@ def test_noop_run_skips_prefect_a_changed_param_runs_it_and_a_second_run_meets_t
     noop = _cli(built, "run")
     assert noop.returncode == 0, noop.stderr[-3000:]
     assert "prefect imported: False" in noop.stdout and "nothing ran" in noop.stdout
+    assert "heavy imported: []" in noop.stdout  # nor torch, MLflow, ... (kdflow/catalog.py)
     assert noop.stdout.count("Cached") == 7
     assert not dead.exists()  # a killed run's temporary folder is cleaned under the lock
 

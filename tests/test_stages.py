@@ -107,12 +107,12 @@ def test_an_altered_cache_shard_is_caught_before_training_and_rebuilt_alone(tmp_
 
 
 def test_a_killed_logits_stage_resumes_from_its_written_shards(tmp_path: Path, monkeypatch) -> None:
-    import kdflow.tracks.classify as classify_track  # cache rows: the track runs the teacher
+    import kdflow.train.loop as loop  # cache rows: the track runs the teacher (loop.predict, imported when called)
 
     raw = tiny_params(logits={"format": "topk_q8", "k": 4, "shard_rows": 300, "batch_size": 100},
                       student={"loss": {"name": "topk_kd"}})
     run_until(tmp_path, raw, "condense")
-    real, calls = classify_track.predict, []
+    real, calls = loop.predict, []
 
     def dies_in_the_second_shard(*args, **kwargs):
         calls.append(1)
@@ -120,11 +120,11 @@ def test_a_killed_logits_stage_resumes_from_its_written_shards(tmp_path: Path, m
             raise KeyboardInterrupt("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(classify_track, "predict", dies_in_the_second_shard)
+    monkeypatch.setattr(loop, "predict", dies_in_the_second_shard)
     with pytest.raises(KeyboardInterrupt):
         execute_stage("logits", parse_params(raw), tmp_path)
     assert not (tmp_path / "artifacts/tiny/logits").exists()  # no half-written output
-    monkeypatch.setattr(classify_track, "predict", real)
+    monkeypatch.setattr(loop, "predict", real)
     m, _ = execute_stage("logits", parse_params(raw), tmp_path)
     shards = [s["file"] for s in m.info["teachers"][0]["cache"]["shards"]]
     assert len(shards) > 2 and m.info["teachers"][0]["shards_computed"] == shards[1:]

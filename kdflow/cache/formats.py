@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kdflow.catalog import FORMATS as _FORMATS
 from kdflow.errors import DataError
 from kdflow.registry import Registry
 
@@ -64,7 +65,7 @@ class Format:
     encode_rows: Callable[..., Stored] | None = None
 
 
-FORMATS: Registry[Format] = Registry("cache format")
+FORMATS: Registry[Format] = _FORMATS  # its names and metadata: kdflow/catalog.py
 
 
 def value_dtype(name: str) -> torch.dtype:

@@ -19,12 +19,13 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
-from pydantic import Field
 from torch import nn
 
+from kdflow.catalog import CONDENSERS as _CONDENSERS
 from kdflow.data.dataset import Dataset
 from kdflow.registry import Registry
 from schemas.base import Section, parse_section
+from schemas.methods import ipc_field  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class Condenser(Protocol):
     ) -> Dataset: ...
 
 
-CONDENSERS: Registry[Condenser] = Registry("condensation method")
+CONDENSERS: Registry[Condenser] = _CONDENSERS  # its names and metadata: kdflow/catalog.py
 
 
 def condense_params(method: str) -> type[Section]:
@@ -84,11 +85,6 @@ def ipc_above_class_sizes(labels: torch.Tensor, num_classes: int, ipc: int) -> s
     return (f"condense.ipc {ipc} is above the training samples of {len(short)} of {num_classes} classes "
             f"(smallest: class {c} with {int(counts[c])}): those classes have fewer samples than ipc, "
             f"so the condensed set is not balanced; lower condense.ipc to at most {int(counts.min())} to balance it")
-
-
-def ipc_field() -> Any:
-    """The ``ipc`` knob of the methods that keep or make samples per class (one definition)."""
-    return Field(10, ge=1, le=1_000_000, description="Samples (or synthetic images) per class.")
 
 
 def per_class_indices(labels: torch.Tensor, num_classes: int) -> list[torch.Tensor]:

@@ -2,37 +2,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from kdflow.condense import CONDENSERS, Report, ipc_field, per_class_indices
+from kdflow.condense import CONDENSERS, Report, per_class_indices
 from kdflow.data.dataset import Dataset
 from kdflow.train.loop import extract_features
-from schemas.base import Section
+from schemas.methods import HerdingParams, KCenterParams, NoneParams, RandomParams  # torch-free (kdflow/catalog.py)
 
 BOTH = ("classify", "graph", "text")  # the tracks these methods serve (any features the teacher embeds)
-
-
-class NoneParams(Section):
-    method: Literal["none"] = Field("none", description="Keep the whole training split.")
-
-
-class RandomParams(Section):
-    method: Literal["random"] = Field("random", description="Samples drawn uniformly per class.")
-    ipc: int = ipc_field()
-
-
-class HerdingParams(Section):
-    method: Literal["herding"] = Field("herding", description="Herding in the teacher's feature space.")
-    ipc: int = ipc_field()
-
-
-class KCenterParams(Section):
-    method: Literal["k_center"] = Field("k_center", description="Greedy k-center in the teacher's feature space.")
-    ipc: int = ipc_field()
 
 
 @CONDENSERS.register("none", params=NoneParams, tracks=BOTH, needs_teacher=False, provides=())

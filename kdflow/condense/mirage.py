@@ -26,11 +26,9 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from kdflow.condense import CONDENSERS, Report
@@ -39,7 +37,7 @@ from kdflow.data.dataset import Dataset
 from kdflow.data.graph_features import GraphFeatures
 from kdflow.data.graphs import GraphSet, concat_ranges
 from kdflow.errors import DataError
-from schemas.base import Section
+from schemas.methods import MirageParams  # torch-free (kdflow/catalog.py)
 
 log = logging.getLogger(__name__)
 
@@ -377,35 +375,6 @@ def to_dataset(result: CondensedGraphs, train: Dataset, source: GraphSet, freque
             "timings": result.timings, "bytes": feats.nbytes, "train_bytes": train.features.nbytes,
         }},
     )
-
-
-class MirageParams(Section):
-    method: Literal["mirage"] = Field("mirage", description="Frequent computation-tree sets per class (graphs).")
-    hops: int = Field(2, ge=0, le=10, description="Depth of the computation trees (match the GNN's number of layers).")
-    thresholds: int | list[int] | None = Field(
-        None, description="Absolute support threshold per class (one int for all classes); null: automatic (target_graphs)."
-    )
-    target_graphs: int | None = Field(
-        None, ge=1, le=1_000_000, description="Automatic thresholds aim at about this many condensed graphs in all (with thresholds null)."
-    )
-    frequency: Literal["weight", "uniform"] = Field(
-        "weight", description="Weigh each condensed graph's loss by its support (frequency-proportional), or uniformly."
-    )
-    max_set_size: int | None = Field(None, ge=1, le=1000, description="Largest tree set mined (null: no bound).")
-
-    @field_validator("thresholds")
-    @classmethod
-    def _positive_thresholds(cls, value: int | list[int] | None) -> int | list[int] | None:
-        values = [value] if isinstance(value, int) else (value or [])
-        if any(v < 1 for v in values) or value == []:
-            raise ValueError(f"mirage thresholds must be integers >= 1, one per class or one for all (got {value})")
-        return value
-
-    @model_validator(mode="after")
-    def _one_mode(self) -> MirageParams:
-        if (self.thresholds is None) == (self.target_graphs is None):
-            raise ValueError("mirage: give exactly one of 'thresholds' (per class) or 'target_graphs' (automatic)")
-        return self
 
 
 @CONDENSERS.register("mirage", params=MirageParams, tracks=("graph",), needs_teacher=False, provides=("weight",))

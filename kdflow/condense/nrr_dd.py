@@ -47,46 +47,24 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from kdflow.condense import CONDENSERS, Report, per_class_indices
 from kdflow.condense.rded import (
-    TEACHER_BATCH, Box, CropParams, candidate_crops, check_image_args, rank_candidates,
-    default_factor, sample_class_images, stitch_ranked, synthetic_dataset,
+    TEACHER_BATCH, Box, candidate_crops, check_image_args, default_factor, rank_candidates, sample_class_images,
+    stitch_ranked, synthetic_dataset,
 )
 from kdflow.data.dataset import Dataset
 from kdflow.errors import DataError
 from kdflow.train.device import eval_mode
 from kdflow.train.loop import predict
+from schemas.methods import NrrDdParams  # torch-free (kdflow/catalog.py)
 
 DBR_PROVIDES = ("y_aug", "d_org", "d_aug", "lam")  # what dbr_batch adds to x and y
-
-
-class NrrDdParams(CropParams):
-    method: Literal["nrr_dd"] = Field(
-        "nrr_dd", description="RDED-style crops refined outside the teacher's critical regions, with DBR label extras."
-    )
-    cam_pool: float = Field(
-        0.5, gt=0, le=1, description="Share of crops (highest CAM ratio) eligible before low confidence picks."
-    )
-    correct_only: bool = Field(
-        True, description="Prefer crops the teacher classifies correctly before picking the least confident."
-    )
-    eps: float = Field(
-        0.5, ge=0, le=2, description="CAM threshold of the refinement mask max(0, eps - CAM); 0 freezes all pixels."
-    )
-    iterations: int = Field(100, ge=0, le=100_000, description="Refinement steps on the non-critical pixels.")
-    lr: float = Field(
-        0.05, gt=0, le=1000, description="Step size eta of the masked gradient step x <- x - M * eta * grad."
-    )
-    bn_weight: float = Field(1.0, ge=0, le=10_000, description="Weight of the BatchNorm-statistics matching term.")
-    temperature: float = Field(1.0, gt=0, le=100, description="Softmax temperature of the stored DBR distances.")
 
 
 def last_spatial_layer(model: nn.Module, x: torch.Tensor) -> nn.Module | None:

@@ -10,18 +10,16 @@ The crop machinery here (boxes, crops, stitching, candidate ranking) is shared w
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 
-from kdflow.condense import CONDENSERS, Report, ipc_field, per_class_indices
+from kdflow.condense import CONDENSERS, Report, per_class_indices
 from kdflow.data.dataset import Dataset
 from kdflow.errors import DataError
 from kdflow.train.loop import predict
-from schemas.base import Section
+from schemas.methods import RdedParams  # torch-free (kdflow/catalog.py)
 
 Box = tuple[int, int, int, int]  # top, left, height, width
 TEACHER_BATCH = 512  # teacher inference batch size of rded and nrr_dd
@@ -32,32 +30,6 @@ STITCH_FROM_PX = 128  # the official scripts stitch 2x2 from 128 px images up, n
 def default_factor(size: tuple[int, int]) -> int:
     """The official RDED stitching factor for ``size`` images: 1 below 128 px, 2 from 128 px up."""
     return 2 if min(size) >= STITCH_FROM_PX else 1
-
-
-class CropParams(Section):
-    """The crop-discovery knobs rded and nrr_dd share (each narrows ``method`` to its name)."""
-
-    method: str
-    ipc: int = ipc_field()
-    factor: int | None = Field(
-        None, ge=1, le=16,
-        description="Each synthetic image is a factor x factor grid of real crops; unset: by resolution "
-        "(1 below 128 px, 2 from 128 px up, as the official RDED scripts).",
-    )
-    crops_per_image: int = Field(5, ge=1, le=1000, description="Random-resized crops scored per real image.")
-    images_per_class: int = Field(300, ge=1, le=1_000_000, description="Real images per class used as crop sources.")
-    scale_min: float = Field(0.08, gt=0, le=1, description="Smallest crop area as a fraction of the image.")
-    scale_max: float = Field(1.0, gt=0, le=1, description="Largest crop area as a fraction of the image.")
-
-    @model_validator(mode="after")
-    def _scale_range(self) -> CropParams:
-        if self.scale_min > self.scale_max:
-            raise ValueError(f"scale_min ({self.scale_min}) must be <= scale_max ({self.scale_max})")
-        return self
-
-
-class RdedParams(CropParams):
-    method: Literal["rded"] = Field("rded", description="Stitched confident crops with the teacher's soft labels.")
 
 
 def random_resized_box(

@@ -88,16 +88,7 @@ def _read_class_tree(root: Path, classes: list[str]) -> tuple[list[Any], list[in
     return images, labels, ids
 
 
-def _folder_check(scheme: str):
-    def check(arg: str, options: dict, root: Path) -> list[str]:
-        path = Path(arg).expanduser()
-        path = path if path.is_absolute() else Path(root) / path
-        return [] if arg and path.is_dir() else [f"data.source: {scheme} folder not found: {path}"]
-
-    return check
-
-
-@SOURCES.register("imagefolder", path=True, check=_folder_check("imagefolder"), modality="image")
+@SOURCES.register("imagefolder", path=True, modality="image")  # its check: kdflow/catalog.py
 def _imagefolder(arg: str, *, seed: int, options: dict) -> RawSource:
     """``<dir>/<class>/*.png|jpg|...``: one sub-folder per class (sorted names are labels 0, 1, ...).
 
@@ -139,7 +130,7 @@ def _label_names(feature: Any) -> list[str] | None:
     return list(feature.names) if hasattr(feature, "names") else None
 
 
-@SOURCES.register("hfdisk", path=True, check=_folder_check("hfdisk"))
+@SOURCES.register("hfdisk", path=True)  # its check: kdflow/catalog.py
 def _hfdisk(arg: str, *, seed: int, options: dict) -> RawSource:
     """A folder written by ``datasets``' ``save_to_disk`` (a ``Dataset`` or a ``DatasetDict``;
     its ``test`` split is the fixed test split, the other splits are pooled). Needs the

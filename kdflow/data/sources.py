@@ -18,6 +18,9 @@ import numpy as np
 import polars as pl
 import torch
 
+from kdflow.catalog import SKLEARN_DATASETS as _SKLEARN_DATASETS
+from kdflow.catalog import SOURCES as _SOURCES
+from kdflow.catalog import SPEC_EXAMPLES, TU_ROOT_ENV, resolve_options, resolve_source  # noqa: F401  (re-exported)
 from kdflow.data.dataset import Dataset
 from kdflow.data.graph_features import GraphFeatures
 from kdflow.data.idx import read_idx
@@ -32,7 +35,6 @@ if TYPE_CHECKING:  # pandera (with pandas) takes ~1 s to import: imported when a
 log = logging.getLogger(__name__)
 
 DEFAULT_SOURCE = "sklearn:digits"
-SPEC_EXAMPLES = "sklearn:digits, mnist1d, idx:<dir>, parquet:<file>, tu:<NAME>"
 
 
 @dataclass
@@ -59,7 +61,7 @@ class RawSource:
 
 
 Loader = Callable[..., RawSource]
-SOURCES: Registry[Loader] = Registry("data source")
+SOURCES: Registry[Loader] = _SOURCES  # its names and metadata (checks, modality): kdflow/catalog.py
 
 
 def _check_options(scheme: str, options: dict, allowed: Iterable[str]) -> None:
@@ -79,24 +81,6 @@ def _check_options(scheme: str, options: dict, allowed: Iterable[str]) -> None:
 
 def _ids(prefix: str, n: int) -> list[str]:
     return [f"{prefix}-{i:05d}" for i in range(n)]
-
-
-def resolve_source(spec: str, root: Path) -> str:
-    """Make a relative ``idx:``/``parquet:`` path (or that of a source registered with
-    ``path=True``) absolute against the project root."""
-    kind, sep, rest = spec.partition(":")
-    is_path = kind in ("idx", "parquet") or (kind in SOURCES and SOURCES.meta(kind).get("path", False))
-    if sep and rest and is_path and not Path(rest).is_absolute():
-        return f"{kind}:{(Path(root) / rest).resolve()}"
-    return spec
-
-
-def resolve_options(options: dict, root: Path) -> dict:
-    """Make a relative ``root`` option (the tu source's data folder) absolute against the project root."""
-    out = dict(options)
-    if isinstance(out.get("root"), str) and not Path(out["root"]).expanduser().is_absolute():
-        out["root"] = str((Path(root) / out["root"]).resolve())
-    return out
 
 
 def load_source(
@@ -172,7 +156,7 @@ def _check_no_empty_classes(raw: RawSource, spec: str) -> None:
 
 # --- sklearn ---------------------------------------------------------------------------------
 
-SKLEARN_DATASETS: Registry[Callable[[], RawSource]] = Registry("sklearn dataset")
+SKLEARN_DATASETS: Registry[Callable[[], RawSource]] = _SKLEARN_DATASETS  # declared in kdflow/catalog.py
 
 
 @SKLEARN_DATASETS.register("digits")
@@ -201,16 +185,7 @@ for _name in ("iris", "wine", "breast_cancer"):
     SKLEARN_DATASETS.register(_name)(_sklearn_tabular(_name))
 
 
-def _sklearn_problems(arg: str, options: dict, root: Path) -> list[str]:
-    if (arg or "digits") in SKLEARN_DATASETS:
-        return []
-    close = difflib.get_close_matches(arg, SKLEARN_DATASETS.names(), n=1)
-    hint = f"did you mean 'sklearn:{close[0]}'? " if close else ""
-    return [f"data.source: unknown sklearn dataset {arg!r}; {hint}(known: {', '.join(SKLEARN_DATASETS.names())})"]
-
-
-@SOURCES.register("sklearn", check=_sklearn_problems,
-                  modality=lambda arg: "image" if (arg or "digits") == "digits" else "tabular")
+@SOURCES.register("sklearn")
 def _sklearn(arg: str, *, seed: int, options: dict) -> RawSource:
     """Datasets bundled with scikit-learn (no download): ``digits`` (default), ``iris``, ..."""
     _check_options("sklearn", options, [])
@@ -285,16 +260,7 @@ def _read_pair(
     return x, y.astype(np.int64), [images.name, labels.name]
 
 
-def _path_check(kind: str) -> Callable[[str, dict, Path], list[str]]:
-    """The ``check`` of a source whose argument is a file or folder (relative: to the project root)."""
-    def check(arg: str, options: dict, root: Path) -> list[str]:
-        path = Path(resolve_source(f"{kind}:{arg}", root).partition(":")[2]).expanduser()
-        return [] if arg and path.exists() else [f"data.source: {kind} path not found: {path}"]
-
-    return check
-
-
-@SOURCES.register("idx", check=_path_check("idx"), modality="image")
+@SOURCES.register("idx", modality="image")
 def _idx(arg: str, *, seed: int, options: dict) -> RawSource:
     """MNIST-format IDX files in a directory; ``t10k`` is the fixed test split beside ``train``.
 
@@ -443,7 +409,7 @@ def validate_table(
     return frame, features, num_classes
 
 
-@SOURCES.register("parquet", check=_path_check("parquet"), modality="tabular")
+@SOURCES.register("parquet", modality="tabular")
 def _parquet(arg: str, *, seed: int, options: dict) -> RawSource:
     """A table: one label column, an optional id column, numeric feature columns.
 
@@ -472,23 +438,7 @@ def _parquet(arg: str, *, seed: int, options: dict) -> RawSource:
 
 # --- tu (TU graph datasets) ------------------------------------------------------------------
 
-TU_ROOT_ENV = "KDFLOW_TU_ROOT"
-
-
-def _tu_problems(arg: str, options: dict, root: Path) -> list[str]:
-    if not arg:
-        return [f"data.source: the tu source needs a dataset name, e.g. tu:MUTAG ({SPEC_EXAMPLES})"]
-    base = resolve_options(options, root).get("root") or os.environ.get(TU_ROOT_ENV)
-    if not base:
-        return [f"data.options.root: where the TU files are (<root>/{arg}/raw/{arg}_A.txt); "
-                f"set data.options.root or ${TU_ROOT_ENV}"]
-    folder = Path(base).expanduser() / arg
-    if not (folder / "raw").is_dir() and not folder.is_dir() and not options.get("download", False):
-        return [f"data.options.root: no TU dataset folder {folder / 'raw'} (and download is off)"]
-    return []
-
-
-@SOURCES.register("tu", track="graph", check=_tu_problems, modality="graph")
+@SOURCES.register("tu", track="graph", modality="graph")
 def _tu(arg: str, *, seed: int, options: dict) -> RawSource:
     """A TU graph dataset (https://chrsmrrs.github.io/datasets/) read through torch_geometric's ``TUDataset``.
 

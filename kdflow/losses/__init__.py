@@ -24,12 +24,13 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from pydantic import Field
 from torch import Tensor
 
+from kdflow.catalog import LOSSES as _LOSSES
 from kdflow.errors import DataError, ParamsError
 from kdflow.registry import Registry
 from schemas.base import Section
+from schemas.methods import alpha_field, temperature_field
 
 if TYPE_CHECKING:
     from kdflow.data.dataset import Dataset
@@ -73,17 +74,7 @@ class LossBase:
         raise NotImplementedError
 
 
-LOSSES: Registry[type[LossBase]] = Registry("loss")
-
-
-def temperature_field() -> Any:
-    """The softening temperature knob of the KD losses (one definition)."""
-    return Field(4.0, gt=0, le=100, description="Softmax temperature T (KD terms are scaled by T^2).")
-
-
-def alpha_field() -> Any:
-    """The distillation weight knob of the KD losses (one definition)."""
-    return Field(0.9, ge=0, le=1, description="Weight of the distillation term; 1 - alpha weighs cross-entropy.")
+LOSSES: Registry[type[LossBase]] = _LOSSES  # its names and metadata: kdflow/catalog.py
 
 
 def create_loss(name: str, **kwargs: float) -> Loss:

@@ -2,18 +2,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
 
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor
 
 from kdflow.losses import LOSSES, LossBase, check_batch, weighted_mean
-from schemas.base import Section
-
-
-class CEParams(Section):
-    name: Literal["ce"] = Field("ce", description="Cross-entropy with the hard labels (no teacher signal).")
+from schemas.methods import CEParams  # torch-free (kdflow/catalog.py)
 
 
 def ce_rows(student_logits: Tensor, labels: Tensor) -> Tensor:

@@ -9,29 +9,19 @@ the squared error between distances is our choice (the paper leaves it open).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor
 
 from kdflow.errors import ParamsError
 from kdflow.losses import LOSSES, LossBase, check_args, check_batch, weighted_mean
 from kdflow.losses.ce import ce_rows
-from schemas.base import Section
+from schemas.methods import DBRParams  # torch-free (kdflow/catalog.py)
 
 if TYPE_CHECKING:
     from kdflow.data.dataset import Dataset
-
-
-class DBRParams(Section):
-    name: Literal["dbr"] = Field(
-        "dbr", description="NRR-DD distance labels on the stored mixed views (needs condense.method nrr_dd)."
-    )
-    beta: float = Field(
-        1.0, ge=0, le=10_000, description="Weight of the distance-matching term (its temperature is the one stored by nrr_dd)."
-    )
 
 
 @LOSSES.register("dbr", params=DBRParams, tracks=("classify",))

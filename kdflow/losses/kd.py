@@ -2,22 +2,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor
 
 from kdflow.errors import DataError
-from kdflow.losses import LOSSES, LossBase, alpha_field, check_args, check_batch, temperature_field
-from schemas.base import Section
-
-
-class KDParams(Section):
-    name: Literal["kd"] = Field("kd", description="Hinton KD on dense teacher logits (logits.format dense).")
-    temperature: float = temperature_field()
-    alpha: float = alpha_field()
+from kdflow.losses import LOSSES, LossBase, check_args, check_batch
+from schemas.methods import KDParams  # torch-free (kdflow/catalog.py)
 
 
 def kd_loss(s: Tensor, t: Tensor, y: Tensor, T: float, alpha: float) -> Tensor:

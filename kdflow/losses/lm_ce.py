@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Literal
 
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor
 
 from kdflow.losses import LOSSES, LossBase
 from kdflow.losses.lm_tokens import IGNORE_INDEX, check_lm_batch, real_tokens, token_ce
-from schemas.base import Section
+from schemas.methods import LMCEParams  # torch-free (kdflow/catalog.py)
 
 
 def lm_ce_reference(student_logits: Tensor, y: Tensor) -> Tensor:
@@ -23,13 +21,6 @@ def lm_ce_reference(student_logits: Tensor, y: Tensor) -> Tensor:
                 total = total - F.log_softmax(student_logits[b, pos], dim=-1)[int(y[b, pos])]
                 count += 1
     return total / count if count else math.nan
-
-
-class LMCEParams(Section):
-    name: Literal["lm_ce"] = Field(
-        "lm_ce",
-        description="Next-token cross-entropy only (no teacher): the LM baseline; trains teachers.",
-    )
 
 
 @LOSSES.register("lm_ce", params=LMCEParams, tracks=("lm",))

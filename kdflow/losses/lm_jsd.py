@@ -15,21 +15,16 @@ a small loss, not one close to the forward KL.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
-from pydantic import Field
 from torch import Tensor
 
 from kdflow.errors import ParamsError
 from kdflow.losses import LOSSES, kl_rows
 from kdflow.losses.lm_kd import kl_reference, student_buckets_reference, teacher_buckets_reference
 from kdflow.losses.lm_rkl import reverse_kl_rows
-from kdflow.losses.lm_tokens import (
-    TokenKDParams,
-    TopKTokenLoss,
-    IGNORE_INDEX,
-)
+from kdflow.losses.lm_tokens import IGNORE_INDEX, TopKTokenLoss
+from schemas.methods import LMJSDParams  # torch-free (kdflow/catalog.py)
 
 
 def lm_jsd_reference(
@@ -58,17 +53,6 @@ def jsd_rows(log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
         return reverse_kl_rows(log_p, log_q)
     log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))  # [T, k + 1]
     return beta * kl_rows(log_p, log_m) + (1.0 - beta) * kl_rows(log_q, log_m)
-
-
-class LMJSDParams(TokenKDParams):
-    name: Literal["lm_jsd"] = Field(
-        "lm_jsd", description="Token-level generalised JSD(beta) (GKD) on a per-token top-k "
-                              "cache plus a tail bucket (logits.format topk or topk_q8)."
-    )
-    beta: float = Field(
-        0.5, ge=0, le=1, description="Teacher weight in the mixture M = beta*P + (1-beta)*Q; "
-                                     "0 is forward KL(teacher||student), 1 is reverse KL."
-    )
 
 
 @LOSSES.register("lm_jsd", params=LMJSDParams, tracks=("lm",))

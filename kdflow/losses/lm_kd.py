@@ -11,21 +11,15 @@ Both: ``alpha * T^2 * mean_tokens KL + (1 - alpha) * CE``, means over the tokens
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
 
 import torch
-from pydantic import Field
 from torch import Tensor
 
 from kdflow.errors import DataError
 from kdflow.losses import LOSSES, LossBase, check_args, kl_rows
 from kdflow.losses.kd import KD
-from kdflow.losses.lm_tokens import (
-    TokenKDParams,
-    TopKTokenLoss,
-    IGNORE_INDEX, check_lm_batch,
-    real_tokens, rows, token_weights,
-)
+from kdflow.losses.lm_tokens import IGNORE_INDEX, TopKTokenLoss, check_lm_batch, real_tokens, rows, token_weights
+from schemas.methods import LMKDDenseParams, LMKDParams  # torch-free (kdflow/catalog.py)
 
 # --- reference formulas (dense, on tiny tensors) ------------------------------------------
 
@@ -64,20 +58,6 @@ def lm_kd_topk_reference(
 
 
 # --- the losses ---------------------------------------------------------------------------
-
-
-class LMKDParams(TokenKDParams):
-    name: Literal["lm_kd"] = Field(
-        "lm_kd", description="Token-level forward KL on a per-token top-k cache plus a tail "
-                             "bucket (logits.format topk or topk_q8)."
-    )
-
-
-class LMKDDenseParams(TokenKDParams):
-    name: Literal["lm_kd_dense"] = Field(
-        "lm_kd_dense", description="Token-level forward KL on dense per-token teacher logits "
-                                   "(logits.format dense)."
-    )
 
 
 @LOSSES.register("lm_kd", params=LMKDParams, tracks=("lm",))

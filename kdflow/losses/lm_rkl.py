@@ -7,19 +7,13 @@ log-probabilities are floored at ``TAIL_LOG_FLOOR``: a large but finite penalty.
 """
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import Field
 from torch import Tensor
 
 from kdflow.losses import LOSSES, kl_rows
 from kdflow.losses.lm_kd import kl_reference, student_buckets_reference, teacher_buckets_reference
-from kdflow.losses.lm_tokens import (
-    TokenKDParams,
-    TopKTokenLoss,
-    IGNORE_INDEX,
-)
+from kdflow.losses.lm_tokens import IGNORE_INDEX, TopKTokenLoss
 from kdflow.losses.topk_kd import TAIL_LOG_FLOOR
+from schemas.methods import LMRKLParams  # torch-free (kdflow/catalog.py)
 
 
 def lm_rkl_reference(
@@ -36,13 +30,6 @@ def lm_rkl_reference(
 def reverse_kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
     """Per-row KL(q || p) ``[T]`` of bucket log-probs ``[T, k + 1]``, the teacher's floored."""
     return kl_rows(log_q, log_p.clamp_min(TAIL_LOG_FLOOR))
-
-
-class LMRKLParams(TokenKDParams):
-    name: Literal["lm_rkl"] = Field(
-        "lm_rkl", description="Token-level reverse KL(student || teacher) on a per-token top-k "
-                              "cache plus a tail bucket (logits.format topk or topk_q8)."
-    )
 
 
 @LOSSES.register("lm_rkl", params=LMRKLParams, tracks=("lm",))

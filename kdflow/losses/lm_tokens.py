@@ -23,23 +23,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor
 
 from kdflow.errors import DataError, ParamsError
-from kdflow.losses import LossBase, alpha_field, check_args, require_keys, weighted_mean
+from kdflow.losses import LossBase, check_args, require_keys, weighted_mean
 from kdflow.losses.topk_kd import student_bucket_logprobs, teacher_bucket_logprobs
-from schemas.base import Section
 
 IGNORE_INDEX = -100
 TOPK_NEEDS = ("y", "teacher_logprobs", "teacher_indices", "teacher_tail")
-
-
-def lm_temperature_field() -> Any:
-    """The softening temperature knob of the LM divergences (default 1: LM caches are usually
-    written and distilled at T = 1)."""
-    return Field(1.0, gt=0, le=100,
-                 description="Softmax temperature T (the divergence is scaled by T^2).")
 
 
 def capture_context(cache_info: dict[str, Any]) -> dict[str, Any]:
@@ -246,14 +237,6 @@ def topk_terms_reference(
     log_p, log_q = topk_buckets(name, s, batch, mask, temperature, capture_temperature)
     distill = token_mean(divergence(log_p, log_q), token_weights(batch, mask)) * temperature**2
     return mix(alpha, key, distill, token_ce(student_logits, batch, mask))
-
-
-class TokenKDParams(Section):
-    """The knobs every per-token KD loss shares; a subclass narrows ``name`` to its own literal."""
-
-    name: str
-    temperature: float = lm_temperature_field()
-    alpha: float = alpha_field()
 
 
 class TopKTokenLoss(LossBase):

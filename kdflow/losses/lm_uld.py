@@ -16,17 +16,15 @@ Simplifications (deliberate):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
 
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor
 
-from kdflow.losses import LOSSES, LossBase, alpha_field, check_args
+from kdflow.losses import LOSSES, LossBase, check_args
 from kdflow.losses.lm_tokens import (
     IGNORE_INDEX, check_lm_batch, mix, real_tokens, rows, token_ce, token_mean, token_weights,
 )
-from schemas.base import Section
+from schemas.methods import LMULDParams  # torch-free (kdflow/catalog.py)
 
 
 def lm_uld_reference(s: Tensor, logprobs: Tensor, y: Tensor, temperature: float) -> Tensor:
@@ -57,19 +55,6 @@ def uld_rows(s: Tensor, logprobs: Tensor, temperature: float) -> Tensor:
     p = logprobs.float().exp().sort(-1, descending=True).values  # [T, k]
     student_rest = (1.0 - q.sum(-1)).clamp_min(0.0)  # [T] the student's mass at ranks >= m
     return (q - p[:, :m]).abs().sum(-1) + student_rest + p[:, m:].sum(-1)
-
-
-class LMULDParams(Section):
-    name: Literal["lm_uld"] = Field(
-        "lm_uld", description="Universal Logit Distillation: L1 distance of the sorted student "
-                              "and teacher probabilities per token; works across tokenizers "
-                              "(logits.format topk or topk_q8)."
-    )
-    temperature: float = Field(
-        1.0, gt=0, le=100, description="Softmax temperature of the student only (the teacher "
-                                       "stays at the capture temperature); not rescaled by T^2."
-    )
-    alpha: float = alpha_field()
 
 
 @LOSSES.register("lm_uld", params=LMULDParams, tracks=("lm",))

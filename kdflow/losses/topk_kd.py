@@ -16,19 +16,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor
 
 from kdflow.errors import DataError, ParamsError
-from kdflow.losses import (
-    LOSSES, LossBase, alpha_field, check_args, check_batch, kl_rows, temperature_field, weighted_mean,
-)
+from kdflow.losses import LOSSES, LossBase, check_args, check_batch, kl_rows, weighted_mean
 from kdflow.losses.ce import ce_rows
-from schemas.base import Section
+from schemas.methods import TopKKDParams  # torch-free (kdflow/catalog.py)
 
 TAIL_LOG_FLOOR = -100.0  # log of a mass below float32's smallest normal number
 
@@ -68,14 +65,6 @@ def student_bucket_logprobs(student_logits: Tensor, indices: Tensor, temperature
     # A floor keeps KL finite if the k classes cover all C but the cached tail is not exactly 0.
     log_q_tail = log_q_tail.clamp_min(TAIL_LOG_FLOOR)
     return torch.cat([log_q_top, log_q_tail.unsqueeze(-1)], dim=-1)
-
-
-class TopKKDParams(Section):
-    name: Literal["topk_kd"] = Field(
-        "topk_kd", description="KD on a top-k cache's k classes plus a tail bucket (logits.format topk or topk_q8)."
-    )
-    temperature: float = temperature_field()
-    alpha: float = alpha_field()
 
 
 @LOSSES.register("topk_kd", params=TopKKDParams, tracks=("classify", "graph", "text"))

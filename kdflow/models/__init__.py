@@ -14,10 +14,12 @@ from typing import Any
 
 from torch import nn
 
+from kdflow.catalog import MODELS as _MODELS
+from kdflow.catalog import is_import_path
 from kdflow.errors import ModelError
 from kdflow.registry import Registry
 
-MODELS: Registry = Registry("model")
+MODELS: Registry = _MODELS  # its names and metadata: kdflow/catalog.py
 
 
 def create_model(
@@ -46,12 +48,6 @@ def create_model(
         "num_classes": int(num_classes),
     }
     return model
-
-
-def is_import_path(name: str) -> bool:
-    """``package.module:Name``: a user's model class (or factory) instead of a registered name."""
-    module, sep, attr = name.partition(":")
-    return bool(sep and module and attr) and all(p.isidentifier() for p in [*module.split("."), *attr.split(".")])
 
 
 def resolve_architecture(name: str) -> Callable[..., nn.Module]:

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from kdflow.catalog import STRATEGIES as _STRATEGIES
 from kdflow.registry import Registry
 
 
@@ -37,7 +38,7 @@ class Strategy(Protocol):
     def __call__(self, candidates: dict[str, nn.Module], data: SelectionData, **kwargs: Any) -> list[dict]: ...
 
 
-STRATEGIES: Registry[Strategy] = Registry("selection strategy")
+STRATEGIES: Registry[Strategy] = _STRATEGIES  # its names and metadata: kdflow/catalog.py
 
 
 def rank(candidates: dict[str, nn.Module], data: SelectionData, strategy: str, **kwargs: Any) -> list[dict]:

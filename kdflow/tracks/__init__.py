@@ -17,14 +17,16 @@ import importlib
 import logging
 import pkgutil
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
-from torch import nn
-
-from kdflow.data.dataset import Dataset
 from kdflow.errors import UnknownNameError
 from kdflow.registry import Registry
+
+if TYPE_CHECKING:  # a track's module imports torch where it computes: validating needs none
+    import torch
+    from torch import nn
+
+    from kdflow.data.dataset import Dataset
 
 
 class Track(Protocol):
@@ -106,7 +108,7 @@ def get_track(name: str) -> Track:
 
 def infer_track(source: str) -> str:
     """The track of a data source spec (``tu:MUTAG`` -> ``graph``), from the sources registry."""
-    from kdflow.data.sources import SOURCES
+    from kdflow.catalog import SOURCES
 
     scheme = source.partition(":")[0]
     for name in [None, *discovered()]:  # a track may register its own sources: import until found

@@ -9,24 +9,37 @@ from __future__ import annotations
 
 from typing import Any
 
-from kdflow.cache.formats import FORMATS
-from kdflow.condense import CONDENSERS
-from kdflow.losses import LOSSES, loss_needs
+from kdflow.catalog import CONDENSERS, FORMATS, LOSSES
 
 SAMPLE_KEYS = ("x", "y")
 
 
+def _meta_or(registry: Any, name: str, key: str, attr: Any) -> Any:
+    """Metadata ``key`` of ``name`` as declared in ``kdflow/catalog.py`` (no import), else ``attr``
+    of the registered object (a track's own entry, registered when the track was imported)."""
+    meta = registry.meta(name)
+    return meta[key] if key in meta else attr(registry.get(name))
+
+
+def loss_needs(loss: str) -> tuple[str, ...]:
+    """The batch keys loss ``loss`` reads (its class's ``needs``)."""
+    return tuple(_meta_or(LOSSES, loss, "needs", lambda cls: cls.needs))
+
+
 def provided(fmt: str, method: str) -> set[str]:
     """Batch keys the student's batches hold with cache format ``fmt`` after ``method``."""
-    return {*SAMPLE_KEYS, *FORMATS.get(fmt).provides, *CONDENSERS.meta(method).get("provides", ())}
+    return {*SAMPLE_KEYS, *_meta_or(FORMATS, fmt, "provides", lambda f: f.provides),
+            *CONDENSERS.meta(method).get("provides", ())}
 
 
 def own_inputs(loss: str) -> bool:
     """Whether the loss trains on inputs of its own (e.g. DBR's stored views), not the samples."""
-    from kdflow.losses import LossBase
+    def overrides(cls: Any) -> bool:
+        from kdflow.losses import LossBase
 
-    cls = LOSSES.get(loss)
-    return cls.inputs.__func__ is not LossBase.inputs.__func__
+        return cls.inputs.__func__ is not LossBase.inputs.__func__
+
+    return bool(_meta_or(LOSSES, loss, "own_inputs", overrides))
 
 
 def compatibility(track: Any, *, loss: str, fmt: str, method: str, views: int) -> list[str]:

@@ -3,31 +3,29 @@
 Images ``[N, C, H, W]``, sequences ``[N, C, L]`` and tabular rows ``[N, D]`` held in memory as
 one tensor; the dataset artifact is ``kdflow.data.dataset``'s. The ``graph`` track reuses this
 one and changes what differs for graphs.
+
+Importing it does not import torch: what ``kdflow validate`` / ``status`` and a no-op ``kdflow run``
+ask of a track (what it offers, architecture and checkpoint checks, the summary table) reads the
+registries' declarations (``kdflow/catalog.py``); the methods that compute import what they use.
 """
 from __future__ import annotations
 
 import inspect
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from kdflow.cache.formats import FORMATS
-from kdflow.condense import CONDENSERS
-from kdflow.data.augment import Augment, draw_views
-from kdflow.data.dataset import Dataset, load_dataset, save_dataset
-from kdflow.data.sources import SOURCES, load_source
+from kdflow.catalog import CONDENSERS, FORMATS, LOSSES, MODELS, SOURCES, STRATEGIES, is_import_path, signature
 from kdflow.errors import DataError, ModelError
-from kdflow.losses import LOSSES, create_loss
-from kdflow.metrics import accuracy
-from kdflow.models import MODELS, create_model, is_import_path, resolve_architecture
-from kdflow.models.io import load_model, save_model
-from kdflow.select import STRATEGIES, SelectionData
 from kdflow.tracks import TRACKS, offered
 from kdflow.tracks.classify import evaluation
-from kdflow.train.loop import predict
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from kdflow.data.dataset import Dataset
+    from kdflow.select import SelectionData
 
 
 class ClassifyTrack:
@@ -46,13 +44,19 @@ class ClassifyTrack:
         owner = SOURCES.meta(scheme).get("track", "classify") if scheme in SOURCES else self.name
         if owner != self.name:
             raise DataError(f"data.source: {scheme!r} is data of track {owner!r}, not {self.name!r}; set `track: {owner}`")
+        from kdflow.data.sources import load_source
+
         ds = load_source(spec, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, options=options)
         return self._check(ds, spec)
 
     def save(self, ds: Dataset, folder: Path) -> None:
+        from kdflow.data.dataset import save_dataset
+
         save_dataset(self._check(ds, str(folder)), folder)
 
     def load(self, folder: Path) -> Dataset:
+        from kdflow.data.dataset import load_dataset
+
         return self._check(load_dataset(folder), str(folder))
 
     def _check(self, ds: Dataset, where: str) -> Dataset:
@@ -73,8 +77,10 @@ class ClassifyTrack:
         """Why ``arch(**args)`` cannot be built for this track (checked without data)."""
         known = self.architectures()
         if is_import_path(arch):  # a user's model class: importable, and its signature takes the args
+            from kdflow.models import resolve_architecture
+
             try:
-                factory = resolve_architecture(arch)
+                sig = inspect.signature(resolve_architecture(arch))
             except ModelError as exc:
                 return [f"{where}.arch: {exc}"]
         elif arch not in known:
@@ -84,14 +90,16 @@ class ClassifyTrack:
             hint = f"did you mean {close[0]!r}? " if close else ""
             return [f"{where}.arch: unknown architecture {arch!r} for track {self.name!r}; {hint}(known: {', '.join(known)})"]
         else:
-            factory = MODELS.get(arch)
+            sig = signature(MODELS, arch)  # from the source while the model's module is not imported
         try:
-            inspect.signature(factory).bind((1,), 2, **args)
+            sig.bind((1,), 2, **args)
         except TypeError as exc:
             return [f"{where}.args: {exc} (architecture {arch!r})"]
         return []
 
     def create_model(self, arch: str, ds: Dataset, args: dict[str, Any], teacher: Path | None = None) -> nn.Module:
+        from kdflow.models import create_model
+
         return create_model(arch, ds.input_shape, ds.num_classes, **args)
 
     def load_checkpoint(self, spec: str, root: Path, out: Path) -> nn.Module:
@@ -109,13 +117,19 @@ class ClassifyTrack:
         return [] if src.is_dir() else [f"{where}: folder not found: {src}"]
 
     def load_model(self, folder: Path) -> nn.Module:
+        from kdflow.models.io import load_model
+
         return load_model(folder)
 
     def save_model(self, model: nn.Module, folder: Path) -> None:
+        from kdflow.models.io import save_model
+
         save_model(model, folder)
 
     def teacher_outputs(self, model: nn.Module, x: Any, *, batch_size: int, device: torch.device) -> torch.Tensor:
         """Class logits ``[N, C]`` (float32, CPU)."""
+        from kdflow.train.loop import predict
+
         return predict(model, x, batch_size=batch_size, device=device)
 
     def output_dim(self, ds: Dataset) -> int:
@@ -128,6 +142,8 @@ class ClassifyTrack:
 
     # -- training -----------------------------------------------------------------------------
     def teacher_loss(self) -> Any:
+        from kdflow.losses import create_loss
+
         return create_loss("ce")
 
     def fit_inputs(self, ds: Dataset, loss: Any = None) -> dict[str, Any]:
@@ -147,10 +163,15 @@ class ClassifyTrack:
         return None
 
     def val_score(self, model: nn.Module, ds: Dataset, device: torch.device) -> dict[str, float]:
+        from kdflow.metrics import accuracy
+        from kdflow.train.loop import predict
+
         return {"val_accuracy": accuracy(predict(model, ds.features, device=device), ds.labels)}
 
     def views(self, ds: Dataset, k: int, seed: int, augment: dict[str, Any]) -> dict[str, torch.Tensor]:
         """K seeded augmented views per sample (images and sequences; DataError otherwise)."""
+        from kdflow.data.augment import Augment, draw_views
+
         return draw_views(ds.input_shape, ds.modality, len(ds), k, seed, Augment(**augment))
 
     # -- what it offers -------------------------------------------------------------------------
@@ -160,6 +181,8 @@ class ClassifyTrack:
 
     # -- selection, condensation, evaluation ------------------------------------------------------
     def selection_data(self, ds: Dataset, seed: int, device: torch.device) -> SelectionData:
+        from kdflow.select import SelectionData
+
         return SelectionData.of_splits(ds, seed, device)
 
     def condense_figure(self, ds: Dataset, folder: Path, title: str) -> None:
@@ -177,6 +200,8 @@ class ClassifyTrack:
                  histories: dict[str, list[dict]], latency_repeats: int, latency_threads: int | None,
                  ece_bins: int, folder: Path) -> dict[str, Any]:
         """Teacher vs. student on ``test``: metrics.json content, plots and figures in ``folder``."""
+        from kdflow.train.loop import predict
+
         logits = {k: predict(m, test.features) for k, m in models.items()}
         inputs = self.latency_inputs(test)
         per = {k: evaluation.model_metrics(models[k], logits[k], test.labels, test.num_classes,
@@ -190,6 +215,8 @@ class ClassifyTrack:
 
     def seed_metrics(self, teacher: nn.Module, students: dict[int, nn.Module], test: Dataset) -> dict[str, Any]:
         """Test accuracy, agreement and gap of every seed's student: mean, std, min, max (``student.seeds``)."""
+        from kdflow.train.loop import predict
+
         return evaluation.seed_metrics(predict(teacher, test.features),
                                        {k: predict(m, test.features) for k, m in students.items()}, test.labels)
 

@@ -3,18 +3,13 @@ from __future__ import annotations
 
 from html import escape
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from kdflow.metrics import (
-    accuracy, agreement, confusion_matrix, expected_calibration_error, kl_divergence, macro_f1, reliability_bins,
-)
-from kdflow.metrics.intervals import METHOD, proportion_interval, spread
-from kdflow.metrics.latency import measure_latency
-from kdflow.models import count_params, model_bytes
 from kdflow.report import fmt, table
+
+if TYPE_CHECKING:  # torch and the metrics are imported where they compute: the summary needs neither
+    import torch
+    from torch import nn
 
 BATCHES = (1, 256)
 
@@ -24,6 +19,11 @@ def model_metrics(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor, 
                   threads: int | None, ece_bins: int) -> dict[str, float]:
     """Accuracy (with its 95% Wilson interval), macro-F1, ECE, size and CPU latency at batch 1 and
     256 of one model."""
+    from kdflow.metrics import accuracy, expected_calibration_error, macro_f1
+    from kdflow.metrics.intervals import proportion_interval
+    from kdflow.metrics.latency import measure_latency
+    from kdflow.models import count_params, model_bytes
+
     lat = {b: measure_latency(model, input_shape, b, repeats=repeats, threads=threads, inputs=latency_inputs.get(b))
            for b in BATCHES}
     acc = accuracy(logits, labels)
@@ -41,6 +41,9 @@ def model_metrics(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor, 
 
 def compare(per: dict[str, dict], logits: dict[str, torch.Tensor], teacher_name: str, n_test: int) -> dict[str, Any]:
     """metrics.json: both models, their agreement and the compression ratios."""
+    from kdflow.metrics import agreement, kl_divergence
+    from kdflow.metrics.intervals import METHOD, proportion_interval
+
     t, s = per["teacher"], per["student"]
     agree = agreement(logits["teacher"], logits["student"])
     return {
@@ -66,6 +69,9 @@ def seed_metrics(teacher_logits: torch.Tensor, students: dict[int, torch.Tensor]
                  ) -> dict[str, Any]:
     """Test accuracy, agreement with the teacher and accuracy gap of every seed's student
     (``students``: seed -> logits ``[N, C]``), each as mean, std, min, max and the values in seed order."""
+    from kdflow.metrics import accuracy, agreement
+    from kdflow.metrics.intervals import spread
+
     acc = [accuracy(v, labels) for v in students.values()]
     agree = [agreement(teacher_logits, v) for v in students.values()]
     t = accuracy(teacher_logits, labels)
@@ -76,9 +82,15 @@ def seed_metrics(teacher_logits: torch.Tensor, students: dict[int, torch.Tensor]
 def write_pictures(folder: Path, teacher_name: str, logits: dict[str, torch.Tensor], y: torch.Tensor,
                    num_classes: int, ece_bins: int, per: dict[str, dict], histories: dict[str, list[dict]]) -> None:
     """``plots/`` (data for ``dvc plots``) and ``figures/`` (PNG) of the evaluation."""
+    from kdflow.metrics import confusion_matrix, reliability_bins
     from kdflow.metrics.plots import (  # matplotlib: loaded only to draw
-        picture_bins, plot_compression_png, plot_confusion_png, plot_curves_png, plot_reliability_png,
-        write_confusion_plot_data, write_reliability_plot_data,
+        picture_bins,
+        plot_compression_png,
+        plot_confusion_png,
+        plot_curves_png,
+        plot_reliability_png,
+        write_confusion_plot_data,
+        write_reliability_plot_data,
     )
 
     plots, figs = folder / "plots", folder / "figures"

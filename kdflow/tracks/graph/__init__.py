@@ -8,15 +8,17 @@ is the ``classify`` track with what differs for graphs: its data, its models (``
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from kdflow.data.dataset import Dataset
 from kdflow.errors import DataError
 from kdflow.tracks import TRACKS
 from kdflow.tracks.classify import ClassifyTrack
 from kdflow.tracks.classify.evaluation import BATCHES
+
+if TYPE_CHECKING:
+    import torch
+
+    from kdflow.data.dataset import Dataset
 
 
 class GraphTrack(ClassifyTrack):
@@ -36,6 +38,8 @@ class GraphTrack(ClassifyTrack):
         """Real test graphs, repeated to fill each batch."""
         if len(test) == 0:
             return {}
+        import torch
+
         return {b: test.features[torch.arange(b) % len(test)] for b in BATCHES}
 
 
