@@ -117,7 +117,7 @@ plan = pipeline_status(pp, Path.cwd())
 recorded = _lineage_recorded(pp)
 codes = [app(args, standalone_mode=False) for args in (["validate"], ["status", "--json"], ["params", "student.loss"])]
 print(json.dumps({"problems": problems, "stages": [s.stage for s in plan], "codes": codes,
-                  "heavy": sorted(m for m in sys.modules if m.split(".")[0] in %r)}))
+                  "heavy": sorted({m.split(".")[0] for m in sys.modules} & set(%r))}))
 """ % (HEAVY,)
 
 
