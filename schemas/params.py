@@ -152,8 +152,8 @@ class AugmentParams(Section):
 
 
 class LogitsParams(Section):
-    format: Literal["dense", "topk", "topk_q8", "topk_packed"] = Field("dense", description="Storage format of the teacher-logit cache: dense logits, top-k log-probs + tail mass, top-k with 8-bit values, or top-k with sorted delta-coded ids and 5-bit values, deflate-compressed per row.")
-    k: int = Field(5, ge=1, le=1_000_000, description="Number of classes kept per row by the top-k formats.")
+    format: Literal["dense", "topk", "topk_q8", "topk_packed", "topk_adaptive"] = Field("dense", description="Storage format of the teacher-logit cache: dense logits, top-k log-probs + tail mass, top-k with 8-bit values, top-k with sorted delta-coded ids and 5-bit values, deflate-compressed per row, or topk_adaptive: k entries per token on average (up to 2k where the teacher is unsure), ids as per-shard frequency ranks, LZMA per row.")
+    k: int = Field(5, ge=1, le=1_000_000, description="Number of classes kept per row by the top-k formats (topk_adaptive: on average per token).")
     dtype: Literal["float16", "bfloat16"] = Field("float16", description="Value dtype of the dense and topk formats (topk_q8 stores uint8).")
     temperature: float = Field(1.0, gt=0, le=100, description="Capture temperature of top-k log-probabilities.")
     shard_rows: int = Field(50_000, ge=1, le=100_000_000, description="Maximum rows per cache shard.")

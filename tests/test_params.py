@@ -119,10 +119,11 @@ def test_cli_reports_broken_yaml(tmp_path: Path) -> None:
 
 
 def test_topk_kd_accepts_every_topk_format() -> None:
-    for fmt in ("topk", "topk_q8", "topk_packed"):
+    for fmt in ("topk", "topk_q8", "topk_packed", "topk_adaptive"):
         assert parse_params(tiny_params(logits={"format": fmt}, student={"loss": {"name": "topk_kd"}}))
     found = problems(tiny_params(logits={"format": "dense"}, student={"loss": {"name": "topk_kd"}}))
-    assert any("'topk_kd' needs" in p and "use logits.format 'topk' or logits.format 'topk_packed' or logits.format 'topk_q8'" in p
+    assert any("'topk_kd' needs" in p and "use logits.format 'topk' or logits.format 'topk_adaptive' or "
+               "logits.format 'topk_packed' or logits.format 'topk_q8'" in p
                for p in found)
     assert any("'kd' needs" in p and "use logits.format 'dense'" in p for p in problems(tiny_params(logits={"format": "topk_q8"})))
 

@@ -13,6 +13,10 @@
   about its distance below it (such classes hold less than ``exp(-Q8_MAX_RANGE)`` of the top one's mass).
 - ``topk_packed``: the top-k of every token with ids sorted and delta-coded, 5-bit values, each
   row deflate-compressed (``kdflow.cache.packed``): about half ``topk``'s bytes at equal k.
+- ``topk_adaptive``: k entries per token on average (more where the teacher is unsure, up to
+  2k), ids as ranks of a per-shard frequency table, values on a 0.25-nat grid, LZMA per row
+  (``kdflow.cache.adaptive``): decoded to width ``min(2k, C)`` with the tail spread exactly as
+  the uniform-tail reconstruction assumes.
 
 Sequence caches (see ``kdflow.cache.tokens``) store the same keys per token, ``[n, L, ...]``.
 """
@@ -52,7 +56,13 @@ class Format:
         provides: the batch keys ``decode`` yields (what a loss's ``needs`` is checked against).
         fixed_dtype: stored value dtype when the ``dtype`` argument does not apply.
         per_row: a sequence row is encoded as a whole (``encode_rows``), not token by token.
-        encode_rows: ``(values [n, L, k], indices [n, L, k], tail [n, L], num_classes) -> stored``.
+        encode_rows: ``(values [n, L, k], indices [n, L, k], tail [n, L], *, num_classes, k)
+            -> stored``; its ``values`` etc. hold ``candidates(k, num_classes)`` entries per token.
+        candidates: top entries per token handed to ``encode_rows`` (None: k).
+        finish: ``stored -> stored``, run on a whole shard just before it is written (formats
+            whose encoding needs the shard: ``topk_adaptive``); ``decode`` accepts either.
+        shard_keys: stored tensors that belong to the whole shard, not one entry per row (never
+            sliced by row or concatenated across shards: ``CacheReader`` decodes shard by shard).
     """
 
     keys: tuple[str, ...]
@@ -63,6 +73,9 @@ class Format:
     fixed_dtype: torch.dtype | None = None
     per_row: bool = False
     encode_rows: Callable[..., Stored] | None = None
+    candidates: Callable[[int, int], int] | None = None
+    finish: Callable[[Stored], Stored] | None = None
+    shard_keys: tuple[str, ...] = ()
 
 
 FORMATS: Registry[Format] = _FORMATS  # its names and metadata: kdflow/catalog.py
@@ -209,6 +222,8 @@ def encode(
 
 def infer_format(stored: Stored) -> str:
     """The format whose stored keys ``stored`` holds."""
+    if "table" in stored or "budget" in stored:
+        return "topk_adaptive"
     if "nbytes" in stored:
         return "topk_packed"
     if "scale" in stored:
@@ -250,8 +265,33 @@ FORMATS.register("topk_packed")(
 )
 
 
+from kdflow.cache import adaptive as _adaptive  # noqa: E402  (registers topk_adaptive)
+
+
+def _encode_topk_adaptive(
+    logits: torch.Tensor, *, k: int | None, dtype: torch.dtype, capture_temperature: float
+) -> Stored:
+    num_classes = logits.shape[-1]
+    if k is None or not 1 <= k <= num_classes:
+        raise ValueError(f"topk cache needs 1 <= k <= num_classes={num_classes}, got k={k}")
+    values, indices, _ = topk_logprobs(logits, _adaptive.cap(k, num_classes), capture_temperature)
+    return _adaptive.open_rows(values, indices, num_classes=num_classes, k=k)
+
+
+FORMATS.register("topk_adaptive")(
+    Format(("nbytes", "offset", "budget", "blob", "table"), _encode_topk_adaptive, _adaptive.unpack,
+           topk=True, provides=TOPK_PROVIDES, fixed_dtype=torch.uint8, per_row=True,
+           encode_rows=_adaptive.open_rows, candidates=_adaptive.cap, finish=_adaptive.finish,
+           shard_keys=_adaptive.SHARD_KEYS)
+)
+
+
 def cat_stored(parts: list[Stored]) -> Stored:
-    """Stored tensors of consecutive row ranges as one (packed byte rows padded to one width)."""
+    """Stored tensors of consecutive row ranges as one (packed byte rows padded to one width).
+    Formats with shard-wide keys are concatenated only while open (before ``finish``)."""
+    if len(parts) > 1 and "table" in parts[0]:
+        raise ValueError("stored rows of several topk_adaptive shards cannot be concatenated: "
+                         "decode each shard's rows, then concatenate")
     return {key: (_packed.pad_cat([p[key] for p in parts])
                   if "nbytes" in parts[0] and key == "values" else torch.cat([p[key] for p in parts]))
             for key in parts[0]}

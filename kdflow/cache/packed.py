@@ -54,7 +54,8 @@ def quantize(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return q.to(torch.uint8), base.float(), scale
 
 
-def pack(values: torch.Tensor, indices: torch.Tensor, tail: torch.Tensor, num_classes: int) -> Stored:
+def pack(values: torch.Tensor, indices: torch.Tensor, tail: torch.Tensor, num_classes: int,
+         k: int | None = None) -> Stored:
     """``values``/``indices`` ``[n, L, k]`` (top-k, descending values) and ``tail`` ``[n, L]``
     as packed rows: ``values`` uint8 ``[n, W]`` and ``nbytes`` int32 ``[n]``."""
     n, length, k = values.shape

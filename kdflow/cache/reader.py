@@ -36,7 +36,9 @@ class CacheReader:
         self.format: str = self.info["format"]
         self.num_classes: int = int(self.info["num_classes"])
         self.seq_len: int | None = self.info.get("seq_len")
-        self.keys = FORMATS.get(self.format).keys + (("lengths",) if self.seq_len else ())
+        fmt = FORMATS.get(self.format)
+        self.keys = fmt.keys + (("lengths",) if self.seq_len else ())
+        self.shard_keys = fmt.shard_keys  # whole-shard tensors: decoded shard by shard
         self._starts = torch.tensor([s["rows"][0] for s in self.info["shards"]], dtype=torch.long)
         self._open: dict[int, tuple[object, Stored]] = {}
         self._verified = False  # set by verify(): views() then skips re-hashing the views table
@@ -101,7 +103,8 @@ class CacheReader:
             except (SafetensorError, OSError, KeyError, RuntimeError) as err:
                 raise corrupt(path, f"shard {shard['file']} cannot be read ({err})") from None
             rows = shard["rows"][1] - shard["rows"][0]
-            bad = {k: tuple(v.shape) for k, v in tensors.items() if v.shape[0] != rows}
+            bad = {k: tuple(v.shape) for k, v in tensors.items()
+                   if k not in self.shard_keys and v.shape[0] != rows}
             if bad:
                 raise corrupt(path, f"shard {shard['file']} should hold {rows} rows, has {bad}")
             self._open[number] = (handle, tensors)
@@ -109,6 +112,18 @@ class CacheReader:
 
     def _decode(self, stored: Stored) -> dict[str, torch.Tensor]:
         return decode_to_batch(stored, self.format)
+
+    def _rows_of(self, tensors: Stored, rows: slice | torch.Tensor) -> Stored:
+        """Rows of one shard's stored tensors (shard-wide keys whole)."""
+        return {k: (v if k in self.shard_keys else v[rows]) for k, v in tensors.items()}
+
+    def _decode_pieces(self, pieces: list[Stored]) -> dict[str, torch.Tensor]:
+        """Decode consecutive pieces of rows: joined first, or one by one when the format has
+        shard-wide keys (each piece from one shard), then joined."""
+        if not self.shard_keys:
+            return self._decode(cat_stored(pieces))
+        decoded = [self._decode(p) for p in pieces]
+        return {k: torch.cat([d[k] for d in decoded]) for k in decoded[0]}
 
     def get(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         """The loss batch keys for global row ``indices`` ``[B]``."""
@@ -125,8 +140,10 @@ class CacheReader:
             where = (shard_of == number).nonzero().flatten()
             local = idx[where] - self._starts[number]
             positions.append(where)
-            pieces.append({key: value[local] for key, value in tensors.items()})
+            pieces.append(self._rows_of(tensors, local))
         order = torch.cat(positions).argsort()  # undo the grouping (uint16 has no index_put)
+        if self.shard_keys:
+            return {k: v[order] for k, v in self._decode_pieces(pieces).items()}
         return self._decode({k: v[order] for k, v in cat_stored(pieces).items()})
 
     def load_all(self) -> dict[str, torch.Tensor]:
@@ -134,7 +151,7 @@ class CacheReader:
         parts = [self._shard(i) for i in range(len(self.info["shards"]))]
         if not parts:
             raise IndexError("the cache is empty")
-        return self._decode(cat_stored(parts))
+        return self._decode_pieces(parts)
 
     def iter_batches(self, batch_size: int, *, verify: bool = True
                      ) -> Iterator[dict[str, torch.Tensor]]:
@@ -157,16 +174,16 @@ class CacheReader:
             if verify:
                 self.verify_shard(number)
             tensors = self._shard(number)
-            rows = int(tensors["values"].shape[0])
+            rows = self.info["shards"][number]["rows"][1] - self.info["shards"][number]["rows"][0]
             start = 0
             while start < rows:
                 take = min(batch_size - pending_rows, rows - start)
-                pending.append({k: v[start : start + take] for k, v in tensors.items()})
+                pending.append(self._rows_of(tensors, slice(start, start + take)))
                 pending_rows += take
                 start += take
                 if pending_rows == batch_size:
-                    yield self._decode(cat_stored(pending))
+                    yield self._decode_pieces(pending)
                     pending, pending_rows = [], 0
             self._open.pop(number, None)  # the last views keep its mapping alive until used
         if pending:
-            yield self._decode(cat_stored(pending))
+            yield self._decode_pieces(pending)

@@ -63,13 +63,14 @@ def encode_sequences(
     if fmt.per_row:  # the whole row at once: top-k per real token, zeros at the padding
         rows = rows.float()
         check_finite(rows)
-        values, indices, tail = topk_logprobs(rows, k, capture_temperature)
+        width = fmt.candidates(k, logits.shape[-1]) if fmt.candidates and k else k
+        values, indices, tail = topk_logprobs(rows, width, capture_temperature)
         per_token = [values, indices.long(), tail]
         if full:
             per_token = [v.unflatten(0, mask.shape) for v in per_token]
         else:
             per_token = [_scatter(v, mask) for v in per_token]
-        out = fmt.encode_rows(*per_token, num_classes=logits.shape[-1])
+        out = fmt.encode_rows(*per_token, num_classes=logits.shape[-1], k=k)
         out["lengths"] = lengths.to(torch.int32)
         return out
     flat = encode(rows, format=format, k=k, dtype=dtype, capture_temperature=capture_temperature)

@@ -43,7 +43,8 @@ class CacheSpec:
     Attributes:
         num_rows: samples (sequences for a sequence cache).
         num_classes: classes, or the vocabulary size.
-        format: a registered format (``dense``, ``topk``, ``topk_q8``).
+        format: a registered format (``dense``, ``topk``, ``topk_q8``, ``topk_packed``,
+            ``topk_adaptive``).
         k: classes kept per row by top-k formats.
         dtype: value dtype of ``dense`` and ``topk``, ``float16`` or ``bfloat16``.
         capture_temperature: temperature of stored top-k log-probabilities.
@@ -123,13 +124,15 @@ class CacheSpec:
 
 
 def _rows(stored: Stored) -> int:
-    return int(stored["values"].shape[0])
+    return int((stored["values"] if "values" in stored else stored["nbytes"]).shape[0])
 
 
 def _write_shard(directory: Path, number: int, stored: Stored, start: int, spec: CacheSpec) -> dict:
     name = SHARD_PATTERN.format(number)
     tmp = directory / f".{name}.tmp-{os.getpid()}"
     stop = start + _rows(stored)
+    if spec.fmt.finish is not None:  # encodings that need the whole shard (topk_adaptive)
+        stored = spec.fmt.finish(stored)
     meta = {"format": spec.format, "num_classes": str(spec.num_classes), "rows": f"{start}:{stop}"}
     if spec.seq_len is not None:
         meta["seq_len"] = str(spec.seq_len)

@@ -295,7 +295,7 @@ class LMTrack:
         if kind == "condenser":
             return ["generate", "none"]
         if kind == "format":
-            return ["dense", "topk", "topk_q8", "topk_packed"]
+            return ["dense", "topk", "topk_q8", "topk_packed", "topk_adaptive"]
         registry = {"loss": LOSSES, "strategy": STRATEGIES}[kind]
         return offered(registry, self.name, ())
 
