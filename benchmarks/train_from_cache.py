@@ -23,7 +23,10 @@ teacher signal comes from. Each mode runs 1 untimed warm-up epoch then ``--epoch
 by step (``--interleave step``; order rotated every epoch), so a burst of load from other
 processes hits every mode alike; an epoch's time is the sum of its steps. ``--interleave epoch``
 runs whole epochs in turn (the protocol before 2026-11-30). Epoch times are medians over all timed
-epochs with their min and max; ``paired`` ratios divide epoch by epoch (same round). ``teacher s``
+epochs with their min and max; ``paired`` ratios divide epoch by epoch (same round). ``CPU
+s/epoch`` is the same from ``time.thread_time`` (this thread's CPU time: with one torch thread,
+time lost to other processes on a busy machine does not count), with its own cache/plain ratio.
+``teacher s``
 is the median part of an epoch spent getting the teacher keys (cache gather/decode, or the
 forward). It also reports the one-time cost of the cache (teacher inference over the training
 set plus ``write_cache``) and the number of epochs after which it is repaid vs. ``live``.
@@ -192,9 +195,11 @@ def teacher_sources(teacher: nn.Module, reader: CacheReader,
 
 def _step(student: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Loss, teacher_fn: TeacherFn,
           x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int,
-          device: torch.device) -> tuple[float, float, torch.Tensor]:
-    """One optimiser step on samples ``idx``: (seconds, of which getting the teacher keys, loss)."""
+          device: torch.device) -> tuple[float, float, torch.Tensor, float]:
+    """One optimiser step on samples ``idx``: (seconds, of which getting the teacher keys, loss,
+    CPU seconds of this thread)."""
     sync(device)
+    c0 = time.thread_time()
     t0 = time.perf_counter()
     xb, yb = x[idx].to(device), y[idx].to(device)
     t = time.perf_counter()
@@ -205,13 +210,13 @@ def _step(student: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Loss, t
     terms["loss"].backward()
     optimizer.step()
     sync(device)
-    return time.perf_counter() - t0, teacher_s, terms["loss"].detach()
+    return time.perf_counter() - t0, teacher_s, terms["loss"].detach(), time.thread_time() - c0
 
 
 def run_epoch(students: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
               losses: dict[str, Loss], sources: dict[str, TeacherFn], x: torch.Tensor, y: torch.Tensor,
               batch_size: int, seed: int, epoch: int, device: torch.device, modes: tuple[str, ...],
-              interleave: str) -> dict[str, tuple[float, float, float]]:
+              interleave: str) -> dict[str, tuple[float, float, float, float]]:
     """One epoch of every mode in the order fixed by ``(seed, epoch)``.
 
     ``interleave="step"``: the modes take turns step by step (in the order ``modes``), so a burst
@@ -221,55 +226,58 @@ def run_epoch(students: dict[str, nn.Module], optimizers: dict[str, torch.optim.
 
     Returns:
         per mode the epoch's seconds, the part of them spent getting the teacher keys (host time:
-        not synchronised on CUDA), and the mean training loss.
+        not synchronised on CUDA), the mean training loss, and the CPU seconds of this thread
+        (``time.thread_time``: time the process was descheduled by other load does not count;
+        with one torch thread on a CPU every op runs in this thread).
     """
     torch_seed, shuffle_seed = epoch_seeds(seed, epoch)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(shuffle_seed))
     batches = [order[i : i + batch_size] for i in range(0, len(y), batch_size)]
     batches = [b for b in batches if len(b) > 1]  # a lone sample breaks batch norm (as in fit)
-    sums = {m: [0.0, 0.0, torch.zeros((), device=device)] for m in modes}
+    sums = {m: [0.0, 0.0, torch.zeros((), device=device), 0.0] for m in modes}
     for m in modes:
         students[m].train()
     rounds = [[(m, b) for m in modes] for b in batches] if interleave == "step" \
         else [[(m, b) for b in batches] for m in modes]
     for turn in rounds:
         for m, idx in turn:
-            seconds, teacher_s, loss = _step(students[m], optimizers[m], losses[m], sources[m], x, y, idx,
-                                             epoch, device)
+            seconds, teacher_s, loss, cpu = _step(students[m], optimizers[m], losses[m], sources[m], x, y,
+                                                  idx, epoch, device)
             acc = sums[m]
             acc[0] += seconds
             acc[1] += teacher_s
             acc[2] += loss * len(idx)
+            acc[3] += cpu
     seen = sum(len(b) for b in batches)
     torch.manual_seed(torch_seed)
-    return {m: (a[0], a[1], float(a[2]) / seen) for m, a in sums.items()}
+    return {m: (a[0], a[1], float(a[2]) / seen, a[3]) for m, a in sums.items()}
 
 
 def time_repeat(init: dict[str, torch.Tensor], student: nn.Module, losses: dict[str, Loss],
                 sources: dict[str, TeacherFn], x: torch.Tensor, y: torch.Tensor,
                 args: argparse.Namespace, device: torch.device,
-                repeat: int) -> tuple[dict[str, list[tuple[float, float]]], dict[str, float]]:
+                repeat: int) -> tuple[dict[str, list[tuple[float, float, float]]], dict[str, float]]:
     """One repeat: per mode a fresh student (same init) and AdamW, 1 warm-up epoch, then
     ``args.epochs`` timed epochs; the order of the modes is rotated every epoch.
 
     Returns:
-        per mode the timed epochs' (seconds, teacher-part seconds), and the last epoch's mean
-        training loss.
+        per mode the timed epochs' (seconds, teacher-part seconds, CPU seconds), and the last
+        epoch's mean training loss.
     """
     modes = tuple(sources)
     students = {m: copy.deepcopy(student) for m in modes}
     optimizers = {m: torch.optim.AdamW(students[m].parameters(), lr=args.lr) for m in modes}
     for m in modes:
         students[m].load_state_dict(init)
-    times: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
+    times: dict[str, list[tuple[float, float, float]]] = {m: [] for m in modes}
     loss: dict[str, float] = {}
     for epoch in range(args.epochs + 1):
         shift = (repeat + epoch) % len(modes)
         result = run_epoch(students, optimizers, losses, sources, x, y, args.batch_size, args.seed, epoch,
                            device, modes[shift:] + modes[:shift], args.interleave)
-        for m, (seconds, teacher_s, loss[m]) in result.items():
+        for m, (seconds, teacher_s, loss[m], cpu) in result.items():
             if epoch > 0:
-                times[m].append((seconds, teacher_s))
+                times[m].append((seconds, teacher_s, cpu))
     return times, loss
 
 
@@ -292,15 +300,18 @@ def time_modes(student: nn.Module, loss_specs: dict[str, tuple[str, dict[str, fl
     modes = tuple(sources)
     raw: dict[str, list[list[float]]] = {m: [] for m in modes}
     part: dict[str, list[list[float]]] = {m: [] for m in modes}
+    cpu: dict[str, list[list[float]]] = {m: [] for m in modes}
     final_loss: dict[str, float] = {}
     for repeat in range(args.repeats):
         times, final_loss = time_repeat(init, student, losses, sources, x, y, args, device, repeat)
         for m in modes:
-            raw[m].append([t for t, _ in times[m]])
-            part[m].append([u for _, u in times[m]])
+            raw[m].append([t for t, _, _ in times[m]])
+            part[m].append([u for _, u, _ in times[m]])
+            cpu[m].append([c for _, _, c in times[m]])
     return {m: {"loss": loss_specs[m][0], "loss_args": repr(losses[m]), "epoch_seconds": raw[m],
                 "teacher_part_seconds": part[m],
                 "teacher_part_median_s": statistics.median(u for r in part[m] for u in r),
+                "epoch_cpu_seconds": cpu[m], "cpu_median_s": statistics.median(c for r in cpu[m] for c in r),
                 "final_train_loss": final_loss[m], **summarise([t for r in raw[m] for t in r])}
             for m in modes}
 
@@ -370,8 +381,10 @@ def ratios(modes: dict[str, dict], cache: dict) -> dict:
     the epochs that repay the cache's one-time cost vs. live."""
     plain, cached, live = (modes[m]["median_s"] for m in MODES)
     epochs = {m: [t for r in modes[m]["epoch_seconds"] for t in r] for m in MODES}
+    cpu = {m: [t for r in modes[m]["epoch_cpu_seconds"] for t in r] for m in MODES}
     paired = {
         "cache_over_plain": summarise([b / a for a, b in zip(epochs["plain"], epochs["cache"])]),
+        "cache_over_plain_cpu": summarise([b / a for a, b in zip(cpu["plain"], cpu["cache"])]),
         "live_over_cache": summarise([c / b for b, c in zip(epochs["cache"], epochs["live"])]),
     }
     saving = live - cached
@@ -385,6 +398,7 @@ def ratios(modes: dict[str, dict], cache: dict) -> dict:
         control = [t for r in modes["control"]["epoch_seconds"] for t in r]
         paired["control_over_plain"] = summarise([b / a for a, b in zip(epochs["plain"], control)])
     return {"ratios": {"cache_over_plain": cached / plain, "live_over_cache": live / cached,
+                       "cache_over_plain_cpu": modes["cache"]["cpu_median_s"] / modes["plain"]["cpu_median_s"],
                        "live_over_plain": live / plain, **extra},
             "paired_ratios": {k: {n.removesuffix("_s"): v for n, v in d.items()}
                               for k, d in paired.items()},
@@ -400,13 +414,13 @@ def report(result: dict, console: Console) -> None:
     title = (f"{d['spec']}: {d['train_rows']} train rows {d['input_shape']}, "
              f"batch {result['config']['batch_size']}")
     table = Table(title=title)
-    for col in ("mode", "loss", "s/epoch", "min", "max", "vs plain", "teacher s"):
+    for col in ("mode", "loss", "s/epoch", "min", "max", "vs plain", "teacher s", "CPU s/epoch"):
         table.add_column(col, justify="left" if col in ("mode", "loss") else "right")
     plain = result["modes"]["plain"]["median_s"]
     for name, row in result["modes"].items():
         table.add_row(name, row["loss"], f"{row['median_s']:.3f}", f"{row['min_s']:.3f}",
                       f"{row['max_s']:.3f}", f"{row['median_s'] / plain:.2f}x",
-                      f"{row['teacher_part_median_s']:.3f}")
+                      f"{row['teacher_part_median_s']:.3f}", f"{row['cpu_median_s']:.3f}")
     console.print(table)
     r, pr = result["ratios"], result["paired_ratios"]
     verdict = "meets" if result["meets_goal"] else "misses"
@@ -416,6 +430,10 @@ def report(result: dict, console: Console) -> None:
         p = pr[key]
         console.print(f"{label} = {r[key]:.3f}{goal}; paired {p['median']:.3f} "
                       f"[{p['min']:.3f}, {p['max']:.3f}]")
+    p = pr["cache_over_plain_cpu"]
+    console.print(f"cache/plain in CPU time (this thread's, not the time other processes held the "
+                  f"CPU) = {r['cache_over_plain_cpu']:.3f}; paired {p['median']:.3f} "
+                  f"[{p['min']:.3f}, {p['max']:.3f}]")
     if "control_over_plain" in r:
         p = pr["control_over_plain"]
         console.print(f"control/plain = {r['control_over_plain']:.3f} (the same work twice: the noise floor); "

@@ -251,9 +251,10 @@ def test_kd_gradient_equals_autograd_of_the_plain_formula(data, T: float, alpha:
     torch.testing.assert_close(s2.grad.double(), 3.0 * s1.grad, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(("T", "alpha"), [(4.0, 0.9), (1.0, 0.0), (2.0, 1.0)])
+@pytest.mark.parametrize(("T", "alpha"), [(4.0, 0.9), (1.0, 0.0), (2.0, 1.0), (1.0, 0.5)])
 def test_fused_kd_equals_the_plain_formula_in_its_file(data, T: float, alpha: float) -> None:
-    """kd.py's reference ``kd_loss`` and the fused loss: same value and gradient, fp16 teacher rows too."""
+    """kd.py's reference ``kd_loss`` and the fused loss: same value, terms and gradient, fp16
+    teacher rows too."""
     from kdflow.losses.kd import kd_loss
 
     t16 = data["t"].half()
@@ -265,3 +266,5 @@ def test_fused_kd_equals_the_plain_formula_in_its_file(data, T: float, alpha: fl
     out["loss"].backward()
     assert out["loss"].item() == pytest.approx(ref.item(), rel=1e-5)
     torch.testing.assert_close(s2.grad, s1.grad, rtol=1e-5, atol=1e-6)
+    assert out["kd"].item() == pytest.approx(kd_loss(data["s"], t16.float(), data["y"], T, 1.0).item(), rel=1e-5)
+    assert out["ce"].item() == pytest.approx(kd_loss(data["s"], t16.float(), data["y"], T, 0.0).item(), rel=1e-5)
