@@ -81,8 +81,8 @@ def fetch(dest: Path, versions: dict[str, str], npm: str = "npm", timeout: float
             specs = [f"{n}@{v}" for n, v in missing.items()]
             try:
                 proc = subprocess.run([exe, "pack", *specs, "--pack-destination", tmp, "--fetch-retries=1",
-                                       "--fetch-timeout=30000", "--silent"], capture_output=True, text=True,
-                                      timeout=timeout, cwd=tmp)
+                                       "--fetch-timeout=30000", "--silent"], check=False, capture_output=True,
+                                      text=True, timeout=timeout, cwd=tmp)
             except subprocess.TimeoutExpired as exc:
                 raise VegaUnavailable(f"npm pack {' '.join(specs)} took over {timeout:.0f} s") from exc
             if proc.returncode != 0:

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
+
 from kdflow import vega_offline
 from kdflow.vega_offline import VegaUnavailable, cdn_versions, install, page_template
 

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import tiny_params, write_params
 from typer.testing import CliRunner
 
-from conftest import tiny_params, write_params
 from kdflow.cli import app
 from schemas.manifest import Manifest
 from schemas.params import parse_params
@@ -183,31 +183,3 @@ def test_gc_bad_options_exit_2_before_deleting(project: Path, monkeypatch) -> No
 def test_parse_size(text: str, size: int) -> None:
     assert gc.parse_size(text) == size
 
-
-@pytest.mark.slow
-def test_flow_going_back_restores_without_a_new_run_or_model_version(tmp_path: Path, prefect_harness) -> None:
-    """A -> B -> A through the Prefect flow with MLflow: the third run computes nothing, registers
-    no model version, and its parent run links the runs that built the restored outputs."""
-    from mlflow.tracking import MlflowClient
-
-    from flows.distill import distill
-
-    write_params(tmp_path, tiny_params(tracking={"enabled": True, "experiment": "kept"}))
-    distill(params_file="params.yaml", root=str(tmp_path))
-    built = {s: Manifest.load(tmp_path / "artifacts/tiny" / s) for s in ("student", "evaluate")}
-    distill(params_file="params.yaml", overrides=["student.loss.temperature=2"], root=str(tmp_path))
-    third = distill(params_file="params.yaml", root=str(tmp_path))
-    assert {s: v["state"] for s, v in third["stages"].items()} == \
-        {**{s: "Cached" for s in STAGE_ORDER[:5]}, "student": "Restored", "evaluate": "Restored"}
-    for stage, manifest in built.items():
-        assert Manifest.load(tmp_path / "artifacts/tiny" / stage).mlflow_run_id == manifest.mlflow_run_id
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert sorted(int(v.version) for v in client.search_model_versions("name = 'tiny-student'")) == [1, 2]
-    runs = client.search_runs([client.get_experiment_by_name("kept").experiment_id], max_results=100)
-    assert len([r for r in runs if r.data.tags.get("kdflow.kind") == "stage"]) == 7 + 2  # none for the third
-    last = max((r for r in runs if r.data.tags.get("kdflow.kind") == "pipeline"), key=lambda r: r.info.start_time)
-    for stage, manifest in built.items():
-        assert last.data.tags[f"kdflow.stage.{stage}.run_id"] == manifest.mlflow_run_id
-        assert last.data.tags[f"kdflow.stage.{stage}.cached"] == "true"
-    assert last.data.tags["kdflow.registered_model"] == "tiny-student/1"

@@ -42,6 +42,7 @@ def test_flow_runs_caches_and_reruns_only_what_changed(tmp_path: Path, prefect_h
     assert {"agreement", "kl_teacher_student", "ece_student"} <= set(metrics)
     assert {"params_ratio", "latency_ratio_b1"} <= set(metrics["compression"])
     assert (tmp_path / "artifacts/tiny/evaluate/figures/confusion_student.png").stat().st_size > 0
+    built = {s: Manifest.load(tmp_path / "artifacts/tiny" / s) for s in ("student", "evaluate")}
 
     assert set(_states(distill(params_file="params.yaml", root=str(tmp_path))).values()) == {"Cached"}
 
@@ -68,6 +69,19 @@ def test_flow_runs_caches_and_reruns_only_what_changed(tmp_path: Path, prefect_h
     assert last.data.tags["kdflow.stage.prepare.cached"] == "true"
     assert last.data.tags["kdflow.stage.student.cached"] == "false"
     assert "student_accuracy" in last.data.metrics
+
+    # back to the first setting: its outputs were kept (tasks/kept.py), so nothing computes, no stage
+    # run or model version is added, and the new parent run links the runs that built them
+    versions = len(client.search_model_versions("name = 'tiny-student'"))
+    back = _states(distill(params_file="params.yaml", root=str(tmp_path)))
+    assert back == {**{s: "Cached" for s in STAGE_ORDER[:5]}, "student": "Restored", "evaluate": "Restored"}
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    assert len([r for r in runs if r.data.tags.get("kdflow.kind") == "stage"]) == len(stages)
+    assert len(client.search_model_versions("name = 'tiny-student'")) == versions
+    last = max((r for r in runs if r.data.tags.get("kdflow.kind") == "pipeline"), key=lambda r: r.info.start_time)
+    for stage, manifest in built.items():
+        assert Manifest.load(tmp_path / "artifacts/tiny" / stage).mlflow_run_id == manifest.mlflow_run_id
+        assert last.data.tags[f"kdflow.stage.{stage}.run_id"] == manifest.mlflow_run_id
 
 
 def test_stage_path_and_flow_path_give_identical_artifacts(tmp_path: Path, prefect_harness) -> None:
