@@ -191,28 +191,30 @@ def unpack(stored: Stored) -> dict[str, torch.Tensor]:
     k = int(stored["budget"][0])
     width, b = cap(k, num_classes), index_bytes(num_classes)
     data, offsets = stored["blob"].numpy(), stored["offset"].tolist()
-    counts_l, gaps_l, codes_l, tails_l = [], [], [], []
-    length = 1
-    for r, size in enumerate(sizes):
-        raw = np.frombuffer(_decompress(data[offsets[r] : offsets[r] + size].tobytes()), dtype=np.uint8)
-        length = int(raw[:4].view(np.int32)[0])
-        pos = 4
-        counts = raw[pos : pos + length].astype(np.int64) | (raw[pos + length : pos + 2 * length].astype(np.int64) << 8)
-        pos += 2 * length
-        e = int(counts.sum())
-        gaps = np.zeros(e, dtype=np.int64)
-        for i in range(b):
-            gaps |= raw[pos : pos + e].astype(np.int64) << (8 * i)
-            pos += e
-        codes = raw[pos : pos + e].astype(np.int64) | (raw[pos + e : pos + 2 * e].astype(np.int64) << 8)
-        pos += 2 * e
-        tails_l.append(raw[pos : pos + 4 * length].copy().view(np.float32))
-        counts_l.append(counts), gaps_l.append(gaps), codes_l.append(codes)
-    n = len(sizes)
-    counts = torch.from_numpy(np.concatenate(counts_l))  # [T]
-    gaps = torch.from_numpy(np.concatenate(gaps_l))  # [E]
-    codes = torch.from_numpy(np.concatenate(codes_l)).float()
-    tail = torch.from_numpy(np.concatenate(tails_l))  # [T] float32
+    raws = [_decompress(data[o : o + size].tobytes()) for o, size in zip(offsets, sizes)]
+    n, length = len(raws), int(np.frombuffer(raws[0][:4], dtype=np.int32)[0])
+    buf = np.frombuffer(b"".join(raws), dtype=np.uint8)
+    starts = np.cumsum([0] + [len(x) for x in raws[:-1]])  # [n] where each row's bytes begin
+    if (buf[starts[:, None] + np.arange(4)].copy().view(np.int32)[:, 0] != length).any():
+        raise ValueError("topk_adaptive rows of different lengths cannot be decoded together")
+    # every row at once: [L int32][counts 2 x L][gaps b x E][codes 2 x E][tail 4 x L], E per row
+    at = starts[:, None] + 4 + np.arange(length)  # [n, L]
+    counts_rl = buf[at].astype(np.int64) | (buf[at + length].astype(np.int64) << 8)  # [n, L]
+    per_row = counts_rl.sum(1)  # [n] entries of each row
+    row = np.repeat(np.arange(n), per_row)  # [E] the row of every entry
+    first = np.cumsum(per_row) - per_row  # [n]
+    pos = (starts + 4 + 2 * length)[row] + np.arange(len(row)) - first[row]  # [E] first plane
+    step = per_row[row]  # [E] plane stride
+    gaps_np = np.zeros(len(row), dtype=np.int64)
+    for i in range(b):
+        gaps_np |= buf[pos + i * step].astype(np.int64) << (8 * i)
+    pos = pos + b * step
+    codes_np = buf[pos].astype(np.int64) | (buf[pos + step].astype(np.int64) << 8)
+    at = (starts + 4 + 2 * length + (b + 2) * per_row)[:, None] + np.arange(4 * length)  # [n, 4L]
+    counts = torch.from_numpy(counts_rl.reshape(-1))  # [T]
+    gaps = torch.from_numpy(gaps_np)  # [E]
+    codes = torch.from_numpy(codes_np).float()
+    tail = torch.from_numpy(buf[at].copy().view(np.float32).reshape(-1))  # [T] float32
     t = len(counts)
     kept = torch.arange(width) < counts[:, None]  # [T, W]; entries fill it in row-major order
     csum = gaps.cumsum(0)
