@@ -122,14 +122,20 @@ def displace(final: Path, artifacts: Path, stage: str, new_fp: str | None, limit
     if not final.exists() and not final.is_symlink():
         return None
     fp = _intact(final, stage) if limit > 0 else None
-    if fp is not None and fp != new_fp:
+    links = [p for p in (store(artifacts), store(artifacts) / stage) if p.is_symlink()]
+    if fp is not None and fp != new_fp and links:
+        log.warning("%s: the previous output is not kept: %s is a link (kept outputs stay inside the artifact root)",
+                    stage, links[0])
+    elif fp is not None and fp != new_fp:
         dest = kept_path(artifacts, stage, fp)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.exists():
-            shutil.rmtree(dest)
         try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.is_symlink():
+                dest.unlink()
+            elif dest.exists():
+                shutil.rmtree(dest)
             os.replace(final, dest)
-        except OSError as exc:  # another filesystem (a mounted stage folder): not kept
+        except OSError as exc:  # e.g. another filesystem (a mounted stage folder): not kept
             log.warning("%s: could not keep the previous output (%s); it is replaced", stage, exc)
         else:
             now = time.time()

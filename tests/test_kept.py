@@ -117,6 +117,18 @@ def test_keep_outputs_bounds_each_stage_store(project: Path) -> None:
     assert kept.entries(base) == []
 
 
+def test_a_store_that_links_elsewhere_is_never_written(project: Path, tmp_path: Path, caplog) -> None:
+    base = project / "artifacts/tiny"
+    outside = tmp_path / "elsewhere"
+    shutil.move(kept.store(base) / "student", outside)
+    (kept.store(base) / "student").symlink_to(outside, target_is_directory=True)
+    before = sorted(p.name for p in outside.iterdir())
+    with caplog.at_level(logging.WARNING, logger="tasks.kept"):
+        assert run(project, raw_at(3.0))["student"]
+    assert "is a link" in caplog.text
+    assert sorted(p.name for p in outside.iterdir()) == before  # neither kept into nor pruned
+
+
 def _gc(project: Path, monkeypatch, *args: str) -> dict:
     result = invoke(project, monkeypatch, "gc", "--json", *args)
     assert result.exit_code == 0, result.output
