@@ -352,3 +352,26 @@ def test_a_trimmed_student_keeps_the_most_frequent_tokens(tmp_path: Path, text_f
         LM.create_model("llama", train, {**args, "keep_tokens": 400})
     assert LM.model_problems("llama", {**args, "keep_tokens": 0}, "student") == [
         "student.args.keep_tokens: must be an integer >= 1 (got 0)"]
+
+
+@pytest.mark.slow
+def test_the_student_trains_from_a_topk_adaptive_cache(tmp_path: Path, text_file: Path) -> None:
+    """``logits.format: topk_adaptive`` through the real stages: the cache holds k entries per
+    token on average in fewer bytes than ``topk``'s values and ids alone, decodes to width 2k,
+    and the student trains from it."""
+    from kdflow.cache import CacheReader
+
+    pp = parse_params(tiny_lm(f"text:{text_file}", logits={"format": "topk_adaptive", "k": 8}))
+    ms = {stage: execute_stage(stage, pp, tmp_path)[0] for stage in STAGE_ORDER[: STAGE_ORDER.index("student") + 1]}
+    entry = ms["logits"].info["teachers"][0]
+    cache = entry["cache"]
+    assert cache["format"] == "topk_adaptive" and cache["k"] == 8 and len(cache["shards"]) == 2
+    assert cache["bytes_per_token"] < 8 * (2 + 2)  # topk's fp16 values + uint16 ids alone
+    assert ms["logits"].metrics["kl"] < 0.5
+    reader = CacheReader(tmp_path / "artifacts/lm/logits" / entry["dir"])
+    batch = reader.get(torch.tensor([45, 0]))  # both shards
+    assert batch["teacher_indices"].shape == (2, 32, 16)  # decoded to min(2k, V)
+    assert torch.allclose(batch["teacher_logprobs"].exp().sum(-1)[batch["teacher_mask"]]
+                          + batch["teacher_tail"][batch["teacher_mask"]], torch.ones(62), atol=1e-5)
+    assert len(json.loads((tmp_path / "artifacts/lm/student/history.json").read_text())) > 0
+    assert -ms["student"].metrics["best_val_neg_perplexity"] < 256  # better than uniform over the bytes
