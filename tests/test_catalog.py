@@ -101,12 +101,14 @@ def test_static_signatures_bind_like_the_real_ones() -> None:
     assert inspect.signature(catalog.signature).parameters  # the public helper exists
 
 
-# The no-op check of `kdflow run` (params, validation, pipeline_status, lineage check) and the
-# `validate`, `status` and `params` commands, in a fresh interpreter: which heavy packages they import.
+# The no-op check of `kdflow run` (params, validation, pipeline_status, lineage check), that of
+# `kdflow stage` (what `dvc repro` runs: main process? output current?) and the `validate`, `status`
+# and `params` commands, in a fresh interpreter: which heavy packages they import.
 NOOP = """
 import json, sys
 from pathlib import Path
-from kdflow.cli import _lineage_recorded, app
+from kdflow.cli import _current_output, _lineage_recorded, app
+from kdflow.train.distributed import is_main, launched
 from kdflow.checks import pipeline_problems
 from schemas.params import load_params
 from tasks.status import pipeline_status
@@ -115,6 +117,7 @@ pp = load_params(Path("params.yaml"))
 problems = pipeline_problems(pp, Path.cwd())
 plan = pipeline_status(pp, Path.cwd())
 recorded = _lineage_recorded(pp)
+stage_check = [is_main(), launched(), _current_output("prepare", pp)]
 codes = [app(args, standalone_mode=False) for args in (["validate"], ["status", "--json"], ["params", "student.loss"])]
 print(json.dumps({"problems": problems, "stages": [s.stage for s in plan], "codes": codes,
                   "heavy": sorted({m.split(".")[0] for m in sys.modules} & set(%r))}))

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from datetime import timedelta
-from typing import TypeVar
-
-import torch
-import torch.distributed as dist
-from torch import nn
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from kdflow.errors import KdflowError
+
+if TYPE_CHECKING:  # torch is imported where a group is made or used: asking whether this process is
+    import torch  # the main one (a current `kdflow stage`) imports none
+    from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,13 @@ class LaunchError(KdflowError):
     exit_code = 2
 
 
+def _group() -> Any:
+    """``torch.distributed`` when a process group is initialised, else None (while torch is not
+    imported, none can be)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
 def launched() -> bool:
     """Whether this process is one of several that torchrun started (``WORLD_SIZE`` > 1)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -49,6 +57,9 @@ def init_from_env(device: torch.device) -> bool:
     """Join torchrun's process group: gloo for a CPU ``device``, nccl for CUDA (this process on
     ``cuda:LOCAL_RANK``). Returns whether it initialised a group (False without torchrun, or when
     one is already initialised)."""
+    import torch
+    import torch.distributed as dist
+
     if not launched() or dist.is_initialized():
         return False
     if device.type not in ("cpu", "cuda"):
@@ -64,13 +75,15 @@ def init_from_env(device: torch.device) -> bool:
 
 def shutdown() -> None:
     """Leave the process group. No barrier: a rank that failed must not pass for one that is done."""
-    if dist.is_initialized():
+    dist = _group()
+    if dist is not None:
         dist.destroy_process_group()
 
 
 def world() -> tuple[int, int]:
     """``(rank, world_size)`` of the initialised process group; ``(0, 1)`` without one."""
-    if dist.is_available() and dist.is_initialized():
+    dist = _group()
+    if dist is not None:
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
@@ -82,7 +95,8 @@ def is_distributed() -> bool:
 
 def is_main() -> bool:
     """Rank 0 of the group; before the group exists, torchrun's ``RANK`` (absent: main)."""
-    if dist.is_available() and dist.is_initialized():
+    dist = _group()
+    if dist is not None:
         return dist.get_rank() == 0
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -95,6 +109,8 @@ def local_rank() -> int:
 def train_device(device: torch.device) -> torch.device:
     """The device this rank trains on: ``cuda:LOCAL_RANK`` for CUDA under DDP, else ``device``."""
     if device.type == "cuda" and is_distributed():
+        import torch
+
         return torch.device("cuda", local_rank())
     return device
 
@@ -124,11 +140,16 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """``model`` in ``DistributedDataParallel`` under a group of several processes, else itself."""
     if not is_distributed():
         return model
+    from torch import nn
+
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
 def _comm_device() -> torch.device:
+    import torch
+    import torch.distributed as dist
+
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
         else torch.device("cpu")
 
@@ -137,6 +158,9 @@ def all_sum(values: list[float]) -> list[float]:
     """Element-wise sums of ``values`` over all ranks (in float64)."""
     if not is_distributed():
         return list(values)
+    import torch
+    import torch.distributed as dist
+
     t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.cpu().tolist()
@@ -146,6 +170,8 @@ def from_main(obj: T) -> T:
     """Rank 0's ``obj`` on every rank (picklable objects; CPU tensors stay on the CPU)."""
     if not is_distributed():
         return obj
+    import torch.distributed as dist
+
     box = [obj]
     dist.broadcast_object_list(box, src=0, device=_comm_device())
     return box[0]
@@ -154,6 +180,8 @@ def from_main(obj: T) -> T:
 def sync_buffers(model: nn.Module) -> None:
     """Copy rank 0's buffers (e.g. batch-norm running statistics) to every rank."""
     if is_distributed():
+        import torch.distributed as dist
+
         for buf in model.buffers():
             dist.broadcast(buf, src=0)
 
@@ -161,6 +189,9 @@ def sync_buffers(model: nn.Module) -> None:
 def barrier() -> None:
     """Wait until every rank is here (no-op without a group)."""
     if is_distributed():
+        import torch
+        import torch.distributed as dist
+
         if dist.get_backend() == "nccl":
             dist.barrier(device_ids=[torch.cuda.current_device()])
         else:
