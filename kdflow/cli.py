@@ -485,12 +485,51 @@ def status(
     show_status(pp, config, set_ or [], stages, as_json)
 
 
+@app.command()
+def gc(
+    keep_last: Annotated[Optional[int], typer.Option("--keep-last", min=0, help="Keep the N most recently kept "
+                                                     "outputs of each stage; delete the older ones.")] = None,
+    max_bytes: Annotated[Optional[str], typer.Option("--max-bytes", help="Delete the oldest kept outputs until all "
+                                                     "of them take at most this much (500M, 2G, 1.5GiB, 800MB).")] = None,
+    keep: Annotated[Optional[list[str]], typer.Option("--keep", "-k", help="Never delete what this names: a pipeline "
+                                                      "file (its stages' fingerprints) or a fingerprint prefix.")] = None,
+    config: Annotated[Path, typer.Option("--config", "-c", help="Pipeline file whose outputs are never deleted.")]
+    = Path("params.yaml"),
+    dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Say what would be deleted; delete nothing.")] = False,
+    as_json: JsonOpt = False,
+    wait: WaitOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """List the earlier outputs kept by fingerprint (artifacts/<name>/.kept/) and bound them.
+
+    Without --keep-last/--max-bytes it only lists. Current outputs, what --config and --keep name,
+    and anything outside the artifact root are never deleted.
+    """
+    _setup_logging(debug)
+    root = Path.cwd() / "artifacts"
+    try:
+        from kdflow.lock import project_lock
+        from tasks import gc as policy
+
+        limit = policy.parse_size(max_bytes) if max_bytes is not None else None
+        if config != Path("params.yaml") and not config.is_file():
+            raise policy.GcError(f"--config {config}: no such pipeline file")
+        fps, prefixes = policy.named(list(keep or []), config)
+        with project_lock(Path.cwd(), wait=wait):  # no run moves outputs while they are counted and deleted
+            items, refused = policy.inventory(root, fps, prefixes)
+            policy.plan(items, keep_last, limit)
+            freed = 0 if dry_run else policy.apply(items, root)
+    except (KdflowError, OSError, ValueError) as exc:
+        _fail(exc, debug)
+    from kdflow.cli_gc import show_gc
+
+    show_gc(root, items, refused, dry_run, freed, as_json)
+
+
 def _register_info_commands() -> None:
-    from kdflow.cli_gc import register as register_gc  # `kdflow gc`
     from kdflow.cli_info import register  # `kdflow params`
 
     register(app)
-    register_gc(app)
 
 
 _register_info_commands()

@@ -10,7 +10,6 @@ is not a real ``artifacts/<name>/.kept/<stage>/<fingerprint>/`` folder inside th
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,21 +36,6 @@ def parse_size(text: str) -> int:
     if m is None or unit not in _UNITS:
         raise GcError(f"--max-bytes: {text!r} is not a size (e.g. 500M, 2G, 1.5GiB, 800MB or a number of bytes)")
     return int(float(m.group(1)) * _UNITS[unit])
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def age(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f}{unit}"
-    return f"{seconds:.0f}s"
 
 
 @dataclass
@@ -196,6 +180,3 @@ def named(keep: list[str], default: Path | None) -> tuple[set[str], tuple[str, .
         fps.update(chain.values())
     return fps, tuple(prefixes)
 
-
-def age_of(item: Item) -> str:
-    return age(max(0.0, time.time() - item.kept_at))
