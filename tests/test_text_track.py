@@ -205,6 +205,11 @@ def test_onnx_teacher_is_forward_only_and_its_memo_changes_nothing(small) -> Non
     x = small.features[:4]
     first = model(x)
     assert len(model._memo) == 4 and torch.allclose(model(x), first)  # second call: memoised
+    longer = torch.cat([x[2][x[2] != 0], x[3][x[3] != 0]])  # a batch with a longer text: text 0 padded wider
+    wide = torch.zeros(2, len(longer), dtype=x.dtype)
+    wide[0, : x.shape[1]], wide[1] = x[0], longer
+    model(wide)
+    assert len(model._memo) == 5  # text 0 was found in the memo, only the new one was encoded
     model.memoize = False
     model._memo.clear()
     assert torch.allclose(model(x), first, atol=1e-5) and not model._memo

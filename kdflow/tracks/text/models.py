@@ -418,7 +418,8 @@ class OnnxEncoderClassifier(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = trim(x.long(), self.pad_id)
-        keys = [hashlib.blake2b(row.numpy().tobytes(), digest_size=16).digest() for row in x.cpu()]
+        # keyed by the text's real ids: the same text padded to another batch width is the same text
+        keys = [hashlib.blake2b(row[row != self.pad_id].numpy().tobytes(), digest_size=16).digest() for row in x.cpu()]
         todo = [i for i, k in enumerate(keys) if k not in self._memo]
         if todo:
             with torch.no_grad():
