@@ -332,6 +332,25 @@ def test_precision_recall_and_coverage_against_brute_force() -> None:
     assert math.isclose(ev.coverage(torch.tensor([0, 1] * 10), 4), math.log(2) / math.log(4))
 
 
+def test_the_fid_floor_scores_held_out_real_images_like_a_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    quick = ev.train_feature_net
+    monkeypatch.setattr(ev, "train_feature_net", lambda x, y, k, seed: quick(x, y, k, seed, steps=5))
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.rand((42, *SHAPE), generator=g) * 2 - 1, torch.arange(42) % 3
+    ref = ev.reference(images, labels, 3, seed=0)
+    m = ref.metrics
+    assert (m["n_reference"], m["n_generated"]) == (11, 10)  # 21 train the classifier, the rest split
+    assert ref.noise.shape == (10, *SHAPE) and len(ref.labels) == 10 and len(ref.feats) == 11
+    # the floor is the held-out real images scored exactly as a model's samples would be
+    order = torch.randperm(42, generator=torch.Generator().manual_seed(0))
+    held = order[21 + 11 :]
+    torch.testing.assert_close(ref.labels, labels[held])
+    again = ev.score(ref.net, images[held], ref.feats, 3, labels[held])
+    assert math.isclose(m["fid_real_floor"], again["fid"], rel_tol=1e-9) and m["real"] == again
+    # a "model" whose images are visibly off (all bright) scores well above the floor
+    assert ev.score(ref.net, images[held].abs(), ref.feats, 3, ref.labels)["fid"] > 2 * m["fid_real_floor"]
+
+
 # -- export ------------------------------------------------------------------------------------
 
 def test_student_exports_as_a_diffusers_pipeline_that_loads_offline(teacher_dir: Path, tmp_path: Path,
