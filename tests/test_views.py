@@ -96,7 +96,7 @@ def test_view_choice_depends_on_seed_and_epoch_only() -> None:
 
 @pytest.mark.slow
 def test_student_replays_exactly_the_view_the_teacher_saw(tmp_path: Path, monkeypatch) -> None:
-    import kdflow.tracks.classify as classify_track  # cache rows: the track runs the teacher
+    import kdflow.train.loop as loop  # cache rows: the track runs the teacher (loop.predict, imported when called)
 
     raw = tiny_params(logits={"views": 3, "shard_rows": 1000, "batch_size": 256},
                       student={"train": {"epochs": 2, "lr": 0.01, "batch_size": 128, "patience": None}})
@@ -104,15 +104,15 @@ def test_student_replays_exactly_the_view_the_teacher_saw(tmp_path: Path, monkey
     for stage in STAGE_ORDER[: STAGE_ORDER.index("condense") + 1]:
         execute_stage(stage, pp, tmp_path)
     seen: list[torch.Tensor] = []
-    real = classify_track.predict
+    real = loop.predict
 
     def recording(model, x, **kwargs):
         seen.append(x.clone())
         return real(model, x, **kwargs)
 
-    monkeypatch.setattr(classify_track, "predict", recording)
+    monkeypatch.setattr(loop, "predict", recording)
     m, _ = execute_stage("logits", pp, tmp_path)
-    monkeypatch.setattr(classify_track, "predict", real)
+    monkeypatch.setattr(loop, "predict", real)
     art = tmp_path / "artifacts/tiny"
     ds = load_dataset(art / "condense")
     n = len(ds)
