@@ -51,6 +51,18 @@ literature, so the figures line up with published tables (``/work/shared/ANCHORS
 
     .venv/bin/python benchmarks/condense_images.py --protocol standard --ipc 1 --methods random rded \
         --seeds 1 --test-limit 1000 --eval-every 6 --teacher-epochs 2
+
+``--protocol dc`` reproduces the coreset baselines of the DC paper (Zhao, Mopuri & Bilen, "Dataset
+Condensation with Gradient Matching", ICLR 2021; Fashion-MNIST figures in ``/work/shared/ANCHORS.md``):
+``random``, ``herding``, ``k_center`` real images at each IPC with **hard labels**, each set training a
+fresh ConvNet-3 (``dc_train``: SGD momentum 0.9, lr 0.01 then 0.001 for the second half, weight decay
+5e-4, batch 256, 300 epochs, no augmentation, pixels standardised by the training split's mean/std),
+test accuracy of the last weights on the whole test split; herding/k_center in the L2-normalised
+penultimate features of a ConvNet-3 trained on the whole training set for ``--full-epochs`` (also the
+"whole dataset" row), or, cheaper, of the benchmark's small convnet teacher (``--feature-net teacher``).
+
+    .venv/bin/python benchmarks/condense_images.py --protocol dc --ipc 1 10 --seeds 2 \
+        --feature-net teacher --teacher-epochs 2
 """
 from __future__ import annotations
 
