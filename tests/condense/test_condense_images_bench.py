@@ -107,3 +107,19 @@ def test_dc_train_fits_a_tiny_set_and_is_seeded() -> None:
         assert (nets[0](x).argmax(1) == y).all()
     for a, b in zip(nets[0].parameters(), nets[1].parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_dc_protocol_runs_every_baseline_on_digits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench_dc end to end on sklearn digits with 2 training epochs: one hard-label row per baseline,
+    herding and k-center pick the same images at IPC 1 (both start nearest the class mean)."""
+    bench = bench_module()
+    monkeypatch.setattr(bench, "DC_EPOCHS", 2)
+    out = tmp_path / "dc.json"
+    assert bench.main(["--protocol", "dc", "--datasets", "digits", "--ipc", "1", "--seeds", "1",
+                       "--feature-net", "teacher", "--teacher-epochs", "1", "--out", str(out)]) == 0
+    (res,) = json.loads(out.read_text())["results"]
+    rows = {r["method"]: r for r in res["rows"]}
+    assert set(rows) == {"random", "herding", "k_center"}  # no whole-set row with the teacher's features
+    assert all(r["labels"] == "hard" and r["n"] == 10 and r["epochs"] == 2 for r in rows.values())
+    assert rows["herding"]["accuracies"] == rows["k_center"]["accuracies"]
