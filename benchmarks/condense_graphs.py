@@ -23,8 +23,20 @@ graphs of the same byte size (``GraphFeatures.nbytes``), each for ``--steps`` op
 std. Finally the graph KD result: ``configs/mutag-gnn.yaml`` run through the pipeline's stages
 (``--no-kd`` skips it). torch runs on one thread (``--threads``).
 
+``--protocol mirage`` trains the GNNs on the budget of the official Mirage code (Gupta et al., ICLR
+2024; github.com/idea-iitd/Mirage, read, not copied): per dataset the width, layers, dropout,
+epochs, batch size and Adam learning rate / weight decay of its scripts (``MIRAGE_PROTOCOL``; the
+paper has no MUTAG/PROTEINS runs, so those take its DD configuration), the epoch of best
+validation ROC-AUC, test ROC-AUC, ``--seeds`` seeds (default 5). The paper reports the mean of the
+5 best-validation runs of 10; both that (``top_half``) and the mean over all seeds are recorded.
+Deviations, all kept on purpose: kdflow's ``fit`` (AdamW with a cosine schedule, first best epoch
+on ties) instead of Adam at a constant rate; kdflow's GNN (BatchNorm, two-layer head); weight decay
+1e-2 on NCI1 where the official script's 100 leaves a model that predicts one class; thresholds
+chosen automatically for ``--gnn-target`` graphs, not swept on validation AUC.
+
     .venv/bin/python benchmarks/condense_graphs.py --out condense_graphs.json
     .venv/bin/python benchmarks/condense_graphs.py --quick        # smoke test: MUTAG, 1 seed, few steps
+    .venv/bin/python benchmarks/condense_graphs.py --protocol mirage --datasets MUTAG PROTEINS --no-kd
     .venv/bin/python benchmarks/condense_graphs.py --datasets MUTAG NCI1 --hops 2 --target 10 --no-gnn
 """
 from __future__ import annotations
@@ -50,6 +62,18 @@ from kdflow.data.tu import read_tu
 DATASETS = ["MUTAG", "PROTEINS", "NCI1", "IMDB-BINARY"]
 FIXED = {"NCI1": [440, 570]}  # the official Mirage NCI1 script
 GNN_TARGETS = {"MUTAG": 20, "PROTEINS": 50, "NCI1": 100, "IMDB-BINARY": 50}  # ~ a few % of the training graphs
+# Training budget of the official Mirage scripts (idea-iitd/Mirage): NCI1/graph-nci-finalize-reduce-curr.py,
+# IMDB-B/graph-TUD_finalize-curr.py, DD/configs/DD.py + DD/scripts/run_ldDDr.sh + DD/optimization/train_and_test.py.
+# Dropout per model where the script sets one per model (DD), else one value. NCI1's weight decay is 100 there.
+_DD = {"hidden": {"gcn": 64, "gat": 64, "gin": 128}, "layers": 2, "dropout": {"gcn": 0.4, "gat": 0.1, "gin": 0.2},
+       "epochs": 100, "batch": 64, "lr": 1e-3, "weight_decay": 1e-2, "source": "DD (the paper has no runs on this dataset)"}
+MIRAGE_PROTOCOL = {
+    "NCI1": {"hidden": 128, "layers": 2, "dropout": 0.5, "epochs": 301, "batch": 500, "lr": 1e-3, "weight_decay": 1e-2,
+             "source": "NCI1 script (weight decay 1e-2, not its 100)"},
+    "IMDB-BINARY": {"hidden": 64, "layers": 3, "dropout": 0.2, "epochs": 1500, "batch": 32, "lr": 1e-3,
+                    "weight_decay": 0.1, "source": "IMDB-B script"},
+    "MUTAG": _DD, "PROTEINS": _DD,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,13 +91,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gnn-target", type=int, default=None,
                    help=f"Mirage graphs (automatic thresholds) for the GNN part; default per dataset {GNN_TARGETS}")
     p.add_argument("--models", nargs="+", default=["gcn", "gin", "gat"])
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=None, help="training seeds (default 3; 5 with --protocol mirage)")
     p.add_argument("--steps", type=int, default=150, help="optimiser steps per training run (batch 32)")
+    p.add_argument("--protocol", choices=["default", "mirage"], default="default",
+                   help="GNN budget: 'default' (--steps AdamW steps, width 64) or the official Mirage scripts' budget")
+    p.add_argument("--epochs-scale", type=float, default=1.0,
+                   help="--protocol mirage: multiply the official epochs by this (< 1 for smoke tests only)")
     p.add_argument("--no-kd", dest="kd", action="store_false", help="skip the MUTAG KD pipeline run")
     p.add_argument("--kd-config", type=Path, default=Path("configs/mutag-gnn.yaml"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="smoke test: MUTAG, gcn, 1 seed, 20 steps, no KD")
     args = p.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = 5 if args.protocol == "mirage" else 3
+    if args.seeds < 1 or not 0 < args.epochs_scale <= 1:
+        p.error(f"--seeds must be >= 1 and --epochs-scale in (0, 1] (got {args.seeds}, {args.epochs_scale})")
     if args.quick:
         args.datasets, args.models, args.seeds, args.steps, args.repeats, args.kd = ["MUTAG"], ["gcn"], 1, 20, 1, False
     return args
@@ -232,6 +264,57 @@ def _train_eval(arch: str, train, val, test, args: argparse.Namespace, seed: int
             "epochs": epochs}
 
 
+def _roc_auc(model, x, y, *, batch_size: int = 512, device=None) -> float:
+    """Test/validation ROC-AUC (class 1 probability; one-vs-rest for more classes), as the official scripts."""
+    from sklearn.metrics import roc_auc_score
+
+    from kdflow.train.loop import predict
+
+    prob = predict(model, x, batch_size=batch_size, device=device).softmax(1)  # [N, K]
+    y = y.numpy()
+    if len(np.unique(y)) < 2:
+        return float("nan")
+    return float(roc_auc_score(y, prob[:, 1].numpy()) if prob.shape[1] == 2 else
+                 roc_auc_score(y, prob.numpy(), multi_class="ovr"))
+
+
+def _train_eval_mirage(arch: str, train, val, test, cfg: dict, args: argparse.Namespace, seed: int) -> dict:
+    """The official Mirage budget (``cfg``): best validation ROC-AUC epoch, its test ROC-AUC and accuracy."""
+    import math
+
+    import torch
+
+    from kdflow.losses import create_loss
+    from kdflow.models import create_model
+    from kdflow.train.device import seed_everything
+    from kdflow.train.loop import fit, predict
+
+    pick = lambda v: v[arch] if isinstance(v, dict) else v  # noqa: E731
+    seed_everything(seed)
+    model = create_model(arch, train.input_shape, train.num_classes, hidden=pick(cfg["hidden"]), layers=cfg["layers"],
+                         pool="sum", dropout=pick(cfg["dropout"]))
+    epochs = max(1, math.ceil(cfg["epochs"] * args.epochs_scale))
+    data = {"x": train.features, "y": train.labels}
+    if "weight" in train.extras:
+        data["weight"] = train.extras["weight"]
+    t0 = time.perf_counter()
+    res = fit(model, data, create_loss("ce"), val=(val.features, val.labels), epochs=epochs, lr=cfg["lr"],
+              weight_decay=cfg["weight_decay"], batch_size=min(cfg["batch"], len(train)), seed=seed,
+              device=torch.device("cpu"), val_metric=("roc_auc", _roc_auc))
+    seconds = time.perf_counter() - t0
+    logits = predict(model, test.features)
+    return {"accuracy": float((logits.argmax(1) == test.labels).float().mean()),
+            "roc_auc": _roc_auc(model, test.features, test.labels), "val_roc_auc": float(res.best_val_accuracy),
+            "best_epoch": res.best_epoch, "train_s": seconds, "epochs": epochs}
+
+
+def _top_half(runs: list[dict]) -> dict[str, float]:
+    """The paper's figure: mean/std test ROC-AUC of the better half of the seeds by validation ROC-AUC (5 of 10)."""
+    k = max(1, len(runs) // 2)
+    best = sorted(runs, key=lambda r: r["val_roc_auc"], reverse=True)[:k]
+    return _mean_std([r["roc_auc"] for r in best])
+
+
 def _same_bytes_subset(train, budget: int, seed: int):
     """Random training graphs (a permutation prefix) whose features take at most ``budget`` bytes."""
     import torch
@@ -277,23 +360,40 @@ def run_gnn(name: str, args: argparse.Namespace) -> dict:
     row["sizes"]["random_same_bytes"] = {
         "graphs": round(sum(p["graphs"] for p in per_seed) / len(per_seed)),  # means over the seeds
         "bytes": round(sum(p["bytes"] for p in per_seed) / len(per_seed)), "per_seed": per_seed}
+    mirage_cfg = MIRAGE_PROTOCOL.get(name, _DD) if args.protocol == "mirage" else None
+    if mirage_cfg is not None:
+        row["protocol"] = {**mirage_cfg, "epochs_scale": args.epochs_scale}
     for arch in args.models:
         results: dict[str, list[dict]] = {"full": [], "mirage_weight": [], "mirage_uniform": [], "random_same_bytes": []}
         for seed, rand in enumerate(rands):
             for key, data in (("full", train), ("mirage_weight", small), ("mirage_uniform", uniform), ("random_same_bytes", rand)):
-                results[key].append(_train_eval(arch, data, val, test, args, seed, args.hops))
+                if mirage_cfg is None:
+                    results[key].append(_train_eval(arch, data, val, test, args, seed, args.hops))
+                else:
+                    results[key].append(_train_eval_mirage(arch, data, val, test, mirage_cfg, args, seed))
         row["models"][arch] = {
             key: {m: _mean_std([r[m] for r in runs]) for m in ("accuracy", "roc_auc", "train_s")}
             for key, runs in results.items()
         }
+        if mirage_cfg is not None:
+            for key, runs in results.items():
+                row["models"][arch][key]["top_half_roc_auc"] = _top_half(runs)
+                row["models"][arch][key]["runs"] = runs
     return row
 
 
 def gnn_table(rows: list[dict], args: argparse.Namespace) -> Table:
-    table = Table(title=f"GNN test ROC-AUC / accuracy, mean +- std over {args.seeds} seed(s), {args.steps} steps, {args.hops} layers")
+    budget = (f"official Mirage budget (x{args.epochs_scale:g} epochs)" if args.protocol == "mirage"
+              else f"{args.steps} steps, {args.hops} layers")
+    table = Table(title=f"GNN test ROC-AUC / accuracy, mean +- std over {args.seeds} seed(s), {budget}")
     for col in ("dataset", "model", "full", "mirage (weight)", "mirage (uniform)", "random, same bytes", "train graphs / bytes"):
         table.add_column(col)
-    fmt = lambda r: f"{r['roc_auc']['mean']:.3f}+-{r['roc_auc']['std']:.3f} / {r['accuracy']['mean']:.3f}+-{r['accuracy']['std']:.3f}"  # noqa: E731
+    def fmt(r: dict) -> str:
+        text = f"{r['roc_auc']['mean']:.3f}+-{r['roc_auc']['std']:.3f} / {r['accuracy']['mean']:.3f}+-{r['accuracy']['std']:.3f}"
+        if "top_half_roc_auc" in r:  # the paper's figure: best half of the seeds by validation AUC
+            text += f" (top half {r['top_half_roc_auc']['mean']:.3f})"
+        return text
+
     for row in rows:
         sz = row["sizes"]
         sizes = " | ".join(f"{k}: {v['graphs']} / {v['bytes']}" for k, v in sz.items())
