@@ -42,6 +42,7 @@ chosen automatically for ``--gnn-target`` graphs, not swept on validation AUC.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -122,7 +123,7 @@ def reference_extract(g: GraphSet, hops: int) -> list[set[str]]:
     for _ in range(hops):
         cur = [f"({labels[v]}|" + ",".join(sorted(f"{e}:{cur[u]}" for u, e in adj[v])) + ")" for v in range(g.num_nodes)]
     off = g.node_offsets.tolist()
-    return [{cur[v] for v in range(a, b) if adj[v]} for a, b in zip(off[:-1], off[1:])]
+    return [{cur[v] for v in range(a, b) if adj[v]} for a, b in itertools.pairwise(off)]
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -289,7 +290,7 @@ def _train_eval_mirage(arch: str, train, val, test, cfg: dict, args: argparse.Na
     from kdflow.train.device import seed_everything
     from kdflow.train.loop import fit, predict
 
-    pick = lambda v: v[arch] if isinstance(v, dict) else v  # noqa: E731
+    pick = lambda v: v[arch] if isinstance(v, dict) else v
     seed_everything(seed)
     model = create_model(arch, train.input_shape, train.num_classes, hidden=pick(cfg["hidden"]), layers=cfg["layers"],
                          pool="sum", dropout=pick(cfg["dropout"]))

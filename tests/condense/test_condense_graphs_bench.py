@@ -51,13 +51,13 @@ def test_mirage_protocol_tiny_budget_on_mutag(tmp_path: Path) -> None:
     cmd = [sys.executable, str(REPO / "benchmarks/condense_graphs.py"), "--protocol", "mirage", "--root", str(root),
            "--datasets", "MUTAG", "--models", "gcn", "--seeds", "2", "--epochs-scale", "0.03", "--no-kd",
            "--repeats", "1", "--no-reference", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = json.loads(out.read_text())["gnn"]
     assert row["protocol"]["epochs"] == 100 and row["protocol"]["layers"] == 2  # DD configuration for MUTAG
     res = row["models"]["gcn"]
     assert set(res) == {"full", "mirage_weight", "mirage_uniform", "random_same_bytes"}
-    for key, r in res.items():
+    for r in res.values():
         assert len(r["runs"]) == 2 and r["top_half_roc_auc"]["n"] == 1
         for run in r["runs"]:
             assert run["epochs"] == 3 and 1 <= run["best_epoch"] <= 3  # ceil(100 * 0.03), 1-based epochs
