@@ -32,7 +32,8 @@ validation ROC-AUC, test ROC-AUC, ``--seeds`` seeds (default 5). The paper repor
 Deviations, all kept on purpose: kdflow's ``fit`` (AdamW with a cosine schedule, first best epoch
 on ties) instead of Adam at a constant rate; kdflow's GNN (BatchNorm, two-layer head); weight decay
 1e-2 on NCI1 where the official script's 100 leaves a model that predicts one class; thresholds
-chosen automatically for ``--gnn-target`` graphs, not swept on validation AUC.
+chosen automatically for ``--gnn-target`` graphs, not swept on validation AUC. The random subset
+takes every graph of a random order that still fits the byte budget (not only a prefix).
 
     .venv/bin/python benchmarks/condense_graphs.py --out condense_graphs.json
     .venv/bin/python benchmarks/condense_graphs.py --quick        # smoke test: MUTAG, 1 seed, few steps
@@ -316,15 +317,27 @@ def _top_half(runs: list[dict]) -> dict[str, float]:
     return _mean_std([r["roc_auc"] for r in best])
 
 
-def _same_bytes_subset(train, budget: int, seed: int):
-    """Random training graphs (a permutation prefix) whose features take at most ``budget`` bytes."""
+def _same_bytes_subset(train, budget: int, seed: int, fill: bool = False):
+    """Random training graphs whose features take at most ``budget`` bytes.
+
+    ``fill=False``: the longest prefix of a random permutation that fits (one big graph early ends it);
+    ``fill=True`` (``--protocol mirage``): walk the permutation and take every graph that still fits.
+    """
     import torch
 
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     g = train.features
     per = (g.num_nodes * g.x.shape[1] * g.x.element_size() + g.num_edges * 2 * 8
            + (0 if g.edge_attr is None else g.num_edges * g.edge_attr.shape[1] * g.edge_attr.element_size()) + 2 * 8)
-    keep = order[torch.cumsum(per[order], 0) <= budget]
+    if fill:
+        taken, used = [], 0
+        for i in order.tolist():
+            if used + int(per[i]) <= budget:
+                taken.append(i)
+                used += int(per[i])
+        keep = torch.tensor(taken, dtype=torch.long)
+    else:
+        keep = order[torch.cumsum(per[order], 0) <= budget]
     if len(keep) < 2:
         keep = order[:2]
     return train.select(keep.sort().values)
@@ -356,7 +369,8 @@ def run_gnn(name: str, args: argparse.Namespace) -> dict:
                   "mirage": {"graphs": len(small), "bytes": small.features.nbytes, "per_class": info["sets_per_class"]}},
         "models": {},
     }
-    rands = [_same_bytes_subset(train, small.features.nbytes, seed) for seed in range(args.seeds)]  # one per seed
+    fill = args.protocol == "mirage"
+    rands = [_same_bytes_subset(train, small.features.nbytes, seed, fill) for seed in range(args.seeds)]  # one per seed
     per_seed = [{"graphs": len(r), "bytes": r.features.nbytes} for r in rands]
     row["sizes"]["random_same_bytes"] = {
         "graphs": round(sum(p["graphs"] for p in per_seed) / len(per_seed)),  # means over the seeds
