@@ -1,6 +1,7 @@
 """The ``text`` track: BBC News / text tables, tokenised once; BERT, BiGRU, CNN and ONNX models."""
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -188,7 +189,7 @@ def test_bag_student_averages_wordpiece_and_hashed_bigram_embeddings(small) -> N
     row = small.features[0]
     ids = row[row != 0].tolist()
     vecs = [model.embedding.embed.weight[int(model.embedding.id_map[i])] for i in ids]  # by hand
-    vecs += [model.bigrams.weight[(a * 30522 + b) * 2654435761 % 13] for a, b in zip(ids, ids[1:])]
+    vecs += [model.bigrams.weight[(a * 30522 + b) * 2654435761 % 13] for a, b in itertools.pairwise(ids)]
     with torch.no_grad():
         assert torch.allclose(model.features(small.features[:1])[0], torch.stack(vecs).mean(0), atol=1e-6)
     uni = TEXT.create_model("text_bag", small, {"vocab": 64, "dim": 4, "ngrams": 1})
