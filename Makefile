@@ -46,8 +46,11 @@ install: $(VENV)/.installed .kdflow/vega/dvc-plots.html
 run: install
 	kdflow run
 
+# TEST_WORKERS pytest-xdist processes (default 2: CI's 2 cores); each starts its own Prefect test server.
+# Work-stealing keeps both busy while one runs a long end-to-end test. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not integration"
