@@ -13,6 +13,10 @@ for _k, _v in {
     "DVC_NO_ANALYTICS": "1",
     "HF_HUB_OFFLINE": "1",
     "PREFECT_LOGGING_LEVEL": "WARNING",
+    # one torch/BLAS thread in this process and in every kdflow/dvc process a test starts: under
+    # pytest-xdist two workers share the cores, and multi-threaded torch on small ops then crawls
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
 }.items():
     os.environ.setdefault(_k, _v)
 
