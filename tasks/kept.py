@@ -11,6 +11,7 @@ stage wrote. ``runtime.keep_outputs`` bounds each stage's store as outputs are k
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -44,7 +45,11 @@ class Entry:
     stage: str
     fingerprint: str
     kept_at: float  # when it was moved into the store (the folder's mtime, set then)
-    bytes: int
+
+    @functools.cached_property
+    def bytes(self) -> int:
+        """Size on disk, walked on first use (``kdflow gc``), not when ``prune`` only needs the age order."""
+        return folder_bytes(self.path)
 
     def manifest(self) -> Manifest | None:
         try:
@@ -77,7 +82,7 @@ def entries(artifacts: Path, stage: str | None = None) -> list[Entry]:
         for folder in stage_dir.iterdir():
             if folder.is_symlink() or not folder.is_dir() or not FINGERPRINT.match(folder.name):
                 continue
-            out.append(Entry(folder, stage_dir.name, folder.name, folder.stat().st_mtime, folder_bytes(folder)))
+            out.append(Entry(folder, stage_dir.name, folder.name, folder.stat().st_mtime))
     return sorted(out, key=lambda e: (e.kept_at, e.stage, e.fingerprint))
 
 
