@@ -29,7 +29,7 @@ from schemas.manifest import Manifest
 from schemas.params import PipelineParams, load_params
 from schemas.stages import STAGE_ORDER, STAGES
 from tasks import kept
-from tasks.common import artifact_root, check_output, execute_stage, fingerprint, restore_kept
+from tasks.common import artifact_root, execute_stage, fingerprint, reuse_output
 
 RUNNERS = {"dask": run_shards_on_dask}  # fan-out engines the logits stage may use
 
@@ -73,17 +73,15 @@ def run_pipeline(pp: PipelineParams, root: Path, *, tracker: Any = None, resume:
     status: dict[str, dict] = {}
     for stage in STAGE_ORDER:
         fp = fingerprint(stage, pp, {u: done[u].fingerprint for u in STAGES[stage].upstream})
-        stale = check_output(base / stage, fp)
-        # an earlier output of this fingerprint kept by tasks/kept.py: swapped back in, not recomputed
-        restored = stale is not None and restore_kept(stage, fp, base, pp.runtime.keep_outputs) is not None
-        if restored:
-            stale = None
-        options = run_stage.with_options(name=stage, task_run_name=stage, result_storage=storage, refresh_cache=stale is not None)
+        # current on disk, or an earlier output of this fingerprint kept by tasks/kept.py swapped back in
+        current, restored = reuse_output(stage, fp, base, pp.runtime.keep_outputs)
+        stale = current is None
+        options = run_stage.with_options(name=stage, task_run_name=stage, result_storage=storage, refresh_cache=stale)
         state = options(stage, fp, pp, str(root), tracker, resume, return_state=True)
         done[stage] = state.result()
         # current on disk (made by `kdflow stage`/`dvc repro`, or Prefect's record lost): the task
         # found it up to date and ran nothing, so it is as cached as a Prefect cache hit
-        cached = state.name == "Cached" or stale is None
+        cached = state.name == "Cached" or not stale
         if cached and tracker is not None:
             tracker.record_cached(stage, done[stage])
         label = "Restored" if restored else "Cached" if cached else state.name

@@ -403,20 +403,14 @@ def _current_output(name: str, pp):
     valid, its fingerprint matched, every file as recorded) or was restored from the kept store;
     (None, False) when the stage must run (and says why)."""
     from kdflow.errors import ArtifactError
-    from schemas.manifest import Manifest
-    from tasks.common import (artifact_root, check_output, fingerprint, load_upstream, restore_kept,
-                              upstream_fingerprints)
+    from tasks.common import artifact_root, fingerprint, load_upstream, reuse_output, upstream_fingerprints
 
     try:
         upstream = load_upstream(name, pp, Path.cwd())
     except ArtifactError:
         return None, False
-    base = artifact_root(Path.cwd().resolve(), pp.name)
     fp = fingerprint(name, pp, upstream_fingerprints(name, upstream))
-    if check_output(base / name, fp) is None:
-        return Manifest.load(base / name), False
-    restored = restore_kept(name, fp, base, pp.runtime.keep_outputs)
-    return restored, restored is not None
+    return reuse_output(name, fp, artifact_root(Path.cwd().resolve(), pp.name), pp.runtime.keep_outputs)
 
 
 def _tracker(pp):

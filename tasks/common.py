@@ -407,6 +407,17 @@ def restore_kept(stage: str, fp: str, artifacts: Path, limit: int) -> Manifest |
     return manifest
 
 
+def reuse_output(stage: str, fp: str, artifacts: Path, limit: int) -> tuple[Manifest | None, bool]:
+    """``(manifest, restored)``: the stage's output when it is current for ``fp``, or once the kept
+    output of ``fp`` is restored (``restore_kept``); ``(None, False)`` when the stage must run.
+    The one reuse rule of the flow, ``kdflow stage`` and ``execute_stage``. Hold the project lock."""
+    final = artifacts / stage
+    if check_output(final, fp) is None:
+        return Manifest.load(final), False
+    restored = restore_kept(stage, fp, artifacts, limit)
+    return restored, restored is not None
+
+
 def kept_problem(stage: str, fp: str, artifacts: Path) -> str | None:
     """Why the kept output of ``fp`` cannot be restored (None when it can); reads, never writes."""
     src = kept.kept_path(artifacts, stage, fp)
@@ -473,11 +484,12 @@ def _execute_stage(
     base = artifact_root(root, pp.name)
     final = base / stage
     limit = pp.runtime.keep_outputs
-    if not force and distributed.from_main(check_output(final, fp) is None):
-        log.info("%s: up to date (%s)", stage, fp[:12])
-        return Manifest.load(final), False
-    if not force and distributed.from_main(distributed.is_main() and restore_kept(stage, fp, base, limit) is not None):
-        return Manifest.load(final), False
+    if not force:  # rank 0 decides (and restores); every rank follows
+        current, restored = reuse_output(stage, fp, base, limit) if distributed.is_main() else (None, False)
+        if distributed.from_main(current is not None):
+            if not restored:
+                log.info("%s: up to date (%s)", stage, fp[:12])
+            return Manifest.load(final), False
     module = importlib.import_module(f"tasks.{stage}")
     log.info("%s: running (%s)", stage, fp[:12])
     if not distributed.is_main():  # rank 0 records the run and reports progress
