@@ -214,6 +214,71 @@ def test_dmd_gradient_formula_and_two_time_scale_updates(teacher_dir: Path) -> N
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
+def test_dmd_fresh_noise_gives_every_fake_update_its_own_generated_batch(teacher_dir: Path) -> None:
+    calls: list[tuple[bool, torch.Tensor]] = []  # (with gradient, the generator's input) per forward
+    for fresh, updates in ((False, 3), (True, 3)):
+        model, b, seen, calls = student_of(teacher_dir), _batch(), [], []
+        model.register_forward_hook(lambda m, args, out: calls.append((torch.is_grad_enabled(), args[0].clone())))
+        loss = DMD(fake_updates=updates, fake_lr=1e-2, regression_weight=0.5, multistep=False, fresh_noise=fresh)
+        loss._setup(model, torch.device("cpu"))
+        original = loss._update_fake
+        loss._update_fake = lambda x, real, y: (seen.append(x.clone()), original(x, real, y))[1]  # noqa: B023
+        torch.manual_seed(3)
+        loss.run_model(model, b)
+        distinct = {tuple(x.flatten()[:8].tolist()) for x in seen}
+        with_grad = [x for g, x in calls if g]
+        if not fresh:  # the step's batch, three times; the generator runs once, on the cached noise
+            assert len(seen) == updates and len(distinct) == 1 and len(calls) == 1
+            assert torch.equal(calls[0][1], b["x"])
+        else:  # three generated batches: the step's and two more without gradient, from new noise
+            assert len(seen) == updates and len(distinct) == updates
+            assert len(calls) == 1 + (updates - 1) + 1 and sum(not g for g, _ in calls) == updates - 1
+            assert not any(torch.equal(x, b["x"]) for x in with_grad[:1])  # distribution matching: fresh noise
+            assert torch.equal(with_grad[1], b["x"])  # the regression: the cached pairs' noise
+
+
+def test_dmd_critic_weight_scales_the_discriminator_gradient(teacher_dir: Path) -> None:
+    grads = {}
+    for w in (1.0, 0.01):
+        model, b = student_of(teacher_dir), _batch()
+        loss = DMD(fake_updates=1, fake_lr=1e-2, gan_weight=0.1, multistep=False, critic_weight=w)
+        loss._setup(model, torch.device("cpu"))
+        loss.opt.step = lambda: None  # keep the gradients of the one update
+        torch.manual_seed(4)
+        loss._update_fake(torch.randn(6, *SHAPE), b["real"], b["y"])
+        grads[w] = loss.critic.head.weight.grad.clone()  # the head learns from the discriminator loss only
+    torch.testing.assert_close(grads[0.01], 0.01 * grads[1.0])
+
+
+def test_dmd_ema_is_the_warmed_up_moving_average_and_is_what_fit_keeps(teacher_dir: Path) -> None:
+    from kdflow.train.loop import fit
+
+    model, b = student_of(teacher_dir), _batch()
+    loss, opt = DMD(fake_updates=1, fake_lr=1e-2, multistep=False, ema=0.9), None
+    ref = {k: v.clone() for k, v in model.state_dict().items()}  # the average starts at the initial weights
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for n in range(1, 5):
+        terms = loss.run_model(model, b)
+        opt.zero_grad()
+        terms["loss"].backward()
+        opt.step()
+        d = min(0.9, (1 + n) / (10 + n))
+        ref = {k: d * ref[k] + (1 - d) * v if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    got = loss.averaged_state(model)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k])
+    assert loss.averaged_steps == 4 and loss.averaged_state(model)[k].equal(got[k])  # folded once per step
+    assert not all(torch.equal(got[k], v) for k, v in model.state_dict().items())
+    assert DMD(ema=0.0).averaged_state(model) is None
+
+    data = {k: v for k, v in _batch(n=8).items()}
+    fit_loss = DMD(fake_updates=1, fake_lr=1e-2, multistep=False, ema=0.9)
+    trained = student_of(teacher_dir)
+    fit(trained, data, fit_loss, epochs=2, lr=1e-2, batch_size=4, seed=0, device=torch.device("cpu"))
+    avg = fit_loss.averaged_state(trained)  # fit returns the model holding the average, not the raw weights
+    assert all(torch.equal(avg[k], v) for k, v in trained.state_dict().items())
+
+
 def test_multistep_dmd_trains_at_the_declared_lcm_steps_from_its_own_samples(teacher_dir: Path) -> None:
     from diffusers import LCMScheduler
 
@@ -261,7 +326,8 @@ def test_a_killed_and_resumed_student_continues_the_fake_score_and_ema(teacher_d
             "teacher_logits": torch.randn((8, 4 * 64), generator=g).clamp(-1, 1)}
 
     def new_loss() -> DMD | Consistency:
-        return DMD(fake_updates=1, fake_lr=1e-2) if method == "dmd" else Consistency(ema=0.5)
+        return (DMD(fake_updates=2, fake_lr=1e-2, fresh_noise=True, ema=0.9) if method == "dmd"
+                else Consistency(ema=0.5))
 
     def train(loss: DMD | Consistency, ckpt: Path, resume: bool = False, stop_after: int | None = None) -> FewStepGenerator:
         model = student_of(teacher_dir, steps=[1, 2], states=4)

@@ -145,6 +145,7 @@ def fit(
                          batch_fn)
         scheduler.step()
         distributed.sync_buffers(model)  # every rank validates the same weights, rank 0's row wins
+        raw = _swap_in_average(model, loss_fn)  # a loss's moving average is what is validated and kept
         if val is not None:
             eval_bs = max(batch_size, 512)
             if val_metric is None:
@@ -153,6 +154,8 @@ def fit(
                 row[f"val_{val_metric[0]}"] = val_metric[1](model, *val, batch_size=eval_bs, device=device)
         row = distributed.from_main(row)  # every rank keeps rank 0's history and decisions
         _track_best(progress, model, row, epoch, patience, f"val_{val_metric[0]}" if val_metric else "val_accuracy")
+        if raw is not None:
+            model.load_state_dict(raw)  # training (and its checkpoint) continues on the raw weights
         progress.history.append(row)
         if path is not None and main:
             _save_checkpoint(path, run_key, epoch, model, optimizer, scheduler, progress, loss_fn)
@@ -163,6 +166,8 @@ def fit(
     distributed.barrier()  # no rank leaves (and may clear the checkpoint folder) while rank 0 writes
     if progress.best_state is not None:
         model.load_state_dict(progress.best_state)
+    else:
+        _swap_in_average(model, loss_fn)
     return FitResult(
         history=progress.history,
         best_epoch=progress.best_epoch,
@@ -274,6 +279,18 @@ def _step(
     (terms["loss"] if scale == 1.0 else terms["loss"] * scale).backward()
     optimizer.step()
     return terms
+
+
+def _swap_in_average(model: nn.Module, loss_fn: LossFn) -> dict[str, torch.Tensor] | None:
+    """Load a loss's moving average of the weights (``loss_fn.averaged_state(model)``, e.g. DMD's
+    ``ema``) into ``model``; the raw weights it replaced, or None when the loss keeps none."""
+    averaged = getattr(loss_fn, "averaged_state", None)
+    state = averaged(model) if averaged is not None else None
+    if state is None:
+        return None
+    raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    return raw
 
 
 def _track_best(progress: _Progress, model: nn.Module, row: dict[str, float], epoch: int,
