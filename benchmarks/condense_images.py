@@ -63,11 +63,14 @@ penultimate features of a ConvNet-3 trained on the whole training set for ``--fu
 
     .venv/bin/python benchmarks/condense_images.py --protocol dc --ipc 1 10 --seeds 2 \
         --feature-net teacher --teacher-epochs 2
+    .venv/bin/python benchmarks/condense_images.py --protocol dc --ipc 1 --methods herding full \
+        --full-epochs 4 --feature-cache /tmp/kdflow-dc   # later runs with the same settings reuse the network
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -84,6 +87,7 @@ from rich.table import Table
 from torch import nn
 
 from kdflow.condense import condense
+from kdflow.condense.nrr_dd import DBRViews
 from kdflow.condense.coreset import herding_order, k_center_order, select_in_feature_space
 from kdflow.data.augment import Augment, apply_views, boxes_from_seeds
 from kdflow.data.dataset import Dataset
@@ -97,7 +101,7 @@ from kdflow.train.loop import accuracy_of, extract_features, fit, predict
 CPU = torch.device("cpu")
 METHODS = ["random", "herding", "k_center", "rded", "nrr_dd"]
 MODES = {"random": ["hard", "soft"], "herding": ["soft"], "k_center": ["soft"], "rded": ["soft"],
-         "nrr_dd": ["soft", "dbr"], "full": ["hard", "soft"]}
+         "nrr_dd": ["soft", "dbr"], "full": ["hard", "soft"]}  # dbr: one mode per --dbr-betas value
 ABLATIONS = {  # --ablations: variants that separate the parts of rded/nrr_dd (soft labels, + dbr)
     "rded_factor1": ("rded", {"factor": 1}),            # no stitching: one crop per image
     "nrr_dd_factor1": ("nrr_dd", {"factor": 1}),
@@ -124,7 +128,7 @@ DC_FULL_EPOCHS = 3  # the whole-dataset reference on this CPU (the paper does no
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     shared = Path(os.environ.get("KDFLOW_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--protocol", choices=["legacy", "standard", "dc"], default="legacy",
+    p.add_argument("--protocol", choices=["legacy", "standard", "dc"], default="standard",
                    help="standard: ConvNet-3 student, published epoch budgets, last and best-of-last-20%% accuracy; "
                         "dc: the DC paper's coreset baselines (hard labels, SGD, 300 epochs)")
     p.add_argument("--feature-net", choices=["convnet3", "teacher"], default="convnet3",
@@ -133,6 +137,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--full-epochs", type=int, default=DC_FULL_EPOCHS,
                    help="dc: epochs of the ConvNet-3 trained on the whole training set (the 'whole dataset' row "
                         "and the feature space of herding/k_center)")
+    p.add_argument("--feature-cache", type=Path, default=None,
+                   help="dc: keep the whole-set ConvNet-3 (keyed by dataset, epochs, split seed, settings and a "
+                        "digest of the data), its test accuracy and the herding/k_center picks in this folder, "
+                        "and reuse them in later runs")
     p.add_argument("--datasets", nargs="+", default=None, choices=["digits", "mnist", "fashion"],
                    help="default: digits mnist (legacy), fashion (standard)")
     p.add_argument("--mnist", type=Path, default=shared / "mnist-t10k", help="folder of the MNIST IDX files")
@@ -148,7 +156,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="student optimiser steps, for every run (legacy default 200; standard: 300/600/1500 by IPC)")
     p.add_argument("--teacher-epochs", type=int, default=None, help="default: digits 20, mnist 6")
     p.add_argument("--ablations", action="store_true", help=f"also run {sorted(ABLATIONS)}")
+    p.add_argument("--teacher-cache", type=Path, default=None,
+                   help="legacy/standard: keep the trained teacher in this folder and reuse it in later runs")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the train/test split and the teacher")
+    p.add_argument("--dbr-betas", nargs="+", type=float, default=[0.0, 1.0],
+                   help="nrr_dd dbr rows: one per weight beta of the distance term (0: mixup CE on the stored views)")
     p.add_argument("--nrr-iterations", type=int, default=100, help="nrr_dd refinement steps (library default 100)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a loaded machine)")
     p.add_argument("--quick", action="store_true", help="tiny run for a smoke test")
@@ -227,6 +239,25 @@ def train_teacher(train: Dataset, args: argparse.Namespace) -> tuple[nn.Module, 
     return model.eval(), time.perf_counter() - t0
 
 
+def cached_teacher(train: Dataset, args: argparse.Namespace) -> tuple[nn.Module, float]:
+    """``train_teacher``, or with ``--teacher-cache DIR`` the teacher saved there by an earlier run with
+    the same dataset, protocol, epochs and split seed (its state dict; seconds are those of the run that
+    trained it), so that runs split over several invocations share one teacher."""
+    if args.teacher_cache is None:
+        return train_teacher(train, args)
+    epochs = args.teacher_epochs or TEACHER_EPOCHS[train.meta["bench_name"]]
+    path = args.teacher_cache / f"teacher-{train.meta['bench_name']}-{args.protocol}-e{epochs}-s{args.split_seed}.pt"
+    if path.exists():
+        state = torch.load(path, weights_only=True)
+        model = create_model(TEACHER["arch"], train.input_shape, train.num_classes, **TEACHER["args"])
+        model.load_state_dict(state["model"])
+        return model.eval(), float(state["seconds"])
+    model, seconds = train_teacher(train, args)
+    args.teacher_cache.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "seconds": seconds}, path)
+    return model, seconds
+
+
 def standard_budget(n: int, ipc: int, steps: int | None) -> tuple[int, int]:
     """Batch and epochs of the standard protocol: 300 epochs with the published step count at the
     published IPCs (batch ``N * 300 / steps``); ``steps`` (``--steps``) shortens or lengthens it."""
@@ -240,19 +271,22 @@ def standard_budget(n: int, ipc: int, steps: int | None) -> tuple[int, int]:
 def train_student(
     small: Dataset, mode: str, teacher: nn.Module, steps: int | None, seed: int, *,
     protocol: str = "legacy", ipc: int = 1, test: Dataset | None = None, eval_every: int = 1,
-) -> tuple[nn.Module, float | None]:
+) -> tuple[nn.Module, float | None, float | None]:
     """A fresh student trained on ``small`` with the label ``mode``.
 
     Returns the student and, for the standard protocol, the best test accuracy over the last 20%
-    of epochs (every ``eval_every`` epochs there, and the last); None for legacy.
+    of epochs (every ``eval_every`` epochs there, and the last) and the last epoch's test accuracy
+    (so the caller need not evaluate again); None, None for legacy.
     """
     standard = protocol == "standard"
     seed_everything(seed)
     spec = STANDARD_STUDENT if standard else STUDENT
     student = create_model(spec["arch"], small.input_shape, small.num_classes, **spec["args"])
-    if mode == "dbr":  # the loss reads nrr_dd's temperature from the data and trains on the stored views
-        loss = build_loss(DBRParams(beta=1.0), {}, small.meta)
-        model, tensors = student, loss.inputs(small)
+    batch_fn = None
+    if mode.startswith("dbr"):  # nrr_dd's temperature from the data; stored view (epoch - 1) % views per epoch
+        loss = build_loss(DBRParams(beta=dbr_beta(mode)), {}, small.meta)
+        views = DBRViews(small)
+        model, tensors, batch_fn = student, views.tensors(), views
     else:
         model = Augmented(student, teacher if mode == "soft" else None, STANDARD_AUG if standard else AUG)
         tensors = {"x": small.features, "y": small.labels}
@@ -264,8 +298,9 @@ def train_student(
             loss = create_loss("ce")
     if not standard:
         batch, epochs = epochs_for(len(tensors["x"]), steps)
-        fit(model, tensors, loss, epochs=epochs, lr=LR, weight_decay=WD, batch_size=batch, seed=seed, device=CPU)
-        return student.eval(), None
+        fit(model, tensors, loss, epochs=epochs, lr=LR, weight_decay=WD, batch_size=batch, seed=seed, device=CPU,
+            batch_fn=batch_fn)
+        return student.eval(), None, None
     batch, epochs = standard_budget(len(tensors["x"]), ipc, steps)
     first = epochs - max(1, round(0.2 * epochs))  # epochs [first, epochs) are the last 20%
     seen: list[float] = []
@@ -279,19 +314,33 @@ def train_student(
             student.train()
 
     fit(model, tensors, loss, epochs=epochs, lr=STANDARD_LR, weight_decay=STANDARD_WD, batch_size=batch,
-        seed=seed, device=CPU, on_epoch=evaluate)
-    return student.eval(), max(seen)
+        seed=seed, device=CPU, on_epoch=evaluate, batch_fn=batch_fn)
+    return student.eval(), max(seen), seen[-1]
 
 
-def label_bytes(small: Dataset, mode: str) -> int:
-    """Bytes of the labels one stored view needs in ``mode``."""
+def dbr_beta(mode: str) -> float:
+    """The distance-term weight of a ``dbr_beta<b>`` mode."""
+    return float(mode.removeprefix("dbr_beta"))
+
+
+def student_epochs(n: int, ipc: int, args: argparse.Namespace) -> int:
+    """Epochs a student trains on ``n`` condensed samples (legacy or standard budget)."""
+    return standard_budget(n, ipc, args.steps)[1] if args.protocol == "standard" else epochs_for(n, args.steps)[1]
+
+
+def label_bytes(small: Dataset, mode: str, epochs: int) -> tuple[int, int]:
+    """Bytes of the labels ``mode`` needs for one view of each sample, and for every view the student
+    sees in ``epochs`` epochs: hard int64 labels (one view: hard labels do not depend on the view);
+    soft fp16 logits ``[N, K]`` per view (a dense logit cache of every epoch's view, as FKD stores);
+    dbr the stored ``dbr_*`` extras (two fp16 distances per stored view; the views themselves are
+    rebuilt from one seed)."""
     n, k = len(small), small.num_classes
     if mode == "hard":
-        return n * 8
+        return n * 8, n * 8
     if mode == "soft":
-        return n * k * 2  # fp16 dense logit cache
-    return sum(small.extras[key].numel() * small.extras[key].element_size()
-               for key in ("dbr_partner", "dbr_y_aug", "dbr_lambda", "dbr_d_org", "dbr_d_aug"))
+        return n * k * 2, n * k * 2 * epochs
+    stored = sum(t.numel() * t.element_size() for key, t in small.extras.items() if key.startswith("dbr_"))
+    return stored // small.meta.get("dbr_views", 1), stored
 
 
 def summarise(values: list[float]) -> tuple[float, float]:
@@ -300,7 +349,7 @@ def summarise(values: list[float]) -> tuple[float, float]:
 
 def bench_dataset(name: str, args: argparse.Namespace, console: Console) -> dict:
     train, test = load(name, args)
-    teacher, teacher_s = train_teacher(train, args)
+    teacher, teacher_s = cached_teacher(train, args)
     teacher_acc = accuracy_of(teacher, test.features, test.labels, batch_size=512, device=CPU)
     console.print(f"{name}: train {len(train)}, test {len(test)}, teacher test acc {teacher_acc:.4f} "
                   f"({count_params(teacher)} params, {teacher_s:.1f} s)")
@@ -310,13 +359,18 @@ def bench_dataset(name: str, args: argparse.Namespace, console: Console) -> dict
     rows = []
     for ipc in args.ipc:
         for method, (base, options) in variants.items():
-            if base == "nrr_dd":
-                options = {"iterations": args.nrr_iterations, **options}
+            if base == "nrr_dd":  # store a DBR view for every epoch, with the student's augmentation
+                aug = STANDARD_AUG if args.protocol == "standard" else AUG
+                options = {"iterations": args.nrr_iterations, "views": student_epochs(ipc * train.num_classes, ipc, args),
+                           "view_scale_min": aug.scale_min, "view_scale_max": aug.scale_max, "view_flip": aug.flip,
+                           **options}
             if method == "full" and ipc != args.ipc[0]:
                 continue  # IPC-independent: measured once
-            modes = MODES[base]
+            modes = [m for mode in MODES[base]
+                     for m in ([f"dbr_beta{b:g}" for b in args.dbr_betas] if mode == "dbr" else [mode])]
             runs: dict[str, list[float]] = {m: [] for m in modes}
             best: dict[str, list[float]] = {m: [] for m in modes}
+            student_s: dict[str, list[float]] = {m: [] for m in modes}  # training + its test evaluations
             seconds, teacher_on_set, small = [], [], None
             for seed in range(args.seeds):
                 t0 = time.perf_counter()
@@ -327,22 +381,24 @@ def bench_dataset(name: str, args: argparse.Namespace, console: Console) -> dict
                 seconds.append(time.perf_counter() - t0)
                 teacher_on_set.append(float((predict(teacher, small.features).argmax(-1) == small.labels).float().mean()))
                 for mode in modes:
-                    student, top = train_student(small, mode, teacher, args.steps, seed, protocol=args.protocol,
-                                                 ipc=ipc, test=test, eval_every=args.eval_every)
-                    runs[mode].append(accuracy_of(student, test.features, test.labels, batch_size=512, device=CPU))
+                    t1 = time.perf_counter()
+                    student, top, last = train_student(small, mode, teacher, args.steps, seed, protocol=args.protocol,
+                                                       ipc=ipc, test=test, eval_every=args.eval_every)
+                    if last is None:  # legacy: not evaluated during training
+                        last = accuracy_of(student, test.features, test.labels, batch_size=512, device=CPU)
+                    runs[mode].append(last)
+                    student_s[mode].append(time.perf_counter() - t1)
                     if top is not None:
                         best[mode].append(top)
             for mode, accs in runs.items():
                 mean, std = summarise(accs)
-                n_epochs = (standard_budget(len(small), ipc, args.steps)[1] if args.protocol == "standard"
-                            else epochs_for(len(small), args.steps)[1])
-                one_view = label_bytes(small, mode)
+                one_view, all_views = label_bytes(small, mode, student_epochs(len(small), ipc, args))
                 rows.append({
                     "dataset": name, "ipc": None if method == "full" else ipc, "method": method, "labels": mode,
                     "n": len(small), "accuracy_mean": mean, "accuracy_std": std, "accuracies": accs,
                     "image_bytes": small.features.numel() * 4, "label_bytes": one_view,
-                    "label_bytes_all_views": one_view * (n_epochs if mode == "soft" else 1),
-                    "condense_seconds_mean": statistics.fmean(seconds),
+                    "label_bytes_all_views": all_views,
+                    "condense_seconds_mean": statistics.fmean(seconds), "student_seconds": student_s[mode],
                     "teacher_acc_on_set": statistics.fmean(teacher_on_set),
                 })
                 extra = ""
@@ -379,6 +435,79 @@ def dc_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, se
     return model.eval()
 
 
+def dc_cache_key(name: str, train: Dataset, epochs: int, split_seed: int) -> str:
+    """Name of the whole-set ConvNet-3's cache entry: dataset, size, epochs, split seed, and a digest of
+    the DC training settings and of the (standardised) training images and labels."""
+    digest = hashlib.sha256(json.dumps({"arch": "convnet3", "lr": DC_LR, "momentum": DC_MOMENTUM, "wd": DC_WD,
+                                        "batch": DC_BATCH}, sort_keys=True).encode())
+    digest.update(train.features.contiguous().numpy().tobytes())
+    digest.update(train.labels.contiguous().numpy().tobytes())
+    return f"dc-convnet3-{name}-n{len(train)}-e{epochs}-s{split_seed}-{digest.hexdigest()[:12]}"
+
+
+def dc_feature_net(name: str, train: Dataset, args: argparse.Namespace,
+                   console: Console) -> tuple[nn.Module, float, Path | None]:
+    """The ConvNet-3 trained with ``dc_train`` on the whole training split for ``--full-epochs`` (seeded by
+    ``--split-seed``), its training seconds, and its cache side file. With ``--feature-cache DIR`` the
+    network is saved there (``<key>.pt``, ``dc_cache_key``) and an earlier run's is loaded instead of
+    retraining (the seconds are then those of the run that trained it)."""
+    path = None
+    if args.feature_cache is not None:
+        path = args.feature_cache / f"{dc_cache_key(name, train, args.full_epochs, args.split_seed)}.pt"
+        if path.exists():
+            state = torch.load(path, weights_only=True)
+            model = create_model("convnet3", train.input_shape, train.num_classes)
+            model.load_state_dict(state["model"])
+            console.print(f"  whole set: ConvNet-3 loaded from {path} (trained {state['seconds']:.0f} s earlier)")
+            return model.eval(), float(state["seconds"]), path.with_suffix(".json")
+    t0 = time.perf_counter()
+    seed_everything(args.split_seed)
+    model = create_model("convnet3", train.input_shape, train.num_classes)
+    dc_train(model, train.features, train.labels, args.full_epochs, args.split_seed,
+             on_epoch=lambda e: console.print(f"  whole set: epoch {e}/{args.full_epochs} "
+                                              f"({time.perf_counter() - t0:.0f} s)"))
+    seconds = time.perf_counter() - t0
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "seconds": seconds, "epochs": args.full_epochs}, tmp)
+        tmp.replace(path)  # whole or absent: a run killed while saving leaves no half file under the key
+        path = path.with_suffix(".json")
+    return model, seconds, path
+
+
+class DCSideCache:
+    """What depends only on the cached whole-set network: its test accuracy (per test-set size) and the
+    rows herding/k_center pick (per method and IPC; deterministic), kept as JSON next to the network so
+    that a later run skips the 60k-image feature extraction when all its picks are known."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        data = json.loads(path.read_text()) if path is not None and path.exists() else {}
+        self.accuracy: dict[str, float] = data.get("test_accuracy", {})
+        self.picks: dict[str, list[int]] = data.get("picks", {})
+
+    def save(self) -> None:
+        if self.path is not None:
+            tmp = self.path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps({"test_accuracy": self.accuracy, "picks": self.picks}))
+            tmp.replace(self.path)
+
+
+def dc_picks(method: str, ipc: int, train: Dataset, features: Callable[[], torch.Tensor],
+             side: DCSideCache) -> list[int]:
+    """Training rows ``select_in_feature_space`` keeps for ``method`` at ``ipc`` (sorted), from the side
+    cache when known; ``features()`` is called only when they are not."""
+    key = f"{method}-{ipc}"
+    if key not in side.picks:
+        order = {"herding": herding_order, "k_center": k_center_order}[method]
+        row_of = {sid: i for i, sid in enumerate(train.sample_ids)}
+        small = select_in_feature_space(order, train, features(), ipc)
+        side.picks[key] = sorted(row_of[sid] for sid in small.sample_ids)
+        side.save()
+    return side.picks[key]
+
+
 def bench_dc(name: str, args: argparse.Namespace, console: Console) -> dict:
     """``--protocol dc``: random / herding / k_center at each IPC and the whole training set, each set
     training fresh ConvNet-3s with ``dc_train`` (300 epochs; the whole set ``--full-epochs``), test
@@ -394,19 +523,19 @@ def bench_dc(name: str, args: argparse.Namespace, console: Console) -> dict:
     test = dataclasses.replace(test, features=(test.features - mean) / std)
     t0 = time.perf_counter()
     rows = []
+    side = DCSideCache(None)
     if args.feature_net == "teacher":  # cheaper: the benchmark's small convnet, trained --teacher-epochs
         full, full_s = train_teacher(train, args)
         full_acc = accuracy_of(full, test.features, test.labels, batch_size=512, device=CPU)
         console.print(f"{name}: train {len(train)}, test {len(test)}; feature net: the benchmark's convnet teacher "
                       f"({full_s:.0f} s): test acc {full_acc:.4f}; no whole-set ConvNet-3 row")
     else:
-        seed_everything(args.split_seed)
-        full = create_model("convnet3", train.input_shape, train.num_classes)
-        dc_train(full, train.features, train.labels, args.full_epochs, args.split_seed,
-                 on_epoch=lambda e: console.print(f"  whole set: epoch {e}/{args.full_epochs} "
-                                                  f"({time.perf_counter() - t0:.0f} s)"))
-        full_s = time.perf_counter() - t0
-        full_acc = accuracy_of(full, test.features, test.labels, batch_size=512, device=CPU)
+        full, full_s, side_path = dc_feature_net(name, train, args, console)
+        side = DCSideCache(side_path)
+        if (full_acc := side.accuracy.get(str(len(test)))) is None:
+            full_acc = accuracy_of(full, test.features, test.labels, batch_size=512, device=CPU)
+            side.accuracy[str(len(test))] = full_acc
+            side.save()
         console.print(f"{name}: train {len(train)}, test {len(test)}; ConvNet-3 on the whole training set "
                       f"({args.full_epochs} epochs, {full_s:.0f} s): test acc {full_acc:.4f}")
         if "full" in args.methods:
@@ -416,29 +545,44 @@ def bench_dc(name: str, args: argparse.Namespace, console: Console) -> dict:
                          "image_bytes": train.features.numel() * 4, "label_bytes": len(train) * 8,
                          "label_bytes_all_views": len(train) * 8, "condense_seconds_mean": 0.0,
                          "teacher_acc_on_set": 1.0})
-    t1 = time.perf_counter()
-    feats = extract_features(full, train.features, device=CPU)  # once: herding/k_center are deterministic
-    console.print(f"  features of the training set: {tuple(feats.shape)} ({time.perf_counter() - t1:.0f} s)")
-    orders = {"herding": herding_order, "k_center": k_center_order}
+    feats: list[torch.Tensor] = []
+
+    def features() -> torch.Tensor:  # once, and only when a pick is not in the side cache
+        if not feats:
+            t1 = time.perf_counter()
+            feats.append(extract_features(full, train.features, device=CPU))
+            console.print(f"  features of the training set: {tuple(feats[0].shape)} ({time.perf_counter() - t1:.0f} s)")
+        return feats[0]
+
     for ipc in args.ipc:
         methods = [m for m in args.methods if m != "full"]
         runs: dict[str, dict[str, list]] = {m: {"acc": [], "train_s": [], "condense_s": [], "on_set": []}
                                            for m in methods}
+        trained: dict[tuple, tuple[float, float, str]] = {}  # (seed, images) -> accuracy, seconds, method
         for seed in range(args.seeds):  # seeds outermost: a cut-short run has every method at seed 0
             for method in methods:
                 t1 = time.perf_counter()
                 small = (condense("random", train, teacher=None, ipc=ipc, seed=seed, device=CPU)
-                         if method == "random" else select_in_feature_space(orders[method], train, feats, ipc))
+                         if method == "random" else train.select(dc_picks(method, ipc, train, features, side)))
                 run = runs[method]
                 run["condense_s"].append(time.perf_counter() - t1)
                 run["on_set"].append(float((predict(full, small.features).argmax(-1) == small.labels).float().mean()))
+                run["n"] = len(small)
+                same = (seed, tuple(small.sample_ids))
+                if same in trained:  # e.g. herding and k_center at IPC 1 (both start at the class mean)
+                    acc, train_s, other = trained[same]
+                    run["acc"].append(acc)
+                    run["train_s"].append(train_s)
+                    console.print(f"  {name} ipc={ipc} {method} seed {seed}: {acc:.4f} (the same images as {other}: "
+                                  "the same deterministic run, not repeated)")
+                    continue
                 seed_everything(seed)
                 student = create_model("convnet3", small.input_shape, small.num_classes)
                 t1 = time.perf_counter()
                 dc_train(student, small.features, small.labels, DC_EPOCHS, seed)
                 run["train_s"].append(time.perf_counter() - t1)
                 run["acc"].append(accuracy_of(student, test.features, test.labels, batch_size=512, device=CPU))
-                run["n"] = len(small)
+                trained[same] = (run["acc"][-1], run["train_s"][-1], method)
                 console.print(f"  {name} ipc={ipc} {method} seed {seed}: {run['acc'][-1]:.4f} "
                               f"(train {run['train_s'][-1]:.0f} s, wall {time.perf_counter() - t0:.0f} s)")
         for method, run in runs.items():
@@ -461,7 +605,7 @@ def add_ratios(rows: list[dict]) -> None:
     ``full`` rows are compared with the random rows of each IPC in the table instead."""
     base = {(r["ipc"], r["labels"]): r["accuracy_mean"] for r in rows if r["method"] == "random"}
     for r in rows:
-        ref = base.get((r["ipc"], "soft" if r["labels"] == "dbr" else r["labels"]))
+        ref = base.get((r["ipc"], "soft" if r["labels"].startswith("dbr") else r["labels"]))
         r["vs_random"] = r["accuracy_mean"] / ref if ref else None
 
 

@@ -193,6 +193,19 @@ class NrrDdParams(CropParams):
     )
     bn_weight: float = Field(1.0, ge=0, le=10_000, description="Weight of the BatchNorm-statistics matching term.")
     temperature: float = Field(1.0, gt=0, le=100, description="Softmax temperature of the stored DBR distances.")
+    views: int = Field(
+        300, ge=1, le=10_000,
+        description="DBR views (mixup + crop) whose two teacher distances are stored per image; the student trains on view (epoch - 1) % views (set it to the student's epochs for a fresh view every epoch).",
+    )
+    view_scale_min: float = Field(0.5, gt=0, le=1, description="Smallest crop area share of a DBR view.")
+    view_scale_max: float = Field(1.0, gt=0, le=1, description="Largest crop area share of a DBR view.")
+    view_flip: bool = Field(True, description="Mirror DBR views left-right with probability 1/2.")
+
+    @model_validator(mode="after")
+    def _view_scale_range(self) -> NrrDdParams:
+        if self.view_scale_min > self.view_scale_max:
+            raise ValueError(f"view_scale_min ({self.view_scale_min}) must be <= view_scale_max ({self.view_scale_max})")
+        return self
 
 
 class MirageParams(Section):

@@ -49,7 +49,10 @@ def run(params: StudentParams, ctx: StageContext) -> Manifest:
         raise ParamsError(problems, source="student")
     if params.tokenizer is not None:  # the student's own ids for the same text (lm track)
         train, val = ctx.track.student_tokens(params.tokenizer, ctx.root, ctx.work, train, val)
-    tensors = ctx.track.fit_inputs(train, LOSSES.get(params.loss.name))
+    loss_cls = LOSSES.get(params.loss.name)
+    tensors = ctx.track.fit_inputs(train, loss_cls)
+    # a loss whose inputs change per epoch (DBR: a different stored view each epoch)
+    per_epoch = loss_cls.batches(train) if hasattr(loss_cls, "batches") else None
     loss = build_loss(params.loss, readers[0].info, train.meta)
     # the first seed's student is the stage's model (registered in MLflow); the others go to seeds/seed-<s>/
     seeds = [ctx.seed + i for i in range(params.seeds)]
@@ -57,7 +60,8 @@ def run(params: StudentParams, ctx: StageContext) -> Manifest:
     for i, seed in enumerate(seeds):
         out, work = (ctx.out, ctx.work) if i == 0 else (ctx.out / seed_dir(seed), ctx.work / seed_dir(seed))
         label = "student" if params.seeds == 1 else f"student seed {seed}"
-        runs.append(train_one(params, ctx, seed, train, val, tensors, readers, weights, logits, loss, out, work, label))
+        runs.append(train_one(params, ctx, seed, train, val, tensors, readers, weights, logits, loss, out, work, label,
+                              per_epoch))
     first = runs[0]
     score = (ctx.track.val_metric() or ("accuracy",))[0]
     metrics = {f"best_val_{score}": first["best_val"], "epochs_run": first["epochs_run"], "params": first["params"]}
@@ -85,11 +89,11 @@ def _warn_if_larger(ctx: StageContext, logits: Logits, student_params: int) -> N
 
 def train_one(params: StudentParams, ctx: StageContext, seed: int, train: Any, val: Any, tensors: dict[str, Any],
               readers: list[CacheReader], weights: list[float], logits: Logits, loss: Any, out: Path, work: Path,
-              label: str) -> dict[str, Any]:
+              label: str, per_epoch: Any = None) -> dict[str, Any]:
     """Train one student with ``seed`` into ``out`` (checkpoints in ``work``, resumable); what happened."""
     batches = CachedBatches(
         tensors, readers, weights, combine_mode=params.combine, temperature=getattr(params.loss, "temperature", 1.0),
-        seed=seed, memory_limit=int(params.cache_in_memory_mb * 2**20),
+        seed=seed, memory_limit=int(params.cache_in_memory_mb * 2**20), inputs=per_epoch,
     )
     seed_everything(seed, deterministic=ctx.deterministic)
     model = ctx.track.create_model(params.arch, train, params.args,

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from conftest import tiny_params
-from kdflow.condense.nrr_dd import dbr_distances, mix
+from kdflow.condense.nrr_dd import DBRViews, dbr_distances
 from kdflow.data.dataset import load_dataset
 from kdflow.models.io import load_model
 from kdflow.train.loop import fit, predict
@@ -38,7 +38,8 @@ def test_rded_and_nrr_dd_condense_and_the_student_trains_on_rded(tmp_path: Path)
     ms = run_until(tmp_path, raw, "condense")
     assert ms["condense"].metrics["n_condensed"] == 10
     small = load_dataset(tmp_path / "artifacts/tiny/condense")
-    assert {"dbr_d_org", "dbr_d_aug", "dbr_lambda", "dbr_partner", "dbr_y_aug"} <= set(small.extras)
+    assert small.extras["dbr_d_org"].shape == small.extras["dbr_d_aug"].shape == (10, 300)  # saved and read back
+    assert small.meta["dbr_views"] == 300 and "dbr_augment" in small.meta
 
 
 @pytest.mark.parametrize("loss", ["dbr", "ce"])
@@ -48,12 +49,13 @@ def test_the_student_trains_with_each_label_mode_on_nrr_dd(tmp_path: Path, loss:
     def spy_fit(*args, batch_fn, **kwargs):
         def recording(idx, epoch):
             batch = batch_fn(idx, epoch)
-            seen.append((idx.clone(), batch))
+            seen.append((idx.clone(), epoch, batch))
             return batch
         return fit(*args, batch_fn=recording, **kwargs)
 
     monkeypatch.setattr(student_stage, "fit", spy_fit)
-    raw = tiny_params(condense=NRR, student={"loss": {"name": loss, **({"beta": 0.5} if loss == "dbr" else {})}})
+    raw = tiny_params(condense={**NRR, "views": 2},
+                      student={"loss": {"name": loss, **({"beta": 0.5} if loss == "dbr" else {})}})
     ms = run_until(tmp_path, raw, "student")
     art = tmp_path / "artifacts/tiny"
     small = load_dataset(art / "condense")
@@ -61,14 +63,20 @@ def test_the_student_trains_with_each_label_mode_on_nrr_dd(tmp_path: Path, loss:
     assert len(history) == 3 and ms["student"].metrics["epochs_run"] == 3
     assert seen, "the student stage did not train through its batch_fn"
     e = small.extras
-    mixed = mix(small.features, e["dbr_partner"], e["dbr_lambda"])
-    for idx, batch in seen:
-        if loss == "dbr":  # the stored mixed views with their labels and distances
-            assert torch.equal(batch["x"], mixed[idx])
-            assert torch.equal(batch["y_aug"], e["dbr_y_aug"][idx])
-            assert torch.equal(batch["d_org"], e["dbr_d_org"][idx]) and torch.equal(batch["d_aug"], e["dbr_d_aug"][idx])
+    views = DBRViews(small)
+    epochs = set()
+    for idx, epoch, batch in seen:
+        if loss == "dbr":  # stored view (epoch - 1) % 2 with its labels and distances
+            ref = views.view(idx, epoch - 1)
+            assert all(torch.equal(batch[k], ref[k]) for k in ("x", "y", "y_aug", "lam"))
+            v = (epoch - 1) % 2
+            assert torch.equal(batch["d_org"], e["dbr_d_org"][idx, v].float())
+            assert torch.equal(batch["d_aug"], e["dbr_d_aug"][idx, v].float())
+            epochs.add(epoch)
         else:  # hard labels on the refined images themselves
             assert torch.equal(batch["x"], small.features[idx]) and "d_org" not in batch
+    if loss == "dbr":
+        assert epochs == {1, 2, 3}  # epochs 1 and 3 train on view 0, epoch 2 on view 1
     if loss == "dbr":
         assert {"train_dbr", "train_ce"} <= set(history[0])
     else:
@@ -76,17 +84,18 @@ def test_the_student_trains_with_each_label_mode_on_nrr_dd(tmp_path: Path, loss:
 
 
 def test_stored_dbr_distances_match_the_saved_teacher(tmp_path: Path) -> None:
-    raw = tiny_params(condense={**NRR, "temperature": 2.0})
+    raw = tiny_params(condense={**NRR, "temperature": 2.0, "views": 3})
     ms = run_until(tmp_path, raw, "condense")
     art = tmp_path / "artifacts/tiny"
     small = load_dataset(art / "condense")
     teacher = load_model(art / "teachers" / ms["condense"].info["teacher"])
-    e = small.extras
-    logits = predict(teacher, mix(small.features, e["dbr_partner"], e["dbr_lambda"]))
-    d_org, d_aug = dbr_distances(logits, small.labels, e["dbr_y_aug"], 2.0)
     assert small.meta["dbr_temperature"] == 2.0
-    assert torch.allclose(d_org, e["dbr_d_org"], atol=1e-5)
-    assert torch.allclose(d_aug, e["dbr_d_aug"], atol=1e-5)
+    views = DBRViews(small)
+    for v in range(3):  # the saved teacher on each rebuilt view gives the stored distances
+        b = views.view(torch.arange(len(small)), v)
+        d_org, d_aug = dbr_distances(predict(teacher, b["x"]), b["y"], b["y_aug"], 2.0)
+        assert torch.allclose(d_org, small.extras["dbr_d_org"][:, v].float(), rtol=2e-3, atol=2e-3)
+        assert torch.allclose(d_aug, small.extras["dbr_d_aug"][:, v].float(), rtol=2e-3, atol=2e-3)
 
 
 def test_condense_params_reject_an_empty_scale_range() -> None:

@@ -13,6 +13,7 @@ when the caches together are at most ``memory_limit`` bytes.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -50,6 +51,8 @@ class CachedBatches:
         memory_limit: load the caches into memory when, decoded (float32 values, int64
             indices: several times their size on disk), they total at most this many bytes;
             stream rows from the memory-mapped shards otherwise (0: always stream).
+        inputs: ``inputs(idx, epoch)``, the loss's per-epoch inputs (``LossBase.batches``, e.g.
+            DBR's stored views), which override those keys of the ``tensors`` slices.
 
     Raises:
         DataError: the caches do not match the samples or each other.
@@ -59,7 +62,8 @@ class CachedBatches:
     def __init__(self, tensors: dict[str, torch.Tensor], readers: list[CacheReader],
                  weights: list[float], *, combine_mode: str = "weighted_mean",
                  temperature: float = 1.0, seed: int = 0,
-                 memory_limit: int = DEFAULT_MEMORY_LIMIT) -> None:
+                 memory_limit: int = DEFAULT_MEMORY_LIMIT,
+                 inputs: Callable[[torch.Tensor, int], dict[str, torch.Tensor]] | None = None) -> None:
         if combine_mode not in COMBINES:
             raise ParamsError([f"student.combine: must be one of {list(COMBINES)} "
                                f"(got {combine_mode!r})"])
@@ -69,7 +73,7 @@ class CachedBatches:
                                "only (logits.format 'dense'); use 'per_sample' or select.top 1"])
         if len(readers) != len(weights) or not readers:
             raise ValueError(f"{len(readers)} caches for {len(weights)} weights")
-        self.tensors = tensors
+        self.tensors, self.inputs = tensors, inputs
         self.n = int(tensors["y"].shape[0])
         self.readers, self.weights = readers, [float(w) for w in weights]
         self.combine_mode, self.temperature, self.seed = combine_mode, float(temperature), seed
@@ -118,6 +122,8 @@ class CachedBatches:
 
     def __call__(self, idx: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
         batch = {k: v[idx] for k, v in self.tensors.items()}
+        if self.inputs is not None:
+            batch.update(self.inputs(idx, epoch))
         rows = self.rows(idx, epoch)
         if self.views is not None:
             batch["x"] = apply_views(batch["x"], self.views["box"][rows], self.views["flip"][rows])

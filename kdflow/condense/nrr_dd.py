@@ -17,10 +17,17 @@ Three steps, per the paper's description:
    layer's input (SRe2L's form). The step is plain (SGD-like), not Adam: an adaptive optimiser
    normalises each pixel's step and so cancels a soft mask (a pixel with ``M = 0.01`` would move
    as far as one with ``M = 1``); here a pixel's step is proportional to its ``M``.
-3. **DBR labels.** Each synthetic image ``i`` gets one mixup partner ``j`` and weight ``lam``;
-   on the mixed view ``lam * x_i + (1 - lam) * x_j`` the teacher's distances to the one-hot
-   original label ``y_i`` (``d_org``) and to the one-hot augmented label ``y_j`` (``d_aug``) are
-   stored; the ``dbr`` loss trains the student to reproduce them.
+3. **DBR labels.** For every view the student will train on, the teacher's distances to the
+   one-hot original label ``y_i`` (``d_org``) and to the one-hot label of the mixed-in image
+   ``y_j`` (``d_aug``) are stored, two fp16 numbers per view; the ``dbr`` loss trains the student
+   to reproduce them on the same view (``kdflow.losses.dbr``). View ``v`` of image ``i`` is the
+   mixup ``lam * x_i + (1 - lam) * x_j`` with another image ``j``, then a random resized crop
+   (+ flip), all drawn from the view's seed (``kdflow.data.augment.view_seeds(view_seed, N,
+   views)``), so only the distances are stored: ``views`` x ``N`` x 4 bytes (``dbr_d_org`` and
+   ``dbr_d_aug``, ``[N, views]``). The student trains on view ``(epoch - 1) % views`` in each
+   epoch (``DBRViews``); with ``views`` equal to the student's epochs it sees a fresh stored view
+   every epoch, which is what the paper's storage figures imply (0.2 GB ~ 300 epochs x 200k
+   images x 2 fp16 distances, vs. 120 GB of FKD-style soft labels).
 
 Choices where the paper's description is open (all exposed as parameters):
 
@@ -33,15 +40,14 @@ Choices where the paper's description is open (all exposed as parameters):
   for this image scale is not known here; the CE term is the batch mean, so a pixel's gradient
   shrinks with the batch size: raise ``lr`` with ``ipc * classes``).
 - The distance is the cross-entropy ``-log softmax(z / T)[y]`` at ``temperature=1``.
-- The augmentation is mixup (not CutMix) with ``lam ~ U(0, 1)`` and one fixed view per instance.
+- The augmentation of a view is mixup (not CutMix) with a uniformly drawn other image and
+  ``lam ~ U(0, 1)``, then one random resized crop of the mixed image (``view_scale_min`` to
+  ``view_scale_max`` of the area, aspect 3/4-4/3, ``view_flip``), i.e. both images get the same
+  crop; ``views=300`` (the published 300-epoch student budget).
 
-TODO (issue 15): DBR storage per view. The paper's storage figures (0.2 GB ~ 300 epochs x 200k
-images x 2 fp16 distances, vs. 120 GB of FKD-style soft labels) imply two distances for *every
-epoch's* augmented view, i.e. the student sees a fresh stored view each epoch. Here one mixup view
-per instance is stored and the ``dbr`` loss trains on it every epoch, so the distance term fits a
-single view (measured: it drags the benchmark's dbr rows below soft labels). The fix is
-``views`` x the five ``dbr_*`` extras (partner, y_aug, lambda, d_org, d_aug per view, bytes
-reported) with the student reading view ``epoch % views``; not done yet.
+Artifacts condensed before per-view storage (``dbr_partner``, ``dbr_y_aug``, ``dbr_lambda``,
+``dbr_d_org``, ``dbr_d_aug`` of ``[N]``: one uncropped mixup view per image) are still read, as
+one view.
 """
 from __future__ import annotations
 
@@ -58,13 +64,17 @@ from kdflow.condense.rded import (
     TEACHER_BATCH, Box, candidate_crops, check_image_args, default_factor, rank_candidates, sample_class_images,
     stitch_ranked, synthetic_dataset,
 )
+from kdflow.data.augment import Augment, apply_views, boxes_from_seeds, uniforms, view_seeds
 from kdflow.data.dataset import Dataset
 from kdflow.errors import DataError
 from kdflow.train.device import eval_mode
 from kdflow.train.loop import predict
 from schemas.methods import NrrDdParams  # torch-free (kdflow/catalog.py)
 
-DBR_PROVIDES = ("y_aug", "d_org", "d_aug", "lam")  # what dbr_batch adds to x and y
+DBR_PROVIDES = ("y_aug", "d_org", "d_aug", "lam")  # what a DBR batch adds to x and y
+DBR_DISTANCES = ("dbr_d_org", "dbr_d_aug")  # per view: [N, views] float16
+LEGACY_DBR = ("dbr_partner", "dbr_y_aug", "dbr_lambda", "dbr_d_org", "dbr_d_aug")  # one mixup view, [N]
+VIEW_CHUNK = 4096  # views relabelled per teacher call at condensation
 
 
 def last_spatial_layer(model: nn.Module, x: torch.Tensor) -> nn.Module | None:
@@ -234,6 +244,116 @@ def mix(x: torch.Tensor, partner: torch.Tensor, lam: torch.Tensor) -> torch.Tens
     return w * x + (1 - w) * x[partner]
 
 
+def view_params(n: int, views: int, view_seed: int, shape: tuple[int, ...], aug: Augment,
+                rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The augmentation of DBR views, a function of ``(view_seed, sample, view)`` only.
+
+    Row ``r = sample * views + view`` (all ``n * views`` rows, or those in ``rows``) gets its seed
+    from ``kdflow.data.augment.view_seeds``; from that seed: the crop ``box`` and ``flip``
+    (``boxes_from_seeds``, uniforms 0-4), the mixup ``partner`` (uniform 5: one of the other
+    ``n - 1`` samples; the sample itself when ``n == 1``) and ``lam`` (uniform 6, ``U(0, 1)``).
+
+    Returns:
+        ``sample``, ``partner`` (int64), ``lam`` (float32) ``[R]``, ``box`` ``[R, 4]``, ``flip`` ``[R]``.
+    """
+    seeds = view_seeds(view_seed, n, views)  # [n * views]
+    if rows is None:
+        rows = torch.arange(n * views)
+    seeds = seeds[rows]
+    sample = rows // views
+    box, flip = boxes_from_seeds(seeds, shape, aug)
+    u = torch.from_numpy(uniforms(seeds, 7)[:, 5:])  # [R, 2] float64
+    if n > 1:
+        other = (u[:, 0] * (n - 1)).long().clamp_max(n - 2)  # [R] in [0, n - 2]
+        partner = other + (other >= sample).long()  # skip the sample itself
+    else:
+        partner = sample.clone()
+    return {"sample": sample, "partner": partner, "lam": u[:, 1].float(), "box": box, "flip": flip}
+
+
+def view_images(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[R, C, H, W]`` DBR views: mixup of each row's sample with its partner, then crop + flip."""
+    lam = p["lam"].view(-1, *([1] * (x.dim() - 1)))
+    mixed = lam * x[p["sample"]] + (1 - lam) * x[p["partner"]]
+    return apply_views(mixed, p["box"], p["flip"])
+
+
+def view_augment(meta: dict) -> Augment:
+    """The views' crop parameters stored in a condensed set's ``meta`` (``dbr_augment``)."""
+    return Augment(**meta["dbr_augment"])
+
+
+class DBRViews:
+    """``fit``'s ``batch_fn`` for the ``dbr`` loss: every sample's stored view ``(epoch - 1) % views``.
+
+    Each batch holds the view images ``x``, the labels ``y`` and ``y_aug`` (the mixed-in sample's),
+    the mixup weight ``lam`` and the stored teacher distances ``d_org``, ``d_aug`` of that view. A
+    set condensed before per-view storage (``LEGACY_DBR`` extras of shape ``[N]``) has one view:
+    its stored uncropped mixup.
+
+    Raises:
+        DataError: ``ds`` holds no DBR extras (it was not condensed by ``nrr_dd``), or they do not
+            fit its samples.
+    """
+
+    def __init__(self, ds: Dataset) -> None:
+        e, n = ds.extras, len(ds)
+        self.x, self.y = ds.features, ds.labels
+        self.legacy = "dbr_partner" in e
+        need = LEGACY_DBR if self.legacy else DBR_DISTANCES
+        missing = [k for k in need if k not in e]
+        if missing:
+            raise DataError(f"dbr labels: the condensed dataset lacks extras {missing}; use condense.method nrr_dd")
+        if self.legacy:
+            self.views = 1
+            self.fixed = {"x": mix(self.x, e["dbr_partner"], e["dbr_lambda"]), "y": self.y, "y_aug": e["dbr_y_aug"],
+                          "lam": e["dbr_lambda"], "d_org": e["dbr_d_org"], "d_aug": e["dbr_d_aug"]}
+            return
+        d_org, d_aug = e["dbr_d_org"], e["dbr_d_aug"]
+        keys = ("dbr_views", "dbr_view_seed", "dbr_augment")
+        if d_org.dim() != 2 or d_org.shape != d_aug.shape or any(k not in ds.meta for k in keys) \
+                or d_org.shape[1] != ds.meta["dbr_views"]:
+            raise DataError(f"dbr labels: extras dbr_d_org/dbr_d_aug {list(d_org.shape)}/{list(d_aug.shape)} do not "
+                            f"match meta {({k: ds.meta.get(k) for k in keys})} (expected [{n}, dbr_views]); "
+                            "condense again with nrr_dd")
+        self.views, self.seed = int(ds.meta["dbr_views"]), int(ds.meta["dbr_view_seed"])
+        self.aug = view_augment(ds.meta)
+        self.d_org, self.d_aug = d_org.float(), d_aug.float()  # [N, views]
+        self.fixed = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The per-sample tensors ``fit`` sizes its epochs by (``x``, ``y``)."""
+        return {"x": self.x, "y": self.y}
+
+    def view(self, idx: torch.Tensor, view: int) -> dict[str, torch.Tensor]:
+        """View ``view`` of samples ``idx``."""
+        if self.fixed is not None:
+            return {k: v[idx] for k, v in self.fixed.items()}
+        v = view % self.views
+        p = view_params(len(self.y), self.views, self.seed, tuple(self.x.shape[1:]), self.aug,
+                        rows=idx * self.views + v)
+        return {"x": view_images(self.x, p), "y": self.y[idx], "y_aug": self.y[p["partner"]], "lam": p["lam"],
+                "d_org": self.d_org[idx, v], "d_aug": self.d_aug[idx, v]}
+
+    def __call__(self, idx: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
+        return self.view(idx, epoch - 1)  # fit counts epochs from 1
+
+
+def store_dbr_views(
+    teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, *, views: int, view_seed: int, aug: Augment,
+    temperature: float, device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's distances on every DBR view of ``x``: ``d_org``, ``d_aug`` ``[N, views]`` float16."""
+    n = len(y)
+    d_org, d_aug = torch.empty(n * views), torch.empty(n * views)
+    for a in range(0, n * views, VIEW_CHUNK):
+        rows = torch.arange(a, min(a + VIEW_CHUNK, n * views))
+        p = view_params(n, views, view_seed, tuple(x.shape[1:]), aug, rows=rows)
+        logits = predict(teacher, view_images(x, p), batch_size=TEACHER_BATCH, device=device)
+        d_org[rows], d_aug[rows] = dbr_distances(logits, y[p["sample"]], y[p["partner"]], temperature)
+    return d_org.view(n, views).half(), d_aug.view(n, views).half()
+
+
 def initial_images(
     train: Dataset, teacher: nn.Module, c: int, rows: torch.Tensor, g: torch.Generator, *,
     ipc: int, factor: int, crops_per_image: int, images_per_class: int,
@@ -265,7 +385,7 @@ def nrr_dd(
     train: Dataset, *, teacher: nn.Module, seed: int, device: torch.device, report: Report | None,
     ipc: int, factor: int | None, crops_per_image: int, images_per_class: int, scale_min: float, scale_max: float,
     cam_pool: float, correct_only: bool, eps: float, iterations: int, lr: float, bn_weight: float,
-    temperature: float,
+    temperature: float, views: int, view_scale_min: float, view_scale_max: float, view_flip: bool,
 ) -> Dataset:
     """``ipc`` refined synthetic images per class with DBR label extras.
 
@@ -284,18 +404,28 @@ def nrr_dd(
         lr: step size ``eta`` of the masked gradient step ``x <- x - M * eta * grad``.
         bn_weight: weight of the BN-statistics matching term.
         temperature: softmax temperature of the DBR distances.
+        views: DBR views stored per image; the student trains on view ``(epoch - 1) % views``.
+        view_scale_min, view_scale_max, view_flip: the views' random resized crop (area share)
+            and flip, applied after mixup.
         report: called as ``report(classes_done, classes)`` during discovery.
 
     Returns:
-        The synthetic images with extras ``dbr_partner`` (row of the mixup partner, int64),
-        ``dbr_y_aug`` (its label), ``dbr_lambda``, ``dbr_d_org``, ``dbr_d_aug`` (float32, ``[N]``)
-        and ``soft_labels`` (teacher logits ``[N, K]`` of the refined images, for the soft mode).
+        The synthetic images with extras ``dbr_d_org``, ``dbr_d_aug`` (float16 ``[N, views]``, the
+        teacher's distances on each view, ``DBRViews`` rebuilds the views) and ``soft_labels``
+        (teacher logits ``[N, K]`` of the refined images, for the soft mode); ``meta`` holds
+        ``dbr_temperature``, ``dbr_views``, ``dbr_view_seed`` and ``dbr_augment``.
     """
     scale = (scale_min, scale_max)
     factor = factor if factor is not None else default_factor(tuple(train.features.shape[-2:]))
     check_image_args(train, factor, scale, "nrr_dd")
     if not 0 < cam_pool <= 1:
         raise DataError(f"nrr_dd: cam_pool must be in (0, 1] (got {cam_pool})")
+    if views < 1:
+        raise DataError(f"nrr_dd: views must be >= 1 (got {views})")
+    try:
+        aug = Augment(scale_min=view_scale_min, scale_max=view_scale_max, flip=view_flip)
+    except ValueError as err:
+        raise DataError(f"nrr_dd: view_scale_min/view_scale_max: {err}") from err
     g = torch.Generator().manual_seed(seed)
     images, labels = [], []
     for c, rows in enumerate(per_class_indices(train.labels, train.num_classes)):
@@ -314,33 +444,20 @@ def nrr_dd(
     mask = (eps - cam).clamp_min(0)[:, None]  # [N, 1, H, W]
     x = refine(teacher, x0, y, mask, iterations=iterations, lr=lr, bn_weight=bn_weight).cpu()
     y = y.cpu()
-    partner = torch.randperm(len(y), generator=g)  # [N]
-    lam = torch.rand(len(y), generator=g)  # [N]
-    logits = predict(teacher, mix(x, partner, lam), batch_size=TEACHER_BATCH, device=device)
-    d_org, d_aug = dbr_distances(logits, y, y[partner], temperature)
-    extras = {
-        "dbr_partner": partner, "dbr_y_aug": y[partner], "dbr_lambda": lam,
-        "dbr_d_org": d_org, "dbr_d_aug": d_aug,
-        "soft_labels": predict(teacher, x, batch_size=TEACHER_BATCH, device=device),
-    }
+    view_seed = int(torch.randint(0, 2**62, (1,), generator=g))
+    d_org, d_aug = store_dbr_views(teacher, x, y, views=views, view_seed=view_seed, aug=aug,
+                                   temperature=temperature, device=device)
+    extras = {"dbr_d_org": d_org, "dbr_d_aug": d_aug,
+              "soft_labels": predict(teacher, x, batch_size=TEACHER_BATCH, device=device)}
     ds = synthetic_dataset(train, x, y, "nrr_dd", extras)
-    ds.meta["dbr_temperature"] = temperature
+    ds.meta.update(dbr_temperature=temperature, dbr_views=views, dbr_view_seed=view_seed, dbr_augment=aug.as_dict())
     return ds
 
 
-def dbr_batch(ds: Dataset) -> dict[str, torch.Tensor]:
-    """The student's training tensors for the ``dbr`` loss: the stored mixed views and distances.
+def dbr_batch(ds: Dataset, view: int = 0) -> dict[str, torch.Tensor]:
+    """The student's training tensors for the ``dbr`` loss in one view: all samples' view ``view``.
 
     Raises:
-        DataError: ``ds`` lacks the ``dbr_*`` extras (it was not condensed by ``nrr_dd``).
+        DataError: ``ds`` lacks the DBR extras (it was not condensed by ``nrr_dd``).
     """
-    need = ("dbr_partner", "dbr_y_aug", "dbr_lambda", "dbr_d_org", "dbr_d_aug")
-    missing = [k for k in need if k not in ds.extras]
-    if missing:
-        raise DataError(f"dbr labels: the condensed dataset lacks extras {missing}; use condense.method nrr_dd")
-    e = ds.extras
-    return {
-        "x": mix(ds.features, e["dbr_partner"], e["dbr_lambda"]),  # [N, C, H, W]
-        "y": ds.labels, "y_aug": e["dbr_y_aug"], "lam": e["dbr_lambda"],
-        "d_org": e["dbr_d_org"], "d_aug": e["dbr_d_aug"],
-    }
+    return DBRViews(ds).view(torch.arange(len(ds)), view)

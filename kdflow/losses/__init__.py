@@ -20,7 +20,7 @@ Each loss subclasses ``LossBase`` and registers with its params model (a ``Secti
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -68,6 +68,13 @@ class LossBase:
     def inputs(cls, ds: Dataset) -> dict[str, Tensor] | None:
         """The per-sample training tensors (``x``, ``y`` and what ``needs`` reads from the data),
         or None for the track's default ``{"x": features, "y": labels}``."""
+        return None
+
+    @classmethod
+    def batches(cls, ds: Dataset) -> Callable[[Tensor, int], dict[str, Tensor]] | None:
+        """``batch(indices, epoch)`` for a loss whose inputs change with the epoch (DBR's stored
+        views: a different view each epoch), overriding those keys of the ``inputs`` slices; None
+        (default): every epoch trains on slices of ``inputs``."""
         return None
 
     def __call__(self, student_logits: Tensor, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -1,14 +1,27 @@
-"""Distance-Based Representative (DBR) knowledge transfer (NRR-DD, Tran et al., CVPR 2025).
+"""Distance-Based Representative (DBR) knowledge transfer (NRR-DD: Tran et al., "Enhancing Dataset
+Distillation via Non-Critical Region Refinement", CVPR 2025, arXiv 2503.18267; Fig. 2, stage (iii)
+"Knowledge Transfer").
 
-Instead of a soft label, each (mixed) training view stores two teacher distances: to the one-hot
-original label (``d_org``) and to the one-hot augmented label (``d_aug``). The student is trained
-with cross-entropy plus a term that makes its own two distances match the stored ones. The
-distance is ``-log softmax(z / T)[y]``, as produced by ``kdflow.condense.nrr_dd.dbr_distances``;
-the squared error between distances is our choice (the paper leaves it open).
+The paper replaces soft labels by two numbers per augmented (mixed) view ``x_mix``: the teacher's
+distance ``d^T_org`` from its prediction to the one-hot original label and ``d^T_aug`` to the
+one-hot label of the mixed-in image; the student is trained to reduce the gap between its own
+distances ``d^S_org``, ``d^S_aug`` on the same view and the stored ones. Where the paper's text
+is open, kdflow chooses:
+
+- the distance is the cross-entropy ``d(z, y) = -log softmax(z / T)[y]`` (as produced by
+  ``kdflow.condense.nrr_dd.dbr_distances``);
+- the gap is the squared error, added to the mixup cross-entropy on the hard labels::
+
+      loss = lam * CE(z^S, y) + (1 - lam) * CE(z^S, y_aug)
+             + beta * [(d^S_org - d^T_org)^2 + (d^S_aug - d^T_aug)^2]
+
+  (``beta = 0`` is mixup training on the stored views with hard labels only);
+- the views: ``nrr_dd`` stores the distances of ``views`` views per image (mixup, then a random
+  resized crop), and the student trains on view ``(epoch - 1) % views`` each epoch (``batches``).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -53,10 +66,17 @@ class DBR(LossBase):
 
     @classmethod
     def inputs(cls, ds: Dataset) -> dict[str, Tensor]:
-        """The stored mixed views and distances (``kdflow.condense.nrr_dd.dbr_batch``)."""
+        """The first stored view of every sample with its distances (``kdflow.condense.nrr_dd.dbr_batch``)."""
         from kdflow.condense.nrr_dd import dbr_batch  # the condenser imports the training loop
 
         return dbr_batch(ds)
+
+    @classmethod
+    def batches(cls, ds: Dataset) -> Callable[[Tensor, int], dict[str, Tensor]]:
+        """View ``(epoch - 1) % views`` of each sample in each epoch (``kdflow.condense.nrr_dd.DBRViews``)."""
+        from kdflow.condense.nrr_dd import DBRViews
+
+        return DBRViews(ds)
 
     def __call__(self, student_logits: Tensor, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         check_batch("dbr", self.needs, student_logits, batch)

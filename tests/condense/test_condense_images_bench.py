@@ -21,7 +21,9 @@ def test_condense_images_benchmark_quick_writes_every_row(tmp_path: Path) -> Non
     (res,) = data["results"]
     got = {(r["method"], r["labels"]) for r in res["rows"]}
     assert got == {("random", "hard"), ("random", "soft"), ("herding", "soft"), ("k_center", "soft"),
-                   ("rded", "soft"), ("nrr_dd", "soft"), ("nrr_dd", "dbr"), ("full", "hard"), ("full", "soft")}
+                   ("rded", "soft"), ("nrr_dd", "soft"), ("nrr_dd", "dbr_beta0"), ("nrr_dd", "dbr_beta1"),
+                   ("full", "hard"), ("full", "soft")}
+    assert data["meta"]["protocol"] == "standard"  # the default
     for r in res["rows"]:
         assert len(r["accuracies"]) == 2 and all(0.0 <= a <= 1.0 for a in r["accuracies"])
         assert r["image_bytes"] == r["n"] * 64 * 4  # float32 8x8 digits
@@ -29,11 +31,11 @@ def test_condense_images_benchmark_quick_writes_every_row(tmp_path: Path) -> Non
     assert rnd["n"] == 10
     for r in res["rows"]:  # dbr rows are compared with random *soft* labels, the rest with their own mode
         if r["method"] != "random" and r["vs_random"] is not None:
-            labels = "soft" if r["labels"] == "dbr" else r["labels"]
+            labels = "soft" if r["labels"].startswith("dbr") else r["labels"]
             ref = next(x for x in res["rows"] if x["method"] == "random" and x["labels"] == labels)
             assert r["vs_random"] == pytest.approx(r["accuracy_mean"] / ref["accuracy_mean"])
-    dbr = next(r for r in res["rows"] if r["labels"] == "dbr")
-    assert dbr["label_bytes"] == 10 * (8 + 8 + 4 + 4 + 4)  # partner, y_aug (int64), lambda, d_org, d_aug
+    for dbr in (r for r in res["rows"] if r["labels"].startswith("dbr")):  # 2 fp16 distances per view, 8 epochs
+        assert (dbr["label_bytes"], dbr["label_bytes_all_views"]) == (10 * 2 * 2, 10 * 2 * 2 * 8)
     assert "vs random" in proc.stdout
 
 
@@ -52,8 +54,11 @@ def test_standard_budget_is_300_epochs_with_the_published_steps() -> None:
         batch, epochs = bench.standard_budget(n, ipc, None)
         assert epochs == 300 and epochs * -(-n // batch) == steps  # ceil(n / batch) steps per epoch
     assert bench.standard_budget(10, 1, 30) == (10, 30)  # --steps overrides the budget
-    args = bench.parse_args(["--protocol", "standard"])
-    assert args.datasets == ["fashion"] and args.steps is None and args.seeds == 3
+    args = bench.parse_args([])  # the default protocol
+    assert args.protocol == "standard" and args.datasets == ["fashion"] and args.steps is None and args.seeds == 3
+    assert args.dbr_betas == [0.0, 1.0]
+    legacy = bench.parse_args(["--protocol", "legacy"])
+    assert legacy.datasets == ["digits", "mnist"] and legacy.steps == 200
     with pytest.raises(SystemExit):
         bench.parse_args(["--protocol", "standard", "--ipc", "5"])  # no published budget for IPC 5
 
@@ -123,3 +128,50 @@ def test_dc_protocol_runs_every_baseline_on_digits(tmp_path: Path, monkeypatch: 
     assert set(rows) == {"random", "herding", "k_center"}  # no whole-set row with the teacher's features
     assert all(r["labels"] == "hard" and r["n"] == 10 and r["epochs"] == 2 for r in rows.values())
     assert rows["herding"]["accuracies"] == rows["k_center"]["accuracies"]
+
+
+def _tiny_images(n_per_class: int = 6, classes: int = 3) -> "Dataset":
+    import torch
+
+    from kdflow.data.dataset import Dataset
+    gen = torch.Generator().manual_seed(0)
+    n = n_per_class * classes
+    labels = torch.arange(classes).repeat_interleave(n_per_class)
+    feats = torch.randn(n, 1, 8, 8, generator=gen) + labels.view(-1, 1, 1, 1).float()
+    return Dataset(features=feats, labels=labels, sample_ids=[f"s{i}" for i in range(n)], splits=["train"] * n,
+                   num_classes=classes, modality="image")
+
+
+def test_dc_feature_net_is_cached_by_its_settings_and_picks_match_the_library(tmp_path: Path) -> None:
+    import torch
+    from rich.console import Console
+
+    from kdflow.condense.coreset import herding_order, k_center_order, select_in_feature_space
+    from kdflow.train.loop import extract_features
+    bench = bench_module()
+    train, console = _tiny_images(), Console(quiet=True)
+    args = bench.parse_args(["--protocol", "dc", "--full-epochs", "1", "--feature-cache", str(tmp_path)])
+    net, seconds, side_path = bench.dc_feature_net("tiny", train, args, console)
+    (saved,) = tmp_path.glob("*.pt")
+    assert saved.name.startswith("dc-convnet3-tiny-n18-e1-s0-") and side_path == saved.with_suffix(".json")
+    again, seconds_again, _ = bench.dc_feature_net("tiny", train, args, console)  # loaded, not retrained
+    assert seconds_again == seconds
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key]), key
+    args2 = bench.parse_args(["--protocol", "dc", "--full-epochs", "2", "--feature-cache", str(tmp_path)])
+    bench.dc_feature_net("tiny", train, args2, console)  # other epochs: another entry
+    assert len(list(tmp_path.glob("*.pt"))) == 2
+    changed = bench.dc_cache_key("tiny", bench.dataclasses.replace(train, features=train.features + 1e-3), 1, 0)
+    assert changed != bench.dc_cache_key("tiny", train, 1, 0)  # other images: another key
+
+    feats = extract_features(net, train.features)
+    side = bench.DCSideCache(side_path)
+    for method, order in (("herding", herding_order), ("k_center", k_center_order)):
+        rows = bench.dc_picks(method, 2, train, lambda: feats, side)
+        expect = select_in_feature_space(order, train, feats, 2)
+        assert train.select(rows).sample_ids == expect.sample_ids and len(rows) == 6
+
+    def no_features() -> torch.Tensor:
+        raise AssertionError("picks known: features must not be extracted")
+    reread = bench.DCSideCache(side_path)  # a later run reads the picks from the side file
+    assert bench.dc_picks("herding", 2, train, no_features, reread) == side.picks["herding-2"]

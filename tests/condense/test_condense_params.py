@@ -103,7 +103,8 @@ def test_every_problem_is_listed_with_its_bound() -> None:
     assert sorted(err.value.problems) == [
         "condense.eps: must be <= 2 (got 3)",
         "condense.frequency: unknown key (allowed: method, ipc, factor, crops_per_image, images_per_class, scale_min, "
-        "scale_max, cam_pool, correct_only, eps, iterations, lr, bn_weight, temperature)",
+        "scale_max, cam_pool, correct_only, eps, iterations, lr, bn_weight, temperature, views, view_scale_min, "
+        "view_scale_max, view_flip)",
         "condense.ipc: must be >= 1 (got 0)",
     ]
 
@@ -130,7 +131,7 @@ def test_params_defaults() -> None:
     }
     assert nrr(method="nrr_dd").model_dump(exclude=set(rded.model_fields)) == {
         "cam_pool": 0.5, "correct_only": True, "eps": 0.5, "iterations": 100, "lr": 0.05, "bn_weight": 1.0,
-        "temperature": 1.0,
+        "temperature": 1.0, "views": 300, "view_scale_min": 0.5, "view_scale_max": 1.0, "view_flip": True,
     }
     assert mirage(target_graphs=5).model_dump() == {
         "method": "mirage", "hops": 2, "thresholds": None, "target_graphs": 5, "frequency": "weight",

@@ -7,10 +7,12 @@ import torch.nn.functional as F
 
 from kdflow.condense import CONDENSERS, condense, per_class_indices
 from kdflow.condense.nrr_dd import (
-    bn_matching_loss, cam_ratios, dbr_distances, grad_cam, mix, refine,
+    DBRViews, bn_matching_loss, cam_ratios, grad_cam, mix, refine,
 )
 from kdflow.condense.rded import candidate_crops, sample_class_images
+from kdflow.data.augment import Augment, apply_views, boxes_from_seeds, uniforms, view_seeds
 from kdflow.data.dataset import Dataset
+from kdflow.errors import DataError, ParamsError
 from kdflow.models import create_model
 from kdflow.train.loop import predict
 
@@ -121,22 +123,95 @@ def test_nrr_dd_shapes_and_extras(shape: tuple[int, int, int]) -> None:
     out.validate()
     assert out.features.shape == (6, *shape)
     assert torch.bincount(out.labels).tolist() == [2, 2, 2]
-    for key in ("dbr_d_org", "dbr_d_aug", "dbr_lambda", "dbr_partner", "dbr_y_aug"):
-        assert out.extras[key].shape == (6,)
+    for key in ("dbr_d_org", "dbr_d_aug"):  # two fp16 distances per stored view
+        assert out.extras[key].shape == (6, 300) and out.extras[key].dtype == torch.float16
+    assert not {"dbr_lambda", "dbr_partner", "dbr_y_aug"} & set(out.extras)  # views are rebuilt from seeds
+    assert out.meta["dbr_views"] == 300 and out.meta["dbr_augment"]["scale_min"] == 0.5
     assert out.extras["soft_labels"].shape == (6, 3)
 
 
-def test_dbr_distances_recomputed_from_the_teacher_match_the_stored_ones() -> None:
+def brute_force_view(x: torch.Tensor, i: int, v: int, n: int, views: int, seed: int, aug: Augment
+                     ) -> tuple[torch.Tensor, int, float]:
+    """View ``v`` of image ``i`` built one at a time from its seed: (image [C, H, W], partner, lam)."""
+    s = view_seeds(seed, n, views)[i * views + v : i * views + v + 1]
+    box, flip = boxes_from_seeds(s, tuple(x.shape[1:]), aug)
+    u = uniforms(s, 7)[0]
+    others = [j for j in range(n) if j != i]
+    j = others[min(int(u[5] * (n - 1)), n - 2)]
+    lam = float(torch.tensor(u[6]).float())
+    mixed = lam * x[i] + (1 - lam) * x[j]
+    return apply_views(mixed[None], box, flip)[0], j, lam
+
+
+def test_dbr_distances_of_every_view_match_a_brute_force_recomputation() -> None:
+    """Per stored view: rebuild the view (mixup with a partner, crop, flip) from its seed one image at
+    a time, run the teacher on it alone, and get the stored distances; the student's batches in
+    epoch e are view (e - 1) % views with the same images, labels and distances."""
     model = teacher((1, 8, 8))
-    out = condense("nrr_dd", toy((1, 8, 8)), teacher=model, ipc=3, seed=4, device=CPU, temperature=2.0, **FAST)
-    e = out.extras
-    assert torch.equal(e["dbr_y_aug"], out.labels[e["dbr_partner"]])
-    logits = predict(model, mix(out.features, e["dbr_partner"], e["dbr_lambda"]))
-    d_org, d_aug = dbr_distances(logits, out.labels, e["dbr_y_aug"], 2.0)
-    assert torch.allclose(d_org, e["dbr_d_org"], atol=1e-5) and torch.allclose(d_aug, e["dbr_d_aug"], atol=1e-5)
-    # and the distance is the cross-entropy to the one-hot label at temperature T
-    ref = torch.stack([-torch.log_softmax(logits[i] / 2.0, 0)[out.labels[i]] for i in range(len(logits))])
-    assert torch.allclose(d_org, ref, atol=1e-6)
+    out = condense("nrr_dd", toy((1, 8, 8)), teacher=model, ipc=3, seed=4, device=CPU, temperature=2.0,
+                   views=4, view_scale_min=0.3, **FAST)
+    e, m, n = out.extras, out.meta, len(out)
+    assert e["dbr_d_org"].shape == (n, 4) and m["dbr_temperature"] == 2.0
+    aug = Augment(**m["dbr_augment"])
+    assert (aug.scale_min, aug.flip) == (0.3, True)
+    views = DBRViews(out)
+    lams, xs = [], []
+    for v in range(4):
+        batch = views(torch.arange(n), v + 1)  # epoch v + 1
+        assert torch.equal(views(torch.arange(n), v + 5)["x"], batch["x"])  # epochs cycle through the views
+        for i in range(n):
+            img, j, lam = brute_force_view(out.features, i, v, n, 4, m["dbr_view_seed"], aug)
+            assert j != i and batch["y_aug"][i] == out.labels[j] and batch["lam"][i] == lam
+            assert torch.allclose(batch["x"][i], img, atol=1e-6)
+            logits = model.eval()(img[None]).detach()
+            ref_org = -torch.log_softmax(logits[0] / 2.0, 0)[out.labels[i]]  # cross-entropy to the one-hot label
+            ref_aug = -torch.log_softmax(logits[0] / 2.0, 0)[out.labels[j]]
+            for key, ref in (("dbr_d_org", ref_org), ("dbr_d_aug", ref_aug)):
+                assert float(e[key][i, v]) == pytest.approx(float(ref), rel=2e-3, abs=2e-3)  # fp16 storage
+            assert float(batch["d_org"][i]) == float(e["dbr_d_org"][i, v])
+            lams.append(lam)
+        xs.append(batch["x"])
+    assert len(set(lams)) == len(lams)  # every view draws its own mixup
+    assert not torch.equal(xs[0], xs[1])
+    # the whole extras: 2 fp16 distances per view
+    assert sum(t.numel() * t.element_size() for k, t in e.items() if k.startswith("dbr_")) == n * 4 * 2 * 2
+
+
+def test_a_set_condensed_before_per_view_storage_is_read_as_one_view() -> None:
+    """Old artifacts (one uncropped mixup view per image, [N] extras) still train: every epoch sees it."""
+    g = torch.Generator().manual_seed(0)
+    n = 5
+    partner, lam = torch.randperm(n, generator=g), torch.rand(n, generator=g)
+    labels = torch.arange(n) % 2
+    old = {"dbr_partner": partner, "dbr_y_aug": labels[partner], "dbr_lambda": lam,
+           "dbr_d_org": torch.rand(n, generator=g), "dbr_d_aug": torch.rand(n, generator=g)}
+    ds = Dataset(torch.randn(n, 1, 4, 4, generator=g), labels, [f"s{i}" for i in range(n)], ["train"] * n, 2,
+                 "image", extras=old)
+    views = DBRViews(ds)
+    for epoch in (1, 7):
+        b = views(torch.arange(n), epoch)
+        assert torch.equal(b["x"], mix(ds.features, partner, lam)) and torch.equal(b["d_org"], old["dbr_d_org"])
+
+
+def test_dbr_views_reject_sets_without_or_with_mismatched_extras() -> None:
+    ds = toy((1, 4, 4))
+    with pytest.raises(DataError, match="lacks extras .*use condense.method nrr_dd"):
+        DBRViews(ds)
+    n = len(ds)
+    bad = Dataset(ds.features, ds.labels, ds.sample_ids, ds.splits, 3, "image",
+                  extras={"dbr_d_org": torch.zeros(n, 3), "dbr_d_aug": torch.zeros(n, 3)},
+                  meta={"dbr_views": 4, "dbr_view_seed": 0, "dbr_augment": Augment().as_dict()})
+    with pytest.raises(DataError, match=r"do not match meta .*condense again"):
+        DBRViews(bad)
+
+
+def test_nrr_dd_rejects_bad_view_params() -> None:
+    model, ds = teacher((1, 8, 8)), toy((1, 8, 8))
+    with pytest.raises(ParamsError, match="condense.views: must be >= 1"):
+        condense("nrr_dd", ds, teacher=model, ipc=1, seed=0, device=CPU, views=0, **FAST)
+    with pytest.raises(ParamsError, match="view_scale_min"):
+        condense("nrr_dd", ds, teacher=model, ipc=1, seed=0, device=CPU, view_scale_min=0.9, view_scale_max=0.5,
+                 **FAST)
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 8), (3, 8, 8)])
