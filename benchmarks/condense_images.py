@@ -1,56 +1,57 @@
 """Image dataset distillation: student test accuracy from condensed sets, per method and label mode.
 
-For each dataset (sklearn digits 8x8; MNIST 28x28 from the 10k IDX test images, split 8k train /
-2k test, stratified from ``--split-seed``) one teacher is trained once (seeded). Then, for each IPC
-and each seed, every method condenses the training split through ``kdflow.condense.condense`` and
-a fresh student is trained on the result with ``kdflow.train.loop.fit``:
+One teacher is trained per dataset (seeded by ``--split-seed``). Then, for each IPC and each seed,
+every method condenses the training split through ``kdflow.condense.condense`` and a fresh student
+is trained on the result with ``kdflow.train.loop.fit``. Three protocols (``--protocol``):
 
-- methods: ``random``, ``herding``, ``k_center`` (real images), ``rded``, ``nrr_dd`` (synthetic),
-  ``full`` (the whole training split, IPC-independent), each with the library's default params;
-  ``--ablations`` adds ``rded_factor1``/``nrr_dd_factor1`` (no stitching) and ``nrr_dd_no_refine``;
-- label modes: ``soft`` for every method (``kd`` T=4, alpha=0.9 on augmented views relabelled by
-  the live teacher every step: FKD-style, i.e. an unbounded view cache, not the logit cache),
-  ``hard`` for random and full (``ce`` on augmented views), ``dbr`` for nrr_dd (``dbr`` loss, beta 1,
-  on the one stored mixed view per instance, no augmentation: the stored distances belong to
-  that view);
-- augmentation (hard/soft): ``kdflow.data.augment`` random resized crops, area 50-100%, no flip;
-- teacher: ``convnet`` [16, 32, 64], hidden 128 (33k params), trained once per dataset on the full
-  training split (digits 20 epochs, MNIST 6, batch 128, seeded by ``--split-seed``);
-- the same student (``convnet`` [8, 16, 32], hidden 32: 7.3k params) and the same budget for all:
-  ``--steps`` (200) AdamW steps (lr 3e-3, cosine, weight decay 5e-4) of batch ``min(64, N)``,
-  i.e. ``epochs = round(steps / ceil(N / batch))``, no validation, no early stop; test accuracy
-  of the last weights.
-
-Reported: test accuracy mean +- std over seeds, the ratio to ``random`` with the same labels
-(``soft`` for dbr), bytes of the images (float32) and of the labels one stored view needs (hard:
-int64 labels; soft: fp16 logits ``[N, K]`` as the dense logit cache; dbr: the five ``dbr_*`` extras),
-soft labels for every view the student saw (``label_bytes_all_views``), condensation seconds, and
-the teacher's accuracy on the condensed images (a diagnostic).
-
-    .venv/bin/python benchmarks/condense_images.py --out condense_images.json
-    .venv/bin/python benchmarks/condense_images.py --quick          # seconds: smoke test
-
-``--protocol standard`` (issue 15) switches to the evaluation protocol of the dataset-distillation
+**standard** (the default; issue 15): the evaluation protocol of the dataset-distillation
 literature, so the figures line up with published tables (``/work/shared/ANCHORS.md``):
 
 - data: ``fashion`` (Fashion-MNIST, full 60k train / 10k test IDX files from the Debian package
   ``dataset-fashion-mnist``, ``--fashion``), pixels in [0, 1]; ``--test-limit`` evaluates on the
   first n test images (a reduced, clearly reported test set for CPU-sized runs);
+- methods: ``random``, ``herding``, ``k_center`` (real images), ``rded``, ``nrr_dd`` (synthetic),
+  ``full`` (the whole training split, IPC-independent), each with the library's default params
+  (``nrr_dd``: ``--nrr-iterations`` refinement steps, and one stored DBR view per student epoch
+  with the student's augmentation); ``--ablations`` adds ``rded_factor1``/``nrr_dd_factor1`` (no
+  stitching) and ``nrr_dd_no_refine``;
 - student: ``convnet3`` (ConvNet-3: 128 channels, instance norm, average pooling, 309k params);
 - budget: 300 epochs, i.e. the published 300 / 600 / 1500 steps at IPC 1 / 10 / 50 (batch
   ``N * 300 / steps``: 10 / 50 / 100 on 10 classes), AdamW lr 1e-3, weight decay 0.01, cosine;
-- labels: ``soft`` = KD at T=20 with no CE term (the official RDED student loss) on views
-  relabelled by the live teacher; ``hard`` = CE; ``dbr`` as above;
+- labels: ``soft`` = KD at T=20 with no CE term (the official RDED student loss) on augmented views
+  relabelled by the live teacher every step (FKD-style: an unbounded view cache); ``hard`` = CE on
+  augmented views (random, full); ``dbr_beta<b>`` for nrr_dd, one row per ``--dbr-betas`` value
+  (default 0 and 1): the ``dbr`` loss ``lam CE(y) + (1 - lam) CE(y_aug) + b * distance term`` on
+  the stored view ``(epoch - 1) % views`` (mixup + crop + flip, rebuilt from its seed), whose two
+  teacher distances were stored at condensation (``kdflow.losses.dbr``);
 - augmentation: random resized crops (area 50-100%) + horizontal flip, the same for the teacher's
   training (the teacher is trained with the augmentation it relabels); CutMix and RDED's patch
   shuffling are not implemented here;
-- teacher: the benchmark's ``convnet`` [16, 32, 64] (not ConvNet-3: its 60k-image training is too
-  slow on this CPU), ``--teacher-epochs`` (default 6);
+- teacher: the benchmark's ``convnet`` [16, 32, 64], hidden 128 (33k params; not ConvNet-3: its
+  60k-image training is too slow on this CPU), ``--teacher-epochs`` (default 6), batch 128;
+  ``--teacher-cache DIR`` keeps it for later runs;
 - reported: the last epoch's test accuracy and the best test accuracy over the last 20% of epochs
-  (evaluated every ``--eval-every`` epochs there), over ``--seeds`` seeds (default 3).
+  (evaluated every ``--eval-every`` epochs there, and at the last), over ``--seeds`` seeds (default
+  3, from ``--first-seed``).
 
-    .venv/bin/python benchmarks/condense_images.py --protocol standard --ipc 1 --methods random rded \
-        --seeds 1 --test-limit 1000 --eval-every 6 --teacher-epochs 2
+**legacy** (the earlier benchmark, kept for comparison): sklearn digits 8x8 and MNIST 28x28 (the
+10k IDX test images split 8k train / 2k test, stratified from ``--split-seed``); the small
+student ``convnet`` [8, 16, 32], hidden 32 (7.3k params) for ``--steps`` (200) AdamW steps (lr 3e-3,
+cosine, weight decay 5e-4) of batch ``min(64, N)``; soft = ``kd`` T=4, alpha=0.9; augmentation
+random resized crops area 50-100%, no flip; teacher digits 20 epochs, MNIST 6; test accuracy of the
+last weights.
+
+Reported for both: test accuracy mean +- std over seeds, the ratio to ``random`` with the same
+labels (``soft`` for dbr), bytes of the images (float32) and of the labels of one view of each
+sample (hard: int64 labels; soft: fp16 logits ``[N, K]`` as the dense logit cache; dbr: two fp16
+distances) and of every view the student sees (``label_bytes_all_views``: soft labels of every
+epoch's views; dbr: all stored distances), condensation and student seconds, and the teacher's
+accuracy on the condensed images (a diagnostic).
+
+    .venv/bin/python benchmarks/condense_images.py --ipc 1 --seeds 3 --eval-every 60 \
+        --teacher-cache /tmp/kdflow-teacher --out condense_images.json
+    .venv/bin/python benchmarks/condense_images.py --quick          # seconds: smoke test (digits)
+    .venv/bin/python benchmarks/condense_images.py --protocol legacy --out condense_images_legacy.json
 
 ``--protocol dc`` reproduces the coreset baselines of the DC paper (Zhao, Mopuri & Bilen, "Dataset
 Condensation with Gradient Matching", ICLR 2021; Fashion-MNIST figures in ``/work/shared/ANCHORS.md``):
@@ -152,6 +153,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=None, choices=METHODS + ["full"],
                    help="default: all (legacy, standard); random herding k_center full (dc)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..n-1 (condensation + student)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="legacy/standard: seeds first..first+n-1 (to split one measurement over several runs)")
     p.add_argument("--steps", type=int, default=None,
                    help="student optimiser steps, for every run (legacy default 200; standard: 300/600/1500 by IPC)")
     p.add_argument("--teacher-epochs", type=int, default=None, help="default: digits 20, mnist 6")
@@ -372,7 +375,7 @@ def bench_dataset(name: str, args: argparse.Namespace, console: Console) -> dict
             best: dict[str, list[float]] = {m: [] for m in modes}
             student_s: dict[str, list[float]] = {m: [] for m in modes}  # training + its test evaluations
             seconds, teacher_on_set, small = [], [], None
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 t0 = time.perf_counter()
                 if method == "full":
                     small = train
@@ -396,6 +399,7 @@ def bench_dataset(name: str, args: argparse.Namespace, console: Console) -> dict
                 rows.append({
                     "dataset": name, "ipc": None if method == "full" else ipc, "method": method, "labels": mode,
                     "n": len(small), "accuracy_mean": mean, "accuracy_std": std, "accuracies": accs,
+                    "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
                     "image_bytes": small.features.numel() * 4, "label_bytes": one_view,
                     "label_bytes_all_views": all_views,
                     "condense_seconds_mean": statistics.fmean(seconds), "student_seconds": student_s[mode],
