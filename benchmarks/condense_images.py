@@ -411,7 +411,8 @@ def bench_dataset(name: str, args: argparse.Namespace, console: Console) -> dict
                     rows[-1].update(best_last20_mean=b_mean, best_last20_std=b_std, best_last20=best[mode])
                     extra = f", best of last 20% {b_mean:.4f} +- {b_std:.4f}"
                 console.print(f"  {name} ipc={ipc} {method}/{mode}: last {mean:.4f} +- {std:.4f}{extra} "
-                              f"(condense {statistics.fmean(seconds):.2f} s)")
+                              f"(seeds {rows[-1]['seeds']}: {', '.join(f'{a:.4f}' for a in accs)}; condense "
+                              f"{statistics.fmean(seconds):.2f} s, student {statistics.fmean(student_s[mode]):.0f} s)")
     add_ratios(rows)
     return {"dataset": name, "n_train": len(train), "n_test": len(test), "teacher_accuracy": teacher_acc,
             "teacher_params": count_params(teacher), "teacher_seconds": teacher_s, "rows": rows}
