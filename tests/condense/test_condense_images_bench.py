@@ -175,3 +175,44 @@ def test_dc_feature_net_is_cached_by_its_settings_and_picks_match_the_library(tm
         raise AssertionError("picks known: features must not be extracted")
     reread = bench.DCSideCache(side_path)  # a later run reads the picks from the side file
     assert bench.dc_picks("herding", 2, train, no_features, reread) == side.picks["herding-2"]
+
+
+def test_teacher_cache_reuses_the_trained_teacher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--teacher-cache: the first run trains and saves the teacher, a later one loads the same weights
+    without training."""
+    import torch
+
+    bench = bench_module()
+    torch.set_num_threads(1)
+    args = bench.parse_args(["--protocol", "legacy", "--datasets", "digits", "--teacher-epochs", "1",
+                             "--teacher-cache", str(tmp_path)])
+    train, _ = bench.load("digits", args)
+    first, seconds = bench.cached_teacher(train, args)
+    assert len(list(tmp_path.glob("teacher-digits-legacy-e1-s0.pt"))) == 1
+
+    def no_training(*_a, **_k):
+        raise AssertionError("the cached teacher was trained again")
+
+    monkeypatch.setattr(bench, "train_teacher", no_training)
+    again, seconds_again = bench.cached_teacher(train, args)
+    assert seconds_again == seconds
+    for a, b in zip(first.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_dbr_label_bytes_count_every_stored_view() -> None:
+    """dbr: 2 fp16 distances per stored view and image; soft: 10 fp16 logits per image and epoch."""
+    import torch
+
+    from kdflow.data.dataset import Dataset
+
+    bench = bench_module()
+    n, views = 10, 7
+    ds = Dataset(torch.zeros(n, 1, 4, 4), torch.arange(n), [str(i) for i in range(n)], ["train"] * n, 10, "image",
+                 extras={"dbr_d_org": torch.zeros(n, views, dtype=torch.float16),
+                         "dbr_d_aug": torch.zeros(n, views, dtype=torch.float16)},
+                 meta={"dbr_views": views})
+    assert bench.label_bytes(ds, "dbr_beta1", views) == (n * 4, n * 4 * views)
+    assert bench.label_bytes(ds, "soft", 300) == (n * 20, n * 20 * 300)
+    assert bench.label_bytes(ds, "hard", 300) == (n * 8, n * 8)
+    assert bench.dbr_beta("dbr_beta0") == 0.0 and bench.dbr_beta("dbr_beta0.5") == 0.5
