@@ -391,6 +391,8 @@ def bench_dataset(name: str, args: argparse.Namespace, console: Console) -> dict
                         last = accuracy_of(student, test.features, test.labels, batch_size=512, device=CPU)
                     runs[mode].append(last)
                     student_s[mode].append(time.perf_counter() - t1)
+                    console.print(f"    {name} ipc={ipc} {method}/{mode} seed {seed}: last {last:.4f} "
+                                  f"(student {student_s[mode][-1]:.0f} s)")  # a run cut short keeps these
                     if top is not None:
                         best[mode].append(top)
             for mode, accs in runs.items():
