@@ -90,6 +90,7 @@ def quality(model: torch.nn.Module, test) -> dict:
     logits = predict(model, test.features, batch_size=64)
     acc = accuracy(logits, test.labels)
     return {"accuracy": acc, "macro_f1": macro_f1(logits, test.labels, test.num_classes),
+            "nll": float(torch.nn.functional.cross_entropy(logits.float(), test.labels.long())),
             "accuracy_95": proportion_interval(acc, len(test)), "correct": (logits.argmax(1) == test.labels).tolist()}
 
 
@@ -247,7 +248,8 @@ def show(result: dict) -> None:
                   f"{r.get('params_ratio', float('nan')):>10.1f}{r.get('speedup_b1', float('nan')):>12.1f}"
                   f"   acc {a['mean']:.4f} +- {a.get('std', 0):.4f} (sd), range [{a['min']:.4f}, {a['max']:.4f}] "
                   f"over {a['n']} seed(s)"
-                  + (f", val acc {r[loss_name]['val_accuracy']['mean']:.4f}" if "val_accuracy" in r[loss_name] else ""))
+                  + (f", val acc {r[loss_name]['val_accuracy']['mean']:.4f} NLL {r[loss_name]['val_nll']['mean']:.4f}"
+                     if "val_nll" in r[loss_name] else ""))
         diffs = [f"{label} {r[k]:+.2f} pts" for k, label in (("kd_minus_ce_pts", "KD - CE"), ("gap_kd_pts", "teacher - KD"),
                                                              ("gap_kd_vs_l6_pts", "L6 - KD"),
                                                              ("kd_minus_tfidf_pts", "KD - TF-IDF")) if k in r]
@@ -358,20 +360,22 @@ def main() -> None:
         model_args = {**STUDENTS[arch], **extra_args}
         row: dict = {"args": model_args, "epochs": epochs, "lr": lr}
         for loss_name in args.losses:
-            accs, f1s, secs, correct, val_accs = [], [], [], [], []
+            accs, f1s, secs, correct, val_accs, val_nlls = [], [], [], [], [], []
             for seed in range(args.seeds):
                 model, sec = train_student(track, arch, loss_name, s_train, s_val, reader, seed, epochs, lr, kd,
                                            model_args)
                 q = quality(model, s_test)
-                val_accs.append(quality(model, s_val)["accuracy"])  # what settings are chosen on
+                on_val = quality(model, s_val)  # what settings are chosen on
+                val_accs.append(on_val["accuracy"])
+                val_nlls.append(on_val["nll"])
                 accs.append(q["accuracy"])
                 f1s.append(q["macro_f1"])
                 secs.append(sec)
                 correct.append(q["correct"])
-                print(f"{arch} {loss_name} seed {seed}: val acc {val_accs[-1]:.4f}, test acc {q['accuracy']:.4f} "
+                print(f"{arch} {loss_name} seed {seed}: val acc {val_accs[-1]:.4f} NLL {val_nlls[-1]:.4f}, test acc {q['accuracy']:.4f} "
                       f"F1 {q['macro_f1']:.4f} ({sec:.0f} s)", flush=True)
             row[loss_name] = {"accuracy": spread(accs), "macro_f1": spread(f1s), "train_s": spread(secs),
-                              "val_accuracy": spread(val_accs), "correct": correct}
+                              "val_accuracy": spread(val_accs), "val_nll": spread(val_nlls), "correct": correct}
         row.update(size(model), **latency(model, s_test, args.repeats))
         result["students"][arch] = row
         if args.out:  # written after every student: a long run keeps what it measured
