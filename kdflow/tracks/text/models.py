@@ -330,7 +330,8 @@ class TermBag(nn.Module):
     or ``weighting: tfidf``).
 
     Terms: the text's words (``units: word``: wordpieces joined back into the tokenizer's words, so
-    the stored tokenisation serves both the teacher and this student) or wordpieces, plus hashed
+    the stored tokenisation serves both the teacher and this student; special tokens dropped) or
+    wordpieces (every stored id, ``[CLS]`` / ``[SEP]`` included), plus hashed
     adjacent-term bigrams (``ngrams: 2``). A word is kept by its key, two polynomial hashes of its
     piece ids; the vocabulary is the ``vocab - 2`` keys in the most training texts (0: padding,
     1: any other word; ``min_df``: only words in at least that many), stored in the model as a sorted
