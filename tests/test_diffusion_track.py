@@ -218,7 +218,7 @@ def test_dmd_fresh_noise_gives_every_fake_update_its_own_generated_batch(teacher
     calls: list[tuple[bool, torch.Tensor]] = []  # (with gradient, the generator's input) per forward
     for fresh, updates in ((False, 3), (True, 3)):
         model, b, seen, calls = student_of(teacher_dir), _batch(), [], []
-        model.register_forward_hook(lambda m, args, out: calls.append((torch.is_grad_enabled(), args[0].clone())))
+        model.register_forward_hook(lambda m, args, out, calls=calls: calls.append((torch.is_grad_enabled(), args[0].clone())))
         loss = DMD(fake_updates=updates, fake_lr=1e-2, regression_weight=0.5, multistep=False, fresh_noise=fresh)
         loss._setup(model, torch.device("cpu"))
         original = loss._update_fake
