@@ -216,3 +216,27 @@ def test_dbr_label_bytes_count_every_stored_view() -> None:
     assert bench.label_bytes(ds, "soft", 300) == (n * 20, n * 20 * 300)
     assert bench.label_bytes(ds, "hard", 300) == (n * 8, n * 8)
     assert bench.dbr_beta("dbr_beta0") == 0.0 and bench.dbr_beta("dbr_beta0.5") == 0.5
+
+
+def test_keep_freed_memory_reuses_big_blocks_instead_of_faulting_them_in_again() -> None:
+    # in a child process: mallopt is process-wide. A freed 100 MB block (ConvNet-3's activation size) is
+    # unmapped by default and every page faults in again on the next allocation; kept, it is reused.
+    code = f"""
+import importlib.util, resource, torch
+spec = importlib.util.spec_from_file_location("b", {str(REPO / "benchmarks/condense_images.py")!r})
+b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b)
+def faults():
+    x = torch.ones(25_000_000); del x                        # 100 MB, freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    y = torch.ones(25_000_000); total = float(y.sum()); del y
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, total
+plain, total = faults()
+assert b.keep_freed_memory()
+faults()                                                     # the first kept block is faulted in once
+kept, total2 = faults()
+print(plain, kept, total == total2)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain, kept, same = proc.stdout.split()
+    assert int(plain) > 20_000 and int(kept) < 1_000 and same == "True"  # 100 MB = 24,414 pages of 4 KiB
