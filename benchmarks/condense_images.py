@@ -539,7 +539,6 @@ def bench_dc(name: str, args: argparse.Namespace, console: Console) -> dict:
     library's ``herding``/``k_center`` condensers do with that network as the ``teacher``), or with
     ``--feature-net teacher`` of the benchmark's small convnet teacher (``--teacher-epochs``; no whole-set
     row then). Seeds are the outer loop, so a run cut short has every method at the first seeds."""
-    keep_freed_memory()  # 1.5x on ConvNet-3 training, same numbers
     train, test = load(name, args)
     mean, std = train.features.mean(), train.features.std()
     train = dataclasses.replace(train, features=(train.features - mean) / std)
@@ -636,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # every protocol: 1.5x on ConvNet-3 training, same numbers (process-wide)
     console = Console(width=170)
     t0 = time.perf_counter()
     results = []
