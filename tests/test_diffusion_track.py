@@ -361,6 +361,34 @@ def test_a_dmd_student_needs_its_teacher(teacher: Denoiser) -> None:
         DMD().run_model(model, _batch())
 
 
+def test_student_validation_scores_pixel_fd_on_up_to_student_val_rows_images(teacher: Denoiser) -> None:
+    """FD on 256 rows of 16x16 pixels is biased enough to keep the wrong epoch: students are validated on
+    up to STUDENT_VAL_ROWS rows (generated in batches, equal to one batch of all of them)."""
+    from kdflow.tracks.diffusion import STUDENT_VAL_ROWS, VAL_ROWS, _val_metric, pixel_fd
+
+    model = FewStepGenerator(teacher.unet, steps=[1], cached_states=4).eval()
+    n = 600
+    assert VAL_ROWS < n < STUDENT_VAL_ROWS
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand((n, *SHAPE), generator=g) * 2 - 1, torch.randint(0, 3, (n,), generator=g)
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        one_batch = few_step(model, z, y, 1)
+    reference = ev.fid(x.flatten(1), one_batch.flatten(1))
+    cpu = torch.device("cpu")
+    assert pixel_fd(model, x, y, cpu) == pytest.approx(reference, rel=1e-4)
+    assert _val_metric(model, x, y, batch_size=64, device=cpu) == pytest.approx(-reference, rel=1e-4)
+    assert TRACK.val_score(model, _Rows(x, y), cpu)["val_pixel_fd"] == pytest.approx(reference, rel=1e-4)
+    assert pixel_fd(model, x[:VAL_ROWS], y[:VAL_ROWS], cpu) != pytest.approx(reference, rel=1e-2)
+
+
+class _Rows:
+    """The two fields of a Dataset that val_score reads."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.features, self.labels, self.input_shape, self.num_classes = x, y, tuple(x.shape[1:]), 3
+
+
 # -- evaluation statistics against closed forms ----------------------------------------------------
 
 def test_fid_matches_the_closed_form_for_gaussians() -> None:
