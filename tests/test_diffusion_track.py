@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import REPO, shared_data
+from kdflow.data.dataset import Dataset
 from kdflow.data.idx import write_idx
 from kdflow.errors import DataError, ModelError, ParamsError
 from kdflow.tracks import get_track
@@ -378,15 +379,9 @@ def test_student_validation_scores_pixel_fd_on_up_to_student_val_rows_images(tea
     cpu = torch.device("cpu")
     assert pixel_fd(model, x, y, cpu) == pytest.approx(reference, rel=1e-4)
     assert _val_metric(model, x, y, batch_size=64, device=cpu) == pytest.approx(-reference, rel=1e-4)
-    assert TRACK.val_score(model, _Rows(x, y), cpu)["val_pixel_fd"] == pytest.approx(reference, rel=1e-4)
+    val = Dataset(x, y, [str(i) for i in range(n)], ["val"] * n, 3, "image")
+    assert TRACK.val_score(model, val, cpu)["val_pixel_fd"] == pytest.approx(reference, rel=1e-4)
     assert pixel_fd(model, x[:VAL_ROWS], y[:VAL_ROWS], cpu) != pytest.approx(reference, rel=1e-2)
-
-
-class _Rows:
-    """The two fields of a Dataset that val_score reads."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.features, self.labels, self.input_shape, self.num_classes = x, y, tuple(x.shape[1:]), 3
 
 
 # -- evaluation statistics against closed forms ----------------------------------------------------

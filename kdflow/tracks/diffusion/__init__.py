@@ -42,7 +42,7 @@ from kdflow.tracks.diffusion import evaluation, losses  # noqa: F401  (losses re
 from kdflow.tracks.diffusion.losses.denoise import DenoiseLoss
 from kdflow.tracks.diffusion.models import (PREDICTIONS, UNET_ARGS, Denoiser, FewStepGenerator, build_unet, find_unet,
                                             load_diffusion, load_unet, save_diffusion)
-from kdflow.tracks.diffusion.sampling import check_schedule, ddim, few_step
+from kdflow.tracks.diffusion.sampling import check_schedule, ddim, generate
 from schemas.base import Section
 
 log = logging.getLogger(__name__)
@@ -131,8 +131,7 @@ def pixel_fd(model: FewStepGenerator, x: Tensor, y: Tensor, device: torch.device
     z = torch.randn(x.shape, generator=g)
     model.to(device).eval()
     with torch.no_grad():
-        samples = torch.cat([few_step(model, z[i:i + 256].to(device), y[i:i + 256].to(device) if model.num_classes else None,
-                                      1).cpu() for i in range(0, len(z), 256)])
+        samples = generate(model, z, y if model.num_classes else None, 1)
     return evaluation.fid(x.flatten(1), samples.flatten(1))
 
 
